@@ -1,0 +1,70 @@
+"""Architecture families as data: where the layers, attention and MLP linears, norms and embeddings live.
+
+Every supported family (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text) uses the same Hugging Face
+naming for what moerge touches; they differ in biases (qwen2 q/k/v), extra norms (qwen3 q/k norms, gemma2/3
+pre/post feed-forward norms) and tied embeddings, which the code reads from the checkpoint itself.  A new
+family with the same layout is one line in ``FAMILIES``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    layer_prefix: str = "model.layers"
+    groups: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=lambda: {
+        "attention": ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+        "mlp": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    })
+    embed: str = "model.embed_tokens.weight"
+    lm_head: str = "lm_head.weight"
+
+    def unit_path(self, layer: int, group: str) -> str:
+        return f"{self.layer_prefix}.{layer}.{self.groups[group][0]}"
+
+    def linears(self, group: str) -> tuple[str, ...]:
+        return self.groups[group][1]
+
+    def classify(self, name: str) -> tuple[int, str, str] | None:
+        """``model.layers.3.mlp.up_proj.weight`` -> (3, "mlp", "up_proj"); None for anything not a unit linear."""
+        m = re.fullmatch(rf"{re.escape(self.layer_prefix)}\.(\d+)\.(\w+)\.(\w+)\.(weight|bias)", name)
+        if not m:
+            return None
+        layer, module, linear = int(m.group(1)), m.group(2), m.group(3)
+        for group, (mod, lins) in self.groups.items():
+            if module == mod and linear in lins:
+                return layer, group, linear
+        return None
+
+
+FAMILIES: dict[str, Family] = {n: Family(n) for n in
+                               ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")}
+
+# config keys that must agree between the base and a full expert checkpoint
+COMPAT_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size",
+               "num_attention_heads", "num_key_value_heads")
+
+
+def family_for(config: dict[str, Any], file: str) -> Family:
+    model_type = config.get("model_type", "")
+    if model_type not in FAMILIES:
+        raise CheckpointError(file, "model_type", f"unsupported architecture '{model_type}'; supported: "
+                                                  f"{', '.join(FAMILIES)}")
+    return FAMILIES[model_type]
+
+
+def check_compatible(base: dict[str, Any], other: dict[str, Any], other_file: str) -> None:
+    """Raise naming the first config key where ``other`` disagrees with the base."""
+    for key in COMPAT_KEYS:
+        if key in base and base.get(key) != other.get(key):
+            raise CheckpointError(other_file, key, f"does not match the base ({other.get(key)!r} vs {base.get(key)!r})")
+    if base.get("architectures") and other.get("architectures") and base["architectures"] != other["architectures"]:
+        raise CheckpointError(other_file, "architectures",
+                              f"does not match the base ({other['architectures']} vs {base['architectures']})")

@@ -1,0 +1,152 @@
+"""The ``moerge`` command line: a thin layer over the Python API.
+
+Exit codes: 0 success, 2 user error (one line ``error: <file>: <field>: <what is wrong>``, no traceback
+unless ``--debug``), 1 unexpected failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import MoergeError
+
+
+def _recipe(args: argparse.Namespace):  # noqa: ANN202
+    from .recipe import load_recipe
+
+    return load_recipe(args.recipe, overrides=args.set)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from .build import build
+
+    recipe = _recipe(args)
+    recipe.allow_pickle = recipe.allow_pickle or args.allow_pickle
+    out = build(recipe, args.out, force=args.force, progress=not args.quiet, file=str(args.recipe))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .context import BuildContext
+
+    recipe = _recipe(args)
+    BuildContext.open(recipe, str(args.recipe))
+    print(f"{args.recipe}: ok ({len(recipe.experts)} experts, merge {recipe.merge.method}"
+          f"{', routed' if recipe.routing else ''})")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspect import inspect_checkpoint
+
+    print(inspect_checkpoint(Path(args.checkpoint)))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .serve import generate_text
+
+    for text in generate_text(Path(args.checkpoint), args.prompt, max_new_tokens=args.max_new_tokens,
+                              chat=args.chat, route=args.route, do_sample=args.sample):
+        print(text)
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .analysis.report import analyze_recipe
+
+    recipe = _recipe(args)
+    print(analyze_recipe(recipe, Path(args.out) if args.out else None, file=str(args.recipe), progress=not args.quiet))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .plan import plan_text
+
+    print(plan_text(_recipe(args), file=str(args.recipe)))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.workdir), force=args.force)
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe key")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="moerge", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    commands: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
+        "build": (cmd_build, "build a merged or routed checkpoint from a recipe"),
+        "validate": (cmd_validate, "check a recipe and its inputs without building"),
+        "inspect": (cmd_inspect, "print a checkpoint's tensors and storage breakdown"),
+        "generate": (cmd_generate, "generate text from a checkpoint"),
+        "analyze": (cmd_analyze, "per-layer conflict metrics of a recipe's experts"),
+        "plan": (cmd_plan, "print which units are merged or routed, and their bytes"),
+        "demo": (cmd_demo, "build the bundled tiny demo, load it and generate"),
+    }
+    ps = {name: sub.add_parser(name, help=help_) for name, (_, help_) in commands.items()}
+    for name, p in ps.items():
+        _common(p)
+        p.set_defaults(func=commands[name][0])
+    for name in ("build", "validate", "analyze", "plan"):
+        _recipe_args(ps[name])
+    ps["build"].add_argument("out", help="output folder")
+    ps["build"].add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    ps["build"].add_argument("--allow-pickle", action="store_true", help="read .bin checkpoints (weights_only)")
+    ps["analyze"].add_argument("--out", help="folder for conflict.json and the heatmap PNG")
+    ps["inspect"].add_argument("checkpoint")
+    g = ps["generate"]
+    g.add_argument("checkpoint")
+    g.add_argument("prompt", nargs="+")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt with the chat template")
+    g.add_argument("--route", help="force the route to this expert (moerge checkpoints)")
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    ps["demo"].add_argument("--workdir", default="demo_out", help="where the tiny models and the MoE go")
+    ps["demo"].add_argument("--force", action="store_true")
+    _register_late(sub)
+    return ap
+
+
+def _register_late(sub: argparse._SubParsersAction) -> None:
+    """Subcommands that live in their own modules (calibration, export)."""
+    try:
+        from .routing.cli import add_commands
+    except ImportError:
+        return
+    add_commands(sub, _common)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except MoergeError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,95 @@
+"""Everything a build reads, opened once and validated before any heavy work starts.
+
+:class:`BuildContext` opens the base and every expert source lazily (headers only), checks that they agree
+(architecture, shapes, tensors present), resolves the static merge's parameters and the output dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import RecipeError, SourceError
+from .io.sources import FullSource, LoraSource, ModelFolder, open_source
+from .merge.methods import METHODS, MergeMethod, MergeParams, merge_tensor
+from .recipe import Recipe
+
+Source = FullSource | LoraSource
+
+
+def resolve_merge(recipe: Recipe, file: str | None = None) -> tuple[MergeMethod, MergeParams]:
+    """Method + parameters, rejecting keys the method does not take (errors name ``file``, default the recipe's)."""
+    file = file or recipe.file
+    spec = recipe.merge
+    method = METHODS.get(spec.method, file=file, field="merge.method")
+    for key in ("density", "epsilon", "gamma"):
+        if getattr(spec, key) is not None and key not in method.params:
+            raise RecipeError(file, f"merge.{key}", f"'{key}' is not a parameter of {method.name} "
+                                                    f"(it takes: {', '.join(('weights', 'lambda', *method.params))})")
+    params = MergeParams(
+        weights=tuple(spec.weights.get(n, 1.0) for n in recipe.expert_names),
+        density=spec.density if spec.density is not None else 1.0,
+        lambda_=spec.lambda_,
+        epsilon=spec.epsilon if spec.epsilon is not None else 0.15,
+        gamma=spec.gamma if spec.gamma is not None else 0.01,
+        normalize=method.normalize if spec.normalize is None else spec.normalize,
+        rescale=method.rescale if spec.rescale is None else spec.rescale,
+        seed=recipe.seed,
+    )
+    if method.sparsify == "magprune" and params.density < 1 and not (
+            0 < params.density - params.epsilon and params.density + params.epsilon < 1):
+        raise RecipeError(file, "merge.epsilon" if spec.epsilon is not None else "merge.density",
+                          f"density +- epsilon must stay inside (0, 1) (density {params.density}, epsilon {params.epsilon})")
+    return method, params
+
+
+@dataclass
+class BuildContext:
+    recipe: Recipe
+    base: ModelFolder
+    sources: list[Source]
+    method: MergeMethod
+    params: MergeParams
+    out_dtype: torch.dtype
+    file: str = "recipe"
+
+    @classmethod
+    def open(cls, recipe: Recipe, file: str | None = None) -> BuildContext:
+        file = file or recipe.file
+        method, params = resolve_merge(recipe, file)
+        base = ModelFolder(recipe.base, allow_pickle=recipe.allow_pickle, what="base")
+        sources = [open_source(e.name, e.source, base, allow_pickle=recipe.allow_pickle) for e in recipe.experts]
+        ctx = cls(recipe, base, sources, method, params,
+                  getattr(torch, recipe.dtype) if recipe.dtype else base.dtype, file)
+        ctx.check_tensors()
+        return ctx
+
+    def check_tensors(self) -> None:
+        """Every full expert has every base tensor with the same shape (headers only)."""
+        for src in self.sources:
+            if not isinstance(src, FullSource):
+                continue
+            for name in self.base.names:
+                if name not in src.model.index:
+                    raise SourceError(src.path, name, f"tensor missing in expert '{src.name}'")
+                got, want = src.model.index[name].shape, self.base.index[name].shape
+                if tuple(got) != tuple(want):
+                    raise SourceError(src.model.index[name].file, name,
+                                      f"shape {list(got)} does not match the base's {list(want)}")
+
+    @property
+    def names(self) -> list[str]:
+        return [e.name for e in self.recipe.experts]
+
+    def deltas(self, name: str, base: torch.Tensor) -> list[torch.Tensor | None]:
+        """Every expert's fp32 task vector for one tensor (None = zero)."""
+        return [src.delta(name, base) for src in self.sources]
+
+    def merged(self, name: str, base: torch.Tensor, taus: list[torch.Tensor | None]) -> torch.Tensor:
+        return merge_tensor(self.method, base, taus, self.params, name)
+
+    @property
+    def base_path(self) -> Path:
+        return self.base.folder

@@ -1,0 +1,26 @@
+"""``lora``: a LoRA expert's own factors, exact (the routed unit's shared weight is the base, so forcing
+expert e gives base + B_e A_e * scaling).  A linear the adapter does not target gets rank 0."""
+
+from __future__ import annotations
+
+import torch
+
+from . import KINDS, KindConfig
+
+
+class Lora:
+    name, exact, needs_lora = "lora", True, True
+
+    def shapes(self, out: int, in_: int, cfg: KindConfig, lora_rank: int | None) -> dict:
+        r = lora_rank or 0
+        return {"A": ((r, in_), "float"), "B": ((out, r), "float")}
+
+    def build(self, w_s: torch.Tensor, w_e: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor] | None,
+              cfg: KindConfig) -> dict[str, torch.Tensor]:
+        if factors is None:
+            return {"A": w_s.new_zeros(0, w_s.shape[1]), "B": w_s.new_zeros(w_s.shape[0], 0)}
+        A, B = factors  # (r, in), (out, r) with scaling folded into B
+        return {"A": A, "B": B}
+
+
+KINDS.add("lora", Lora())

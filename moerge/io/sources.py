@@ -1,0 +1,205 @@
+"""Model folders and expert sources: what the executor reads, one tensor at a time.
+
+* :class:`ModelFolder` - a base or full fine-tuned checkpoint: config + shard index + lazy loader.
+* :class:`FullSource` - an expert given as a full checkpoint; its task vector is ``W_expert - W_base``.
+* :class:`LoraSource` - an expert given as a PEFT LoRA adapter over the base; its task vector for a module
+  is ``B @ A * scaling`` (rsLoRA, fan_in_fan_out, rank/alpha patterns, embedding LoRA and lora_bias
+  honoured), computed only when that module is asked for.  DoRA is refused.
+
+Both raise :class:`~moerge.errors.SourceError` naming the file and the tensor on missing tensors, shape
+mismatches, NaN/Inf values, or an adapter made for another base.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..arch import check_compatible
+from ..errors import CheckpointError, NotSupportedError, SourceError
+from .index import CheckpointIndex
+from .loader import TensorLoader, check_finite
+
+PEFT_PREFIX = "base_model.model."
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(path, None, "file not found")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise CheckpointError(path, None, f"not valid JSON ({exc})") from None
+
+
+class ModelFolder:
+    """A Hugging Face model folder read lazily."""
+
+    def __init__(self, folder: str | Path, *, allow_pickle: bool = False, what: str = "model") -> None:
+        self.folder = Path(folder)
+        if not self.folder.exists():
+            raise CheckpointError(self.folder, None, f"{what} path not found")
+        self.config = read_json(self.folder / "config.json")
+        self.index = CheckpointIndex.from_folder(self.folder, allow_pickle=allow_pickle)
+        self.loader = TensorLoader(self.index)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.loader.get(name)
+
+    @property
+    def names(self) -> list[str]:
+        return self.index.names()
+
+    @property
+    def tied(self) -> bool:
+        text = self.config.get("text_config", self.config)
+        return bool(text.get("tie_word_embeddings", self.config.get("tie_word_embeddings", False)))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        name = self.config.get("dtype") or self.config.get("torch_dtype") or "float32"
+        return getattr(torch, str(name).replace("torch.", ""), torch.float32)
+
+
+class FullSource:
+    """An expert stored as a full checkpoint of the base's architecture."""
+
+    is_lora = False
+
+    def __init__(self, name: str, folder: Path, base: ModelFolder, *, allow_pickle: bool = False) -> None:
+        self.name, self.path = name, folder
+        self.model = ModelFolder(folder, allow_pickle=allow_pickle, what=f"expert '{name}'")
+        check_compatible(base.config, self.model.config, str(folder / "config.json"))
+
+    def weight(self, tname: str, base: torch.Tensor) -> torch.Tensor:
+        if tname not in self.model.index:
+            raise SourceError(self.path, tname, f"tensor missing in expert '{self.name}'")
+        info = self.model.index[tname]
+        if tuple(info.shape) != tuple(base.shape):
+            raise SourceError(info.file, tname, f"shape {list(info.shape)} does not match the base's {list(base.shape)}")
+        return check_finite(self.model.get(tname), info.file, tname)
+
+    def delta(self, tname: str, base: torch.Tensor) -> torch.Tensor | None:
+        """Task vector (fp32)."""
+        return self.weight(tname, base).float() - base.float()
+
+    def lora_factors(self, tname: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+class LoraSource:
+    """An expert stored as a PEFT LoRA adapter over the base."""
+
+    is_lora = True
+
+    def __init__(self, name: str, folder: Path, base: ModelFolder) -> None:
+        self.name, self.path = name, folder
+        cfg_path = folder / "adapter_config.json"
+        self.cfg = read_json(cfg_path)
+        if str(self.cfg.get("peft_type", "LORA")).upper() != "LORA":
+            raise NotSupportedError(cfg_path, "peft_type", f"'{self.cfg.get('peft_type')}' adapters are not supported "
+                                                           "(only LoRA)")
+        if self.cfg.get("use_dora"):
+            raise NotSupportedError(cfg_path, "use_dora", "DoRA adapters are not supported yet")
+        self.index = CheckpointIndex.from_folder(folder, prefix="adapter_model")
+        self.loader = TensorLoader(self.index)
+        self.modules = self._collect(base)
+
+    def _collect(self, base: ModelFolder) -> dict[str, dict[str, str]]:
+        """Base tensor name -> {"A": key, "B": key, "bias": key, "full": key} for every adapted tensor."""
+        out: dict[str, dict[str, str]] = {}
+        for key in self.index.names():
+            body = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+            m = re.fullmatch(r"(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.default)?(?:\.(weight|bias))?",
+                             body)
+            if m:
+                module, part, attr = m.groups()
+                role = {"lora_A": "A", "lora_embedding_A": "EA", "lora_embedding_B": "EB"}.get(part, "B")
+                if role == "B" and attr == "bias":
+                    out.setdefault(f"{module}.bias", {})["bias"] = key
+                else:
+                    out.setdefault(f"{module}.weight", {})[role] = key
+                continue
+            full = body.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
+            out.setdefault(full, {})["full"] = key
+        for tname, parts in out.items():
+            if tname not in base.index:
+                raise SourceError(self.path, tname, f"LoRA adapter for a different base: module not in the base "
+                                                    f"model {base.folder}")
+            if "A" in parts and "B" in parts:
+                self._check_shapes(tname, parts, base.index[tname].shape)
+        return out
+
+    def _check_shapes(self, tname: str, parts: dict[str, str], base_shape: tuple[int, ...]) -> None:
+        a, b = self.index[parts["A"]].shape, self.index[parts["B"]].shape  # (r, in), (out, r)
+        out_dim, in_dim = (base_shape[1], base_shape[0]) if self.cfg.get("fan_in_fan_out") else base_shape[:2]
+        if len(a) != 2 or len(b) != 2 or a[1] != in_dim or b[0] != out_dim or a[0] != b[1]:
+            raise SourceError(self.index[parts["A"]].file, tname,
+                              f"LoRA adapter for a different base: lora_A {list(a)} / lora_B {list(b)} do not fit "
+                              f"the base weight {list(base_shape)}")
+
+    def _scaling(self, module: str) -> tuple[int, float]:
+        r = int(_pattern_value(self.cfg.get("rank_pattern") or {}, module, self.cfg.get("r", 8)))
+        alpha = float(_pattern_value(self.cfg.get("alpha_pattern") or {}, module, self.cfg.get("lora_alpha", r)))
+        return r, alpha / (math.sqrt(r) if self.cfg.get("use_rslora") else r)
+
+    def _get(self, key: str) -> torch.Tensor:
+        return check_finite(self.loader.get(key), self.index[key].file, key).float()
+
+    def lora_factors(self, tname: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(A (r, in), B (out, r) * scaling)`` in the base weight's orientation, or None."""
+        parts = self.modules.get(tname, {})
+        if "A" not in parts or "B" not in parts:
+            return None
+        _, scale = self._scaling(tname.rsplit(".", 1)[0])
+        A, B = self._get(parts["A"]), self._get(parts["B"]) * scale  # (r, in), (out, r)
+        if self.cfg.get("fan_in_fan_out"):
+            A, B = B.T.contiguous(), A.T.contiguous()  # base weight is stored (in, out)
+        return A, B
+
+    def delta(self, tname: str, base: torch.Tensor) -> torch.Tensor | None:
+        parts = self.modules.get(tname)
+        if not parts:
+            return None
+        if "full" in parts:
+            return self._checked(tname, self._get(parts["full"]), base) - base.float()
+        if "bias" in parts:
+            _, scale = self._scaling(tname.rsplit(".", 1)[0])
+            return self._checked(tname, self._get(parts["bias"]) * scale, base)
+        if "EA" in parts:  # embedding LoRA: A (r, vocab), B (dim, r) -> (vocab, dim)
+            _, scale = self._scaling(tname.rsplit(".", 1)[0])
+            return self._checked(tname, (self._get(parts["EB"]) @ self._get(parts["EA"])).T * scale, base)
+        factors = self.lora_factors(tname)
+        if factors is None:
+            raise SourceError(self.path, tname, "LoRA module has lora_A or lora_B but not both")
+        A, B = factors
+        return self._checked(tname, B @ A, base)  # (out, r) @ (r, in) -> (out, in)
+
+    def _checked(self, tname: str, delta: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        if tuple(delta.shape) != tuple(base.shape):
+            raise SourceError(self.path / "adapter_model.safetensors", tname,
+                              f"LoRA adapter for a different base: delta shape {list(delta.shape)} vs base "
+                              f"{list(base.shape)}")
+        return delta
+
+
+def open_source(name: str, path: Path, base: ModelFolder, *, allow_pickle: bool = False) -> FullSource | LoraSource:
+    """A LoRA adapter folder if it has ``adapter_config.json``, else a full checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise SourceError(path, None, f"expert '{name}' path not found")
+    if (path / "adapter_config.json").is_file():
+        return LoraSource(name, path, base)
+    return FullSource(name, path, base, allow_pickle=allow_pickle)

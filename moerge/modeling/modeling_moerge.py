@@ -1,0 +1,702 @@
+"""``MoergeForCausalLM``: a base causal LM whose routed linears mix per-expert deltas chosen by a router.
+
+This file is copied next to every built checkpoint and loaded as Hugging Face remote code, so it imports only
+torch, transformers and the standard library.  The checkpoint format is described in ``docs/FORMAT.md``.
+
+Structure:
+
+* the base's causal LM is built with ``AutoModelForCausalLM.from_config(base_config)``; its children (``model``,
+  ``lm_head``, ...) are registered on the wrapper under the same names, so tensor names on disk equal the base's;
+  ``forward`` delegates to the (unregistered) inner causal LM so family specifics stay right;
+* every routed linear of ``config.moerge["units"]`` is replaced by a :class:`RoutedLinear` holding the shared
+  weight ``W_s`` and per-expert buffers ``experts.{e}.<name>``;
+* routes come from forward pre-hooks on the routed units (and on ``router_input`` at sequence level) and are
+  kept in :class:`RouteSlot` objects that the routed linears read.
+
+Shapes in comments: B batch, T tokens, C hidden size, E experts, O/I a linear's out/in features.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import shutil
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+
+from .configuration_moerge import AUTO_MAP, MoergeConfig
+
+REMOTE_CODE_FILES = ("configuration_moerge.py", "modeling_moerge.py")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# per-kind deltas: Δ_e (O, I) from expert e's stored tensors (see FORMAT.md)
+# --------------------------------------------------------------------------------------------------------------
+def unpack_bits(signs: torch.Tensor, in_features: int) -> torch.Tensor:
+    """(O, ceil(I/8)) uint8 -> (O, I) {0, 1}; bit j of byte k is column 8k+j (little-endian bit order)."""
+    shifts = torch.arange(8, device=signs.device, dtype=torch.uint8)
+    bits = (signs.unsqueeze(-1) >> shifts) & 1  # (O, ceil(I/8), 8)
+    return bits.flatten(-2)[..., :in_features]  # (O, I)
+
+
+def _delta_dense(t: dict[str, torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+    return t["weight"] - w
+
+
+def _delta_wemoe(t: dict[str, torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+    return t["delta"]
+
+
+def _delta_twin(t: dict[str, torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+    return t["U"] @ t["V"]  # (O, r) @ (r, I)
+
+
+def _delta_bit1(t: dict[str, torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+    signs = unpack_bits(t["signs"], w.shape[1]).to(t["scale"].dtype) * 2 - 1  # (O, I) in {-1, 1}
+    return t["scale"][:, None] * signs
+
+
+def _delta_lora(t: dict[str, torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+    return t["B"] @ t["A"]  # (O, r) @ (r, I); r may be 0
+
+
+def _delta_sparse(t: dict[str, torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+    flat = torch.zeros(w.numel(), dtype=t["values"].dtype, device=w.device)
+    flat[t["indices"].long()] = t["values"]
+    return flat.view(w.shape)
+
+
+DELTAS: dict[str, Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]] = {
+    "dense": _delta_dense,
+    "wemoe": _delta_wemoe,
+    "twin": _delta_twin,
+    "bit1": _delta_bit1,
+    "lora": _delta_lora,
+    "sparse": _delta_sparse,
+}
+
+# factorised x @ Δ_e^T for token routes (no dense Δ materialised)
+FACTORED: dict[str, Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]] = {
+    "twin": lambda t, x: (x @ t["V"].T) @ t["U"].T,  # (B, T, I) -> (B, T, r) -> (B, T, O)
+    "lora": lambda t, x: (x @ t["A"].T) @ t["B"].T,
+}
+# kinds whose dense Δ is worth caching for token routes (wemoe stores Δ, dense stores W_e)
+CACHED_DELTA = ("bit1", "sparse")
+STORED_DTYPES = {"signs": torch.uint8, "indices": torch.int32}
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter
+        return -1
+
+
+# --------------------------------------------------------------------------------------------------------------
+# routes
+# --------------------------------------------------------------------------------------------------------------
+class RouteSlot:
+    """The current route of one or more routed units (one shared slot at sequence level, one per unit at
+    token level).
+
+    ``route`` is (B, E) (one route per row) or (B, T, E) (one per token).  For (B, E) routes ``groups`` lists
+    ``(key, rows)``: rows sharing a route (``rows`` None = all rows) and the route as a tuple of floats, so the
+    routed linears can materialise and cache one effective weight per group; ``groups`` is None when there are
+    too many distinct routes, and ``active`` lists the experts with a non-zero weight somewhere.
+    """
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.route: torch.Tensor | None = None
+        self.groups: list[tuple[tuple[float, ...], torch.Tensor | None]] | None = None
+        self.active: list[int] = []
+        self.forced = False
+        self.tokens = 1
+
+    def set_rows(self, route: torch.Tensor, max_groups: int, forced: bool = False) -> None:
+        """Route (B, E), one per row; groups rows that share a route (one host sync)."""
+        uniq, inverse = torch.unique(route, dim=0, return_inverse=True)  # (G, E), (B,)
+        keys = [tuple(row) for row in uniq.tolist()]
+        self.route, self.forced = route, forced
+        self.active = [e for e in range(route.shape[-1]) if any(k[e] != 0.0 for k in keys)]
+        if len(keys) == 1:
+            self.groups = [(keys[0], None)]
+        elif len(keys) <= max_groups:
+            self.groups = [(k, torch.nonzero(inverse == g).flatten()) for g, k in enumerate(keys)]
+        else:
+            self.groups = None
+
+    def set_forced(self, weights: torch.Tensor, key: tuple[float, ...], x: torch.Tensor) -> None:
+        """A pinned route (E,) for every row of x (B, T, C); cheap when nothing changed."""
+        batch = x.shape[0]
+        self.tokens = x.shape[1] if x.dim() > 2 else 1
+        r = self.route
+        if self.forced and r is not None and r.shape[0] == batch and r.device == x.device:
+            return
+        self.route = weights.to(x.device).expand(batch, -1)  # (B, E)
+        self.groups, self.forced = [(key, None)], True
+        self.active = [e for e, w in enumerate(key) if w != 0.0]
+
+    def set_tokens(self, route: torch.Tensor) -> None:
+        """Route (B, T, E), one per token."""
+        self.route, self.groups, self.forced = route, None, False
+        self.tokens = route.shape[1]
+        used = route.flatten(0, -2).ne(0).any(0)  # (E,)
+        self.active = torch.nonzero(used).flatten().tolist()
+
+    def as_tokens(self) -> torch.Tensor | None:
+        """The route as (B, T, E) (row routes are repeated over the T tokens of the last forward)."""
+        r = self.route
+        if r is None or r.dim() == 3:
+            return r
+        return r[:, None, :].expand(-1, self.tokens, -1)
+
+
+class MoergeRouter(nn.Module):
+    """logits = scale * cos(x, prototypes[e]) + bias[e]; probabilities = softmax (computed in float32)."""
+
+    def __init__(self, num_experts: int, hidden: int, dtype: torch.dtype, device: torch.device | None) -> None:
+        super().__init__()
+        self.prototypes = nn.Parameter(torch.zeros(num_experts, hidden, dtype=dtype, device=device))  # (E, C)
+        self.scale = nn.Parameter(torch.ones((), dtype=dtype, device=device))  # ()
+        self.bias = nn.Parameter(torch.zeros(num_experts, dtype=dtype, device=device))  # (E,)
+
+    def probs(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., C) -> (..., E) float32."""
+        cos = F.normalize(x.float(), dim=-1) @ F.normalize(self.prototypes.float(), dim=-1).T  # (..., E)
+        return torch.softmax(self.scale.float() * cos + self.bias.float(), dim=-1)
+
+    def reset(self) -> None:
+        _init_(self.prototypes, torch.zeros_like)
+        _init_(self.scale, torch.ones_like)
+        _init_(self.bias, torch.zeros_like)
+
+
+def top_k_route(probs: torch.Tensor, top_k: int | None) -> torch.Tensor:
+    """Keep the top_k probabilities of each route (..., E) and renormalise (None or k >= E: unchanged)."""
+    if top_k is None or top_k >= probs.shape[-1]:
+        return probs
+    vals, idx = probs.topk(top_k, dim=-1)
+    kept = torch.zeros_like(probs).scatter(-1, idx, vals)
+    return kept / kept.sum(-1, keepdim=True)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, T, C), mask (B, >=T) of 1 = real token -> (B, C) float32 mean over the real tokens."""
+    x = x.float()
+    if mask is None or mask.dim() != 2 or mask.shape[0] != x.shape[0]:
+        return x.mean(1)
+    keep = mask[:, -x.shape[1] :].bool().unsqueeze(-1)  # (B, T, 1)
+    total = torch.where(keep, x, 0.0).sum(1)  # (B, C); `where` so that NaN at padded positions stays out
+    return total / keep.sum(1).clamp_min(1)
+
+
+def hidden_states_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    """A unit's input hidden states (B, T, C): positional arg 0 or kwarg ``hidden_states``."""
+    x = args[0] if args else kwargs.get("hidden_states")
+    if not isinstance(x, torch.Tensor):
+        raise RuntimeError("moerge: a routed unit was called without hidden states (arg 0 or `hidden_states`)")
+    return x
+
+
+# --------------------------------------------------------------------------------------------------------------
+# routed linear
+# --------------------------------------------------------------------------------------------------------------
+class ExpertTensors(nn.Module):
+    """The stored tensors of one expert of one routed linear, as persistent buffers."""
+
+    def __init__(self, shapes: dict[str, list[int]], dtype: torch.dtype, device: torch.device | None) -> None:
+        super().__init__()
+        for name, shape in shapes.items():
+            buf_dtype = STORED_DTYPES.get(name, dtype)
+            self.register_buffer(name, torch.zeros(tuple(shape), dtype=buf_dtype, device=device))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self._buffers)
+
+
+class RoutedLinear(nn.Module):
+    """A linear layer whose weight is ``W_s + Σ_e r_e Δ_e`` for the current route r (read from ``slot``).
+
+    (B, E) routes: rows are grouped by route, each group's effective weight is materialised once and kept in a
+    small LRU cache, so a batch-1 decode step costs one dense matmul.  (B, T, E) routes:
+    ``x @ W_s^T + Σ_e r_e (x @ Δ_e^T)``, factorised for twin/lora.
+    """
+
+    def __init__(self, linear: nn.Linear, kind: str, experts: list[dict[str, list[int]]], slot: RouteSlot,
+                 cache_size: int = 4) -> None:
+        super().__init__()
+        if kind not in DELTAS:
+            raise ValueError(f"moerge: unknown expert kind {kind!r}; one of {sorted(DELTAS)}")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.kind = kind
+        self.weight = linear.weight  # (O, I) shared W_s (the base layer's own Parameter)
+        self.register_parameter("bias", linear.bias)  # (O,) b_s, or None
+        dtype, device = self.weight.dtype, self.weight.device
+        self.experts = nn.ModuleList(ExpertTensors(shapes, dtype, device) for shapes in experts)
+        self.slot = slot
+        self.cache_size = cache_size
+        self._weights: OrderedDict[tuple[float, ...], tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
+        self._deltas: dict[int, torch.Tensor] = {}
+        self._signature: tuple = ()
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, kind={self.kind}, experts={len(self.experts)}"
+
+    # ---- bookkeeping -----------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Initialise what was not loaded: Δ = 0 (dense experts = W_s), zero bias."""
+        if self.bias is not None:
+            _init_(self.bias, torch.zeros_like)
+        for ex in self.experts:
+            for name, buf in ex.tensors().items():
+                same = name == "weight" and buf.shape == self.weight.shape
+                _init_(buf, (lambda b: self.weight.detach().to(b.dtype)) if same else torch.zeros_like)
+
+    def clear_cache(self) -> None:
+        self._weights.clear()
+        self._deltas.clear()
+        self._signature = ()
+
+    def _all_tensors(self) -> list[torch.Tensor]:
+        ts = [t for t in self._parameters.values() if t is not None]
+        return ts + [b for ex in self.experts for b in ex._buffers.values()]
+
+    def _caching(self) -> bool:
+        """Whether cached weights may be used; drops them when any tensor moved or changed in place."""
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self._parameters.values() if p is not None):
+            return False
+        sig = tuple((t.data_ptr(), _version(t)) for t in self._all_tensors())
+        if sig != self._signature:
+            self.clear_cache()
+            self._signature = sig
+        return True
+
+    def _apply(self, fn, *args, **kwargs):  # .to() / .half() / ...: cached tensors would be stale
+        self.clear_cache()
+        return super()._apply(fn, *args, **kwargs)
+
+    # ---- effective weights (row routes) ------------------------------------------------------------------------
+    def delta(self, e: int) -> torch.Tensor:
+        """Δ_e (O, I) in the expert's dtype."""
+        return DELTAS[self.kind](self.experts[e].tensors(), self.weight)
+
+    def _bias_delta(self, e: int) -> torch.Tensor | None:
+        return self.experts[e]._buffers.get("bias_delta")
+
+    def combine(self, key: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Route weights r (E floats) -> (W_s + Σ r_e Δ_e (O, I), b_s + Σ r_e bias_delta_e (O,)), in float32
+        then cast; `dense` with Σ r = 1 uses Σ r_e W_e, so forcing expert t gives exactly W_t."""
+        w_s = self.weight.detach()
+        used = [(e, r) for e, r in enumerate(key) if r != 0.0]
+        if self.kind == "dense" and abs(sum(key) - 1.0) < 1e-6:
+            acc = sum(r * self.experts[e].tensors()["weight"].float() for e, r in used)
+        else:
+            acc = w_s.float()
+            for e, r in used:
+                acc = acc + r * self.delta(e).float()
+        bias = None if self.bias is None else self.bias.detach().float()
+        for e, r in used:
+            bd = self._bias_delta(e)
+            if bd is not None:
+                bias = bd.float() * r if bias is None else bias + r * bd.float()
+        return acc.to(w_s.dtype), None if bias is None else bias.to(w_s.dtype)
+
+    def effective(self, key: tuple[float, ...], caching: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`combine`, through the LRU cache when allowed (no autograd)."""
+        if not caching:
+            return self.combine(key)
+        hit = self._weights.get(key)
+        if hit is not None:
+            self._weights.move_to_end(key)
+            return hit
+        with torch.no_grad():
+            hit = self.combine(key)
+        self._weights[key] = hit
+        while len(self._weights) > max(self.cache_size, 1):
+            self._weights.popitem(last=False)
+        return hit
+
+    def _forward_groups(self, x: torch.Tensor, groups: list, caching: bool) -> torch.Tensor:
+        """One matmul per group of rows sharing a route. x (B, T, I) -> (B, T, O)."""
+        if len(groups) == 1:
+            return F.linear(x, *self.effective(groups[0][0], caching))
+        out = x.new_empty(*x.shape[:-1], self.out_features)  # (B, T, O)
+        for key, rows in groups:
+            out[rows] = F.linear(x[rows], *self.effective(key, caching))
+        return out
+
+    # ---- token routes ----------------------------------------------------------------------------------------
+    def _dense_delta(self, e: int, caching: bool) -> torch.Tensor:
+        if not caching:
+            return self.delta(e)
+        if e not in self._deltas:
+            with torch.no_grad():
+                self._deltas[e] = self.delta(e)
+        return self._deltas[e]
+
+    def apply_delta(self, e: int, x: torch.Tensor, caching: bool) -> torch.Tensor:
+        """x @ Δ_e^T + bias_delta_e. x (..., I) -> (..., O)."""
+        t = self.experts[e].tensors()
+        if self.kind in FACTORED:
+            y = FACTORED[self.kind](t, x)
+        elif self.kind == "wemoe":
+            y = F.linear(x, t["delta"])
+        else:
+            y = F.linear(x, self._dense_delta(e, caching and self.kind in CACHED_DELTA))
+        bd = t.get("bias_delta")
+        return y if bd is None else y + bd
+
+    def _forward_tokens(self, x: torch.Tensor, route: torch.Tensor, active: list[int], caching: bool):
+        """x (B, T, I), route (B, T, E) or (B, E) -> (B, T, O)."""
+        r = route.to(x.dtype)
+        if r.dim() < x.dim():  # (B, E) -> (B, 1, E)
+            r = r.view(r.shape[0], *([1] * (x.dim() - 2)), r.shape[-1])
+        y = F.linear(x, self.weight, self.bias)  # (B, T, O)
+        if self.kind == "dense":  # (1 - Σr) (x W_s + b_s) + Σ r_e (x W_e + b_e)
+            y = y * (1 - r.sum(-1, keepdim=True))
+            for e in active:
+                y = y + r[..., e : e + 1] * self._expert_linear(e, x)
+            return y
+        for e in active:
+            y = y + r[..., e : e + 1] * self.apply_delta(e, x, caching)  # (B, T, 1) * (B, T, O)
+        return y
+
+    def _expert_linear(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Dense expert e applied in full: x @ W_e^T + b_s + bias_delta_e."""
+        y = F.linear(x, self.experts[e].tensors()["weight"], self.bias)
+        bd = self._bias_delta(e)
+        return y if bd is None else y + bd
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        slot = self.slot
+        if slot.route is None:
+            raise RuntimeError("moerge: RoutedLinear called with no route (was the unit's routing hook skipped?)")
+        caching = self._caching()
+        if slot.route.dim() == 2 and slot.groups is not None:
+            return self._forward_groups(x, slot.groups, caching)
+        return self._forward_tokens(x, slot.route, slot.active, caching)
+
+
+def _init_(t: torch.Tensor, make: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Fill t with make(t) unless transformers marked it as loaded."""
+    if getattr(t, "_is_hf_initialized", False) or t.device.type == "meta":
+        return
+    with torch.no_grad():
+        t.copy_(make(t))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# routing state and hooks
+# --------------------------------------------------------------------------------------------------------------
+class RoutingState:
+    """Everything the hooks share: the plan, the forced route, the current phase and the slots."""
+
+    def __init__(self, plan: dict, cache_size: int) -> None:
+        self.experts: list[str] = list(plan.get("experts", []))
+        self.level: str = plan.get("level", "sequence")
+        self.top_k: int | None = plan.get("top_k", 1)
+        self.initialized: bool = bool(plan.get("initialized", True))
+        self.fallback: dict | None = plan.get("fallback")
+        self.max_groups = cache_size
+        self.forced: tuple[torch.Tensor, tuple[float, ...]] | None = None
+        self.phase: str | None = None  # "prefill" | "decode" | None (a submodule called directly)
+        self.mask: torch.Tensor | None = None
+        self.sequence_slot = RouteSlot()
+        self.slots: dict[str, RouteSlot] = {}
+        self.stats = {"routed_rows": 0, "fallback_rows": 0}
+        self._uniform = self.weights({name: 1.0 for name in self.experts}) if self.experts else None
+
+    def slot_for(self, unit: str) -> RouteSlot:
+        if self.level == "sequence":
+            return self.sequence_slot
+        return self.slots.setdefault(unit, RouteSlot())
+
+    def weights(self, route: str | int | dict | None) -> tuple[torch.Tensor, tuple[float, ...]] | None:
+        """force_route's argument -> ((E,) float32 weights summing to 1, the same as floats)."""
+        if route is None:
+            return None
+        if isinstance(route, int) and not isinstance(route, bool):
+            if not 0 <= route < len(self.experts):
+                raise ValueError(f"expert index {route} out of range; experts are {self.experts}")
+            route = {self.experts[route]: 1.0}
+        if isinstance(route, str):
+            route = {route: 1.0}
+        unknown = [k for k in route if k not in self.experts]
+        if unknown:
+            raise ValueError(f"unknown expert(s) {unknown}; valid names: {self.experts}")
+        w = torch.tensor([float(route.get(name, 0.0)) for name in self.experts], dtype=torch.float32)
+        if (w < 0).any() or float(w.sum()) <= 0:
+            raise ValueError(f"route weights must be >= 0 with a positive sum, got {route}")
+        w = w / w.sum()
+        return w, tuple(w.tolist())
+
+    def pinned(self) -> tuple[torch.Tensor, tuple[float, ...]] | None:
+        """The forced route, or the uniform one for an uninitialised router."""
+        if self.forced is not None:
+            return self.forced
+        return None if self.initialized else self._uniform
+
+    def sequence_route(self, router: MoergeRouter, x: torch.Tensor) -> torch.Tensor:
+        """Router input (B, T, C) -> route (B, E): mask-aware mean, softmax, top-k, fallback."""
+        mask = self.mask if self.phase == "prefill" else None
+        probs = router.probs(masked_mean(x, mask))  # (B, E)
+        route = top_k_route(probs, self.top_k)
+        if self.fallback:
+            low = probs.max(-1).values < float(self.fallback.get("threshold", 0.0))  # (B,)
+            alt = probs if self.fallback.get("mode", "soft") == "soft" else torch.zeros_like(probs)
+            route = torch.where(low[:, None], alt, route)
+            self.stats["fallback_rows"] += int(low.sum())
+        self.stats["routed_rows"] += route.shape[0]
+        return route
+
+
+class SequenceRouterHook:
+    """Pre-hook on ``router_input``: computes the (B, E) route at prefill, keeps it for decode steps."""
+
+    def __init__(self, state: RoutingState, router: MoergeRouter) -> None:
+        self.state, self.router = state, router
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        st = self.state
+        if st.pinned() is not None:
+            return
+        x = hidden_states_of(args, kwargs)  # (B, T, C)
+        slot = st.sequence_slot
+        if st.phase == "decode" and slot.route is not None and slot.route.shape[0] == x.shape[0]:
+            return
+        slot.set_rows(st.sequence_route(self.router, x), st.max_groups)
+        slot.tokens = x.shape[1]
+
+
+class UnitHook:
+    """Pre-hook on a routed unit: sets its slot's route (forced, sequence check, or per-token routing)."""
+
+    def __init__(self, state: RoutingState, unit: str, router: MoergeRouter | None) -> None:
+        self.state, self.unit, self.router = state, unit, router
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        st = self.state
+        x = hidden_states_of(args, kwargs)  # (B, T, C)
+        slot = st.slot_for(self.unit)
+        pinned = st.pinned()
+        if pinned is not None:
+            slot.set_forced(*pinned, x)
+        elif st.level == "token":
+            slot.set_tokens(top_k_route(self.router.probs(x), st.top_k))  # (B, T, E)
+        elif slot.route is None or slot.route.shape[0] != x.shape[0]:
+            raise RuntimeError(
+                f"moerge: no sequence route for unit {self.unit!r}; router_input must run before every routed unit"
+            )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the model
+# --------------------------------------------------------------------------------------------------------------
+def _is_prefill(cache) -> bool:
+    """No cache, or an empty one."""
+    if cache is None:
+        return True
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length()) == 0
+    try:  # legacy tuple cache
+        return len(cache) == 0 or cache[0][0].shape[-2] == 0
+    except (TypeError, IndexError, AttributeError):
+        return False
+
+
+class MoergeForCausalLM(PreTrainedModel, GenerationMixin):
+    """The base causal LM with routed expert deltas (see the module docstring and docs/FORMAT.md)."""
+
+    config_class = MoergeConfig
+    base_model_prefix = "model"
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}  # replaced by the base class's own
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+    cache_size = 4  # effective weights kept per routed linear
+
+    def __init__(self, config: MoergeConfig) -> None:
+        super().__init__(config)
+        inner = AutoModelForCausalLM.from_config(config.base_config, dtype=torch.get_default_dtype())
+        object.__setattr__(self, "_causal_lm", inner)  # not registered: its children are registered below
+        config.base_config = inner.config
+        config._attn_implementation_internal = inner.config._attn_implementation
+        for name, child in inner.named_children():
+            self.add_module(name, child)
+        self._mirror_class_attributes(inner)
+        self._forward_params = set(inspect.signature(inner.forward).parameters)
+        self._moerge = RoutingState(config.moerge, self.cache_size)
+        self._build_routing(config.moerge)
+        self.post_init()
+
+    def _mirror_class_attributes(self, inner: PreTrainedModel) -> None:
+        self._tied_weights_keys = dict(getattr(inner, "_tied_weights_keys", None) or {})
+        self.base_model_prefix = inner.base_model_prefix
+        for attr in ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict", "_no_split_modules",
+                     "_keys_to_ignore_on_load_unexpected", "_keys_to_ignore_on_load_missing"):
+            value = getattr(type(inner), attr, None)
+            if value:
+                setattr(self, attr, set(value) | set(getattr(type(self), attr, None) or []))
+
+    # ---- construction --------------------------------------------------------------------------------------
+    def _build_routing(self, plan: dict) -> None:
+        st = self._moerge
+        units: dict = plan.get("units", {})
+        if not units:
+            return
+        n_exp, hidden = len(st.experts), self.config.get_text_config().hidden_size
+        dtype, device = self._float_dtype_device()
+        if st.level not in ("sequence", "token"):
+            raise ValueError(f"moerge: level must be 'sequence' or 'token', got {st.level!r}")
+        if st.level == "sequence":
+            self.moerge_router = MoergeRouter(n_exp, hidden, dtype, device)
+            source = self.get_submodule(plan.get("router_input") or next(iter(units)))
+            source.register_forward_pre_hook(SequenceRouterHook(st, self.moerge_router), with_kwargs=True)
+        for unit_name, spec in units.items():
+            unit = self.get_submodule(unit_name)
+            router = None
+            if st.level == "token":
+                router = unit.moerge_router = MoergeRouter(n_exp, hidden, dtype, device)
+            unit.register_forward_pre_hook(UnitHook(st, unit_name, router), with_kwargs=True)
+            for lin_name, lin_spec in spec["linears"].items():
+                self._route_linear(unit, unit_name, lin_name, spec["kind"], lin_spec)
+
+    def _route_linear(self, unit: nn.Module, unit_name: str, lin_name: str, kind: str, spec: dict) -> None:
+        linear = unit.get_submodule(lin_name)
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"moerge: {unit_name}.{lin_name} is a {type(linear).__name__}, not nn.Linear")
+        experts = spec["experts"]
+        if len(experts) != len(self._moerge.experts):
+            raise ValueError(f"moerge: {unit_name}.{lin_name} has {len(experts)} experts, expected "
+                             f"{len(self._moerge.experts)}")
+        parent_name, _, attr = lin_name.rpartition(".")
+        parent = unit.get_submodule(parent_name) if parent_name else unit
+        slot = self._moerge.slot_for(unit_name)
+        setattr(parent, attr, RoutedLinear(linear, kind, experts, slot, self.cache_size))
+
+    def _float_dtype_device(self) -> tuple[torch.dtype, torch.device]:
+        p = next(p for p in self._causal_lm.parameters() if p.is_floating_point())
+        return p.dtype, p.device
+
+    def initialize_weights(self) -> None:
+        """transformers' init, plus defaults for the moerge tensors that were not loaded."""
+        for module in self.modules():
+            if isinstance(module, (RoutedLinear, MoergeRouter)):
+                module.reset()
+        super().initialize_weights()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (RoutedLinear, MoergeRouter)):
+            module.reset()
+        else:
+            self._causal_lm._init_weights(module)
+
+    # ---- embeddings (delegated) -----------------------------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Module:
+        return self._causal_lm.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self._causal_lm.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self._causal_lm.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self._causal_lm.set_output_embeddings(value)
+        if hasattr(self, "lm_head"):
+            self.lm_head = self._causal_lm.lm_head
+
+    # ---- routing API ----------------------------------------------------------------------------------------
+    @property
+    def expert_names(self) -> list[str]:
+        return list(self._moerge.experts)
+
+    @property
+    def moerge_stats(self) -> dict[str, int]:
+        """``routed_rows`` (sequence routes computed) and ``fallback_rows`` (of those, how many fell back)."""
+        return self._moerge.stats
+
+    def reset_moerge_stats(self) -> None:
+        self._moerge.stats.update(routed_rows=0, fallback_rows=0)
+
+    def force_route(self, route: str | int | dict[str, float] | None) -> None:
+        """Pin every unit to expert ``route`` (a name or index), to a mix ``{name: weight}`` (normalised to sum
+        1), or release the pin with None."""
+        self._moerge.forced = self._moerge.weights(route)
+        for slot in [self._moerge.sequence_slot, *self._moerge.slots.values()]:
+            slot.clear()
+        self.clear_route_cache()
+
+    def clear_route_cache(self) -> None:
+        """Drop the cached effective weights / deltas of every routed linear."""
+        for module in self.modules():
+            if isinstance(module, RoutedLinear):
+                module.clear_cache()
+
+    def last_routes(self) -> torch.Tensor | dict[str, torch.Tensor] | None:
+        """(B, E) at sequence level, {unit: (B, T, E)} at token level, from the last forward."""
+        st = self._moerge
+        if st.level == "sequence":
+            r = st.sequence_slot.route
+            return None if r is None else r.detach().clone()
+        return {u: s.as_tokens().detach().clone() for u, s in st.slots.items() if s.route is not None}
+
+    # ---- forward ---------------------------------------------------------------------------------------------
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+        """The base causal LM's forward; routes are set by the hooks (prefill = no or empty cache)."""
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)
+        self._begin(cache, attention_mask)
+        cache_arg = "cache" if "cache" in self._forward_params else "past_key_values"
+        extra = {cache_arg: cache}
+        if "logits_to_keep" in self._forward_params:
+            extra["logits_to_keep"] = logits_to_keep
+        try:
+            return self._causal_lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                                   **extra, **kwargs)
+        finally:
+            self._moerge.phase, self._moerge.mask = None, None
+
+    def _begin(self, cache, attention_mask) -> None:
+        st = self._moerge
+        prefill = _is_prefill(cache)
+        st.phase = "prefill" if prefill else "decode"
+        st.mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
+        if prefill and st.pinned() is None:
+            st.sequence_slot.clear()
+
+    # ---- saving ----------------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' save_pretrained, plus the remote code files and the auto_map."""
+        self.config.auto_map = dict(AUTO_MAP)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        copy_remote_code(save_directory)
+        return result
+
+
+def copy_remote_code(out_dir: str | os.PathLike) -> list[str]:
+    """Copy configuration_moerge.py and modeling_moerge.py (this file's folder) into out_dir."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for name in REMOTE_CODE_FILES:
+        src, dst = os.path.join(here, name), os.path.join(out_dir, name)
+        if not (os.path.exists(dst) and os.path.samefile(src, dst)):
+            shutil.copyfile(src, dst)
+        written.append(dst)
+    return written
+
+
+__all__ = ["MoergeForCausalLM", "MoergeRouter", "RoutedLinear", "RouteSlot", "copy_remote_code"]

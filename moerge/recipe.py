@@ -1,0 +1,343 @@
+"""The typed recipe: what to build, validated at load time.
+
+A recipe is YAML (or a dict); this module turns it into :class:`Recipe`, a tree of pydantic v2 models in
+which unknown keys are errors that name the key and suggest the closest valid one.  Paths resolve relative
+to the recipe file.  ``--set a.b=c`` overrides are applied to the raw mapping before validation.
+
+    base: path/to/base
+    dtype: bfloat16            # optional, default: the base's
+    seed: 0
+    experts:
+      - name: sentiment
+        source: path/to/full_checkpoint_or_lora_adapter
+        calibration: {data: prompts.jsonl, field: prompt, max_samples: 64, chat_template: true}
+    merge: {method: ties, density: 0.5, lambda: 1.0, weights: {sentiment: 1.0}}
+    routing:                   # optional: without it the build is a static merge
+      select: {metric: sign_conflict, top_fraction: 0.25}
+      modules: mlp
+      expert: {kind: twin, rank: 16}
+      router: {level: sequence, init: prototype}
+    output: {shard_size: 1GB}
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .errors import RecipeError
+from .registry import did_you_mean
+
+DTYPES = ("float32", "float16", "bfloat16")
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(value: int | str) -> int:
+    """``"1GB"`` -> 10**9, ``"512MiB"`` -> 2**29, ``1000`` -> 1000."""
+    if isinstance(value, int):
+        return value
+    m = _SIZE.match(str(value))
+    if not m:
+        raise ValueError(f"'{value}' is not a size like 1GB, 500MB or 2GiB")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
+
+
+class Strict(BaseModel):
+    """Base model: unknown keys are errors with a "did you mean" hint."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unknown_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        valid = {f.alias or name for name, f in cls.model_fields.items()}
+        accepted = valid | set(cls.model_fields)
+        for key in data:
+            if key not in accepted:
+                hint = did_you_mean(str(key), sorted(valid))
+                raise ValueError(f"unknown key '{key}'{hint}; valid keys: {', '.join(sorted(valid))}")
+        return data
+
+
+class DataSource(Strict):
+    """Where calibration prompts come from: a local jsonl/csv/parquet/json file or a datasets name."""
+
+    data: str
+    field: str = "prompt"
+    split: str = "train"
+    max_samples: int | None = Field(64, gt=0)
+    chat_template: bool = False
+
+
+class ExpertSpec(Strict):
+    name: str = Field(min_length=1)
+    source: Path
+    calibration: DataSource | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", v):
+            raise ValueError(f"expert name '{v}' may only use letters, digits, '_', '-', '.'")
+        return v
+
+
+class MergeSpec(Strict):
+    """The static merge. Method parameters are flat keys; unused ones are rejected by the method."""
+
+    method: str = "task_arithmetic"
+    density: float | None = None
+    lambda_: float = Field(1.0, alias="lambda")
+    weights: dict[str, float] = Field(default_factory=dict)
+    epsilon: float | None = None
+    gamma: float | None = None
+    normalize: bool | None = None
+    rescale: bool | None = None
+
+    @field_validator("density")
+    @classmethod
+    def _density(cls, v: float | None) -> float | None:
+        if v is not None and not 0.0 < v <= 1.0:
+            raise ValueError(f"density must be in (0, 1], got {v}")
+        return v
+
+
+class SelectSpec(Strict):
+    """Which units become routed: exactly one of threshold / top_fraction / layers / budget / all."""
+
+    metric: str = "sign_conflict"
+    threshold: float | None = None
+    top_fraction: float | None = Field(None, gt=0, le=1)
+    layers: list[int] | None = None
+    budget: str | float | None = None
+    all: bool | None = None
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> SelectSpec:
+        rules = [k for k in ("threshold", "top_fraction", "layers", "budget", "all") if getattr(self, k) is not None]
+        if len(rules) > 1:
+            raise ValueError(f"choose one selection rule, got {', '.join(rules)}")
+        if not rules:
+            self.all = True
+        return self
+
+    def budget_ratio(self) -> float | None:
+        if self.budget is None:
+            return None
+        text = str(self.budget).strip().lower().rstrip("x")
+        try:
+            ratio = float(text)
+        except ValueError:
+            raise ValueError(f"budget '{self.budget}' must look like 1.3x") from None
+        if ratio < 1.0:
+            raise ValueError(f"budget {ratio}x is below the base model's size (1.0x)")
+        return ratio
+
+
+class ExpertKindSpec(Strict):
+    kind: str = "dense"
+    rank: int | None = Field(None, gt=0)
+    density: float | None = Field(None, gt=0, le=1)
+
+
+class RouterSpec(Strict):
+    level: Literal["sequence", "token"] = "sequence"
+    init: Literal["prototype", "uniform"] = "prototype"
+    top_k: int | None = Field(None, gt=0)
+    scale: float = Field(20.0, gt=0)
+
+
+class RoutingSpec(Strict):
+    select: SelectSpec = Field(default_factory=SelectSpec)
+    modules: Literal["mlp", "attention", "both"] = "mlp"
+    expert: ExpertKindSpec = Field(default_factory=ExpertKindSpec)
+    router: RouterSpec = Field(default_factory=RouterSpec)
+    shared: Literal["merge", "base"] | None = None
+
+
+class OutputSpec(Strict):
+    shard_size: int = 10**9
+    format: Literal["moerge", "mixtral", "qwen2_moe", "qwen3_moe"] = "moerge"
+    experts_per_token: int = Field(2, gt=0)
+
+    @field_validator("shard_size", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> int:
+        size = parse_size(v)
+        if size <= 0:
+            raise ValueError("shard_size must be positive")
+        return size
+
+
+class Recipe(Strict):
+    base: Path
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    seed: int = 0
+    experts: list[ExpertSpec]
+    merge: MergeSpec = Field(default_factory=MergeSpec)
+    routing: RoutingSpec | None = None
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    allow_pickle: bool = False
+    _file: str = PrivateAttr(default="recipe")
+
+    @property
+    def file(self) -> str:
+        """The file the recipe was loaded from: what build-time errors about recipe keys name."""
+        return self._file
+
+    @field_validator("experts")
+    @classmethod
+    def _experts_ok(cls, experts: list[ExpertSpec]) -> list[ExpertSpec]:
+        if not experts:
+            raise ValueError("a recipe needs at least one expert, got none")
+        seen: dict[str, int] = {}
+        for i, e in enumerate(experts):
+            if e.name in seen:
+                raise ValueError(f"@experts[{i}].name: duplicate expert name '{e.name}' (also used by "
+                                 f"experts[{seen[e.name]}])")
+            seen[e.name] = i
+        return experts
+
+    @model_validator(mode="after")
+    def _weights_ok(self) -> Recipe:
+        seen = set(self.expert_names)
+        for name in self.merge.weights:
+            if name not in seen:
+                raise ValueError(f"@merge.weights: unknown expert '{name}'{did_you_mean(name, sorted(seen))}")
+        return self
+
+    @property
+    def expert_names(self) -> list[str]:
+        return [e.name for e in self.experts]
+
+    def to_yaml(self) -> str:
+        data = self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+def _loc(err: dict[str, Any], raw: dict[str, Any]) -> str:
+    """Turn a pydantic error location into ``experts[1].name`` / ``merge.densty``."""
+    out = ""
+    for part in err["loc"]:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.startswith(("function-", "model-")) or part in ("function-after[_one_rule()]",):
+            continue
+        else:
+            out += f".{part}" if out else part
+    msg = _clean_msg(err["msg"])
+    if msg.startswith("@"):
+        return msg[1:].split(": ", 1)[0]
+    m = re.search(r"unknown key '([^']+)'", msg)
+    if m:
+        out = f"{out}.{m.group(1)}" if out else m.group(1)
+    return out or "(top level)"
+
+
+def _clean_msg(msg: str) -> str:
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix):]
+    return msg
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], file: str) -> dict[str, Any]:
+    """Apply ``key.path=value`` strings (value parsed as YAML) to a raw recipe mapping."""
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(file, item, "--set expects key.path=value")
+        path, value = item.split("=", 1)
+        path = path.strip()
+        node: Any = raw
+        keys = path.split(".")
+        for i, key in enumerate(keys[:-1]):
+            container, k = _slot(node, key, file, path, ".".join(keys[:i]))
+            if isinstance(container, dict) and container.get(k) is None:
+                container[k] = {}
+            node = container[k]
+        container, k = _slot(node, keys[-1], file, path, ".".join(keys[:-1]))
+        try:
+            container[k] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as exc:
+            raise RecipeError(file, path, f"--set value is not valid YAML ({' '.join(str(exc).split())})") from None
+    return raw
+
+
+def _slot(node: Any, key: str, file: str, path: str, parent: str) -> tuple[Any, Any]:
+    """Where one ``--set`` path step goes: ``(mapping, key)`` or ``(list, index)``; else a RecipeError."""
+    if isinstance(node, dict):
+        return node, key
+    if isinstance(node, list):
+        if key.isdigit() and int(key) < len(node):
+            return node, int(key)
+        raise RecipeError(file, path, f"'{parent}' is a list of {len(node)} item(s); '{key}' is not an index in it")
+    raise RecipeError(file, path, f"'{parent}' is a {type(node).__name__} value, not a mapping")
+
+
+def _resolve_paths(raw: dict[str, Any], root: Path) -> None:
+    def fix(value: Any) -> Any:
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            return str((root / value).resolve())
+        return value
+
+    if "base" in raw:
+        raw["base"] = fix(raw["base"])
+    for e in raw.get("experts") or []:
+        if isinstance(e, dict):
+            e["source"] = fix(e.get("source"))
+            cal = e.get("calibration")
+            if isinstance(cal, dict) and isinstance(cal.get("data"), str):
+                local = root / cal["data"]
+                if local.exists() or "/" in cal["data"] or Path(cal["data"]).suffix:
+                    cal["data"] = fix(cal["data"])
+
+
+def recipe_from_dict(raw: dict[str, Any], *, file: str = "<recipe>", root: Path | None = None) -> Recipe:
+    """Validate a raw mapping; relative paths resolve against ``root`` (default: the current folder)."""
+    if not isinstance(raw, dict):
+        raise RecipeError(file, None, "a recipe must be a mapping of keys to values")
+    raw = dict(raw)
+    _resolve_paths(raw, root or Path.cwd())
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        msg = _clean_msg(err["msg"])
+        if msg.startswith("@"):
+            msg = msg.split(": ", 1)[1]
+        if err["type"] == "missing":
+            msg = "required key is missing"
+        raise RecipeError(file, _loc(err, raw), msg) from None
+    recipe._file = file
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override, resolve and validate a YAML recipe."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(path, None, "recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(path, None, f"not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(path, None, "a recipe must be a mapping of keys to values")
+    raw = apply_overrides(raw, overrides or [], str(path))
+    return recipe_from_dict(raw, file=str(path), root=path.resolve().parent)

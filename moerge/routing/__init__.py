@@ -1,0 +1,1 @@
+"""Routers: calibration data, pooled features, prototype initialisation, calibration and diagnostics."""

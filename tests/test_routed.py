@@ -1,0 +1,196 @@
+"""Routed builds end to end: recipe -> moerge.build -> transformers load -> logits / generate.
+
+Invariants: experts identical to the base give the base's logits (every kind, both levels); forcing the
+route to expert t reproduces fine-tune t where the kind is exact (bit1: the dense model its formula
+predicts); a mixed-route batch equals its rows alone; a fresh process loads the same logits.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import moerge
+from moerge import tiny
+from moerge.experts.bit1 import unpack_signs
+from moerge.recipe import recipe_from_dict
+
+KINDS = ["dense", "wemoe", "twin", "bit1", "lora", "sparse"]
+PROMPTS = ["good movie loved the acting", "the election market report", "what is 3 plus 4"]
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """qwen2 (q/k/v biases, tied): experts differ from the base only in attention and MLP linears."""
+    root = tmp_path_factory.mktemp("routed")
+    base = tiny.make_base(root / "base", family="qwen2", hidden=32, layers=2, tie=True, seed=0)
+    full = [tiny.make_full_expert(base, root / f"full{i}", seed=10 + i, scale=0.5, modules=("self_attn", "mlp"))
+            for i in range(2)]
+    loras = [tiny.make_lora_expert(base, root / f"lora{i}", seed=20 + i, r=4, alpha=8, scale=0.3) for i in range(2)]
+    zero_lora = tiny.make_lora_expert(base, root / "lora_zero", seed=30, r=2, alpha=4, scale=0.0)
+    data = {t: tiny.make_task_data(root / "data" / f"{t}.jsonl", t, 16, seed=1) for t in ("sentiment", "topic", "math")}
+    return {"root": root, "base": base, "full": full, "lora": loras, "zero_lora": zero_lora, "data": data}
+
+
+def _recipe(pool: dict, sources: list[Path], kind: str, level: str = "sequence", calib: bool = False, **expert) -> dict:
+    tasks = list(pool["data"])
+    experts = [{"name": f"e{i}", "source": str(s)} for i, s in enumerate(sources)]
+    if calib:
+        for i, e in enumerate(experts):
+            e["calibration"] = {"data": str(pool["data"][tasks[i % 3]]), "max_samples": 16, "chat_template": True}
+    return {"base": str(pool["base"]), "experts": experts, "merge": {"method": "ties", "density": 0.5},
+            "routing": {"select": {"all": True}, "modules": "both", "expert": {"kind": kind, **expert},
+                        "router": {"level": level, "init": "prototype" if calib else "uniform"}}}
+
+
+def _build(pool: dict, raw: dict, name: str) -> Path:
+    out = pool["root"] / name
+    moerge.build(recipe_from_dict(raw), out, force=True, progress=False)
+    return out
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _ids() -> torch.Tensor:
+    return torch.tensor([[5, 17, 42, 99, 7, 256, 3, 11]])
+
+
+def _expert_reference(pool: dict, source: Path) -> torch.nn.Module:
+    if (source / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(pool["base"], dtype=torch.float32)
+        return PeftModel.from_pretrained(base, source).merge_and_unload().eval()
+    return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("level", ["sequence", "token"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_identical_experts_give_base_logits(pool: dict, kind: str, level: str) -> None:
+    sources = [pool["zero_lora"]] * 2 if kind == "lora" else [pool["base"], pool["base"]]
+    out = _build(pool, _recipe(pool, sources, kind, level, rank=4 if kind == "twin" else None,
+                               density=0.5 if kind == "sparse" else None), f"ident_{kind}_{level}")
+    moe = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(pool["base"], dtype=torch.float32).eval()
+    assert (_logits(moe, _ids()) - _logits(base, _ids())).abs().max() <= 1e-5
+
+
+def _clean(raw: dict) -> dict:
+    raw["routing"]["expert"] = {k: v for k, v in raw["routing"]["expert"].items() if v is not None}
+    return raw
+
+
+@pytest.mark.parametrize("level", ["sequence", "token"])
+@pytest.mark.parametrize("kind,extra", [("dense", {}), ("wemoe", {}), ("twin", {"rank": 64}),
+                                        ("sparse", {"density": 1.0}), ("lora", {})])
+def test_force_route_reproduces_expert(pool: dict, kind: str, extra: dict, level: str) -> None:
+    sources = pool["lora"] if kind == "lora" else [pool["full"][0], pool["full"][1], pool["lora"][0]]
+    out = _build(pool, _clean(_recipe(pool, sources, kind, level, **extra)), f"force_{kind}_{level}")
+    moe = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    for t, src in enumerate(sources):
+        moe.force_route(f"e{t}")
+        ref = _expert_reference(pool, src)
+        assert (_logits(moe, _ids()) - _logits(ref, _ids())).abs().max() <= 1e-4, (kind, t)
+
+
+def test_bit1_matches_its_formula(pool: dict) -> None:
+    sources = [pool["full"][0], pool["full"][1]]
+    out = _build(pool, _recipe(pool, sources, "bit1"), "force_bit1")
+    moe = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    sd = moe.state_dict()
+    for t in range(2):
+        ref = AutoModelForCausalLM.from_pretrained(pool["base"], dtype=torch.float32).eval()
+        ref_sd = ref.state_dict()
+        for unit in moe.config.moerge["units"]:
+            for lin, spec in moe.config.moerge["units"][unit]["linears"].items():
+                p = f"{unit}.{lin}"
+                w_s = sd[f"{p}.weight"]
+                signs = unpack_signs(sd[f"{p}.experts.{t}.signs"], w_s.shape[1])
+                ref_sd[f"{p}.weight"].copy_(w_s + sd[f"{p}.experts.{t}.scale"][:, None] * signs)
+                if spec["bias"]:
+                    ref_sd[f"{p}.bias"].copy_(sd[f"{p}.bias"] + sd[f"{p}.experts.{t}.bias_delta"])
+        moe.force_route(f"e{t}")
+        assert (_logits(moe, _ids()) - _logits(ref, _ids())).abs().max() <= 1e-4
+        moe.force_route(None)
+
+
+def test_fresh_process_and_no_moerge_on_path(pool: dict, tmp_path: Path) -> None:
+    out = _build(pool, _recipe(pool, [pool["full"][0], pool["lora"][0]], "twin", calib=True, rank=4), "fresh")
+    assert json.loads((out / "config.json").read_text())["moerge"]["initialized"] is True
+    moe = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    want = _logits(moe, _ids())
+    torch.save(_ids(), tmp_path / "ids.pt")
+    code = ("import sys, torch; from transformers import AutoModelForCausalLM;"
+            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32).eval();"
+            "ids = torch.load(sys.argv[2]);"
+            "import importlib.util; assert importlib.util.find_spec('moerge') is None, 'moerge visible';"
+            "torch.save(m(input_ids=ids).logits.detach(), sys.argv[3])")
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HOME": str(tmp_path)}
+    subprocess.run([sys.executable, "-I", "-c", code, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "got.pt")],
+                   check=True, cwd=tmp_path, env=env)
+    assert (torch.load(tmp_path / "got.pt") - want).abs().max() <= 1e-5
+
+
+def test_mixed_route_batch_equals_rows_alone(pool: dict) -> None:
+    out = _build(pool, _recipe(pool, [pool["full"][0], pool["full"][1], pool["lora"][0]], "twin", calib=True, rank=4),
+                 "mixed")
+    moe = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    tok.padding_side = "left"
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+             for p in PROMPTS]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    batch = moe.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    routes = moe.last_routes()
+    assert routes.shape == (3, 3)
+    assert len({int(r.argmax()) for r in routes}) == 3, routes  # the prompts really take different routes
+    for i, text in enumerate(texts):
+        one = tok([text], return_tensors="pt", add_special_tokens=False)
+        alone = moe.generate(**one, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+        assert batch[i, enc["input_ids"].shape[1]:].tolist() == alone[0, one["input_ids"].shape[1]:].tolist()
+
+
+def test_selection_rules_and_plan(pool: dict) -> None:
+    from moerge.plan import plan_text
+
+    sources = [pool["full"][0], pool["full"][1]]
+    raw = _recipe(pool, sources, "twin", rank=4)
+    raw["routing"]["select"] = {"metric": "sign_conflict", "top_fraction": 0.5}
+    text = plan_text(recipe_from_dict(raw))
+    assert text.count(" routed ") == 2 and text.count(" merged ") == 2
+    raw["routing"]["select"] = {"layers": [1]}
+    text = plan_text(recipe_from_dict(raw))
+    assert "model.layers.1.mlp            routed" in text and "model.layers.0.mlp            merged" in text
+    raw["routing"]["select"] = {"metric": "cancellation", "threshold": 2.0}
+    assert " routed " not in plan_text(recipe_from_dict(raw)).split("\n", 1)[1].rsplit("\n", 1)[0]
+    raw["routing"]["select"] = {"budget": "1.0x"}
+    assert "0/4 units routed" in plan_text(recipe_from_dict(raw))
+    raw["routing"]["select"] = {"budget": "100x"}
+    assert "4/4 units routed" in plan_text(recipe_from_dict(raw))
+
+
+def test_analyze_writes_json_and_png(pool: dict, tmp_path: Path) -> None:
+    from moerge.cli import main
+
+    raw = _recipe(pool, [pool["base"], pool["base"]], "dense")
+    recipe = tmp_path / "r.yaml"
+    import yaml
+
+    recipe.write_text(yaml.safe_dump(raw))
+    assert main(["analyze", str(recipe), "--out", str(tmp_path / "an"), "--quiet"]) == 0
+    data = json.loads((tmp_path / "an" / "conflict.json").read_text())
+    assert len(data["units"]) == 4
+    for u in data["units"]:  # identical-to-base experts: every metric defined
+        assert u["sign_conflict"] == 0 and u["cancellation"] == 0 and u["cosine"] == 1 and u["merge_error"] == 0
+    assert (tmp_path / "an" / "conflict.png").stat().st_size > 1000
