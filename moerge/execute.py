@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import CheckpointError
+from .io.loader import all_finite
 from .io.writer import ShardedWriter, TensorSpec
 
 
@@ -31,7 +32,7 @@ def execute(jobs: list[Job], folder: Path, shard_size: int, *, progress: bool = 
     writer = ShardedWriter(folder, specs, shard_size, prefix=prefix)
     for job in tqdm(jobs, desc=desc, unit="tensor", disable=not progress, dynamic_ncols=True):
         for name, tensor in job.run():
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            if not all_finite(tensor):
                 raise CheckpointError(folder, name, "the merge produced NaN/Inf values")
             writer.write(name, tensor)
     return writer.finish()

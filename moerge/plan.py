@@ -357,8 +357,9 @@ def _merge_router_into_index(folder: Path) -> None:
     index_path = folder / "model.safetensors.index.json"
     if index_path.exists():
         index = json.loads(index_path.read_text())
-    else:
-        single = folder / "model.safetensors"
+    else:  # transformers ignores an index when model.safetensors exists: give the one shard an indexed name
+        single = folder / "model-00001-of-00001.safetensors"
+        (folder / "model.safetensors").rename(single)
         index = {"metadata": {"total_size": 0}, "weight_map": {n: single.name for n in read_safetensors_header(single)}}
     for name in read_safetensors_header(router):
         index["weight_map"][name] = router.name

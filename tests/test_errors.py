@@ -144,7 +144,7 @@ def test_missing_expert_path(tmp_path: Path, pool: Pool) -> None:
     ("hidden_size", "hidden_size: does not match the base (48 vs 32)"),
     ("num_hidden_layers", "num_hidden_layers: does not match the base (3 vs 2)"),
     ("vocab_size", "vocab_size: does not match the base (600 vs 512)"),
-])
+], ids=["model_type", "hidden_size", "num_hidden_layers", "vocab_size"])
 def test_full_expert_config_mismatch(tmp_path: Path, pool: Pool, others: dict[str, Path], key: str,
                                      message: str) -> None:
     expert = others[key]
@@ -194,7 +194,7 @@ def test_truncated_safetensors(tmp_path: Path, pool: Pool) -> None:
 @pytest.mark.parametrize(("where", "detail"), [
     ("length", "header length 18446744073709551615 exceeds the file size {size}"),
     ("json", "Expecting value: line 1 column 1 (char 0)"),
-])
+], ids=["length", "json"])
 def test_corrupt_safetensors_header(tmp_path: Path, pool: Pool, where: str, detail: str) -> None:
     expert = copy_expert(pool, tmp_path, "corrupt")
     f = expert / "model.safetensors"
@@ -207,7 +207,7 @@ def test_corrupt_safetensors_header(tmp_path: Path, pool: Pool, where: str, deta
 @pytest.mark.parametrize(("tensor", "values", "count"), [
     ("model.layers.1.mlp.down_proj.weight", [float("nan")], 1),
     ("model.norm.weight", [float("inf"), float("-inf")], 2),
-])
+], ids=["nan", "inf"])
 def test_nan_inf_found_while_building(tmp_path: Path, pool: Pool, count_writes: list[Path], tensor: str,
                                       values: list[float], count: int) -> None:
     expert = copy_expert(pool, tmp_path, "poisoned")
@@ -231,7 +231,8 @@ def test_unknown_merge_method(tmp_path: Path, pool: Pool) -> None:
           f"one of: {', '.join(sorted(METHODS.names()))}")
 
 
-@pytest.mark.parametrize(("density", "shown"), [(0, "0.0"), (-0.1, "-0.1"), (1.5, "1.5")])
+@pytest.mark.parametrize(("density", "shown"), [(0, "0.0"), (-0.1, "-0.1"), (1.5, "1.5")],
+                         ids=["0", "-0.1", "1.5"])
 def test_density_out_of_range(tmp_path: Path, pool: Pool, density: float, shown: str) -> None:
     path = tmp_path / "recipe.yaml"
     fails(tmp_path, recipe(pool, *pool["full"], merge={"method": "ties", "density": density}), RecipeError,
@@ -248,7 +249,7 @@ def test_parameter_the_method_does_not_take(tmp_path: Path, pool: Pool) -> None:
     ({"density": 0.9, "epsilon": 0.2}, "merge.epsilon", "density 0.9, epsilon 0.2"),
     ({"density": 0.5, "epsilon": 0.5}, "merge.epsilon", "density 0.5, epsilon 0.5"),
     ({"density": 0.9}, "merge.density", "density 0.9, epsilon 0.15"),  # the default epsilon: blame density
-])
+], ids=["sum-above-1", "sum-equals-1", "default-epsilon"])
 def test_della_density_plus_epsilon(tmp_path: Path, pool: Pool, merge: dict[str, float], field: str,
                                     shown: str) -> None:
     path = tmp_path / "recipe.yaml"
@@ -293,11 +294,11 @@ def test_unknown_recipe_keys(tmp_path: Path, pool: Pool, edit: Callable[[dict[st
 
 
 @pytest.mark.parametrize(("other", "message"), [
-    ("lora_hidden48", "{a}: model.layers.0.mlp.down_proj.weight: LoRA adapter for a different base: "
-                      "lora_A [4, 96] / lora_B [48, 4] do not fit the base weight [32, 64]"),
-    ("lora_layers3", "{d}: model.layers.2.mlp.down_proj.weight: LoRA adapter for a different base: "
-                     "module not in the base model {base}"),
-])
+    ("lora_hidden48", ("{a}: model.layers.0.mlp.down_proj.weight: LoRA adapter for a different base: "
+                       "lora_A [4, 96] / lora_B [48, 4] do not fit the base weight [32, 64]")),
+    ("lora_layers3", ("{d}: model.layers.2.mlp.down_proj.weight: LoRA adapter for a different base: "
+                      "module not in the base model {base}")),
+], ids=["hidden48", "layers3"])
 def test_lora_adapter_for_another_base(tmp_path: Path, pool: Pool, others: dict[str, Path], other: str,
                                        message: str) -> None:
     adapter = others[other]

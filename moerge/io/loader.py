@@ -50,9 +50,19 @@ class TensorLoader:
         self._pickled.clear()
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """True when ``t`` has no NaN/Inf.  Fast path: one sum (a NaN or Inf anywhere makes it non-finite); only a
+    non-finite sum (possibly mere overflow) pays for the element-wise check."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    if bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 def check_finite(t: torch.Tensor, file: str | Path, name: str) -> torch.Tensor:
     """Raise if ``t`` has NaN or Inf values."""
-    if t.is_floating_point() and not torch.isfinite(t).all():
+    if not all_finite(t):
         bad = int((~torch.isfinite(t)).sum())
         raise CheckpointError(file, name, f"{bad} NaN/Inf values")
     return t

@@ -97,7 +97,7 @@ class ShardedWriter:
             self._open_next()
         data = tensor.detach().contiguous().cpu()
         if data.numel():
-            self._file.write(memoryview(data.view(torch.uint8).reshape(-1).numpy()))
+            self._file.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
         self._pos += 1
 
     def finish(self) -> list[Path]:

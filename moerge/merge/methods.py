@@ -72,23 +72,28 @@ def tensor_generator(seed: int, tensor_name: str, expert_index: int) -> torch.Ge
 
 def merge_task_vectors(method: MergeMethod, taus: list[torch.Tensor], p: MergeParams, tensor_name: str = "") -> torch.Tensor:
     """Combine task vectors (each shaped like the weight) into one merged task vector (before lambda)."""
-    kept = []
+    shape = taus[0].shape
+    w = torch.tensor(p.weights, dtype=torch.float32).reshape(-1, *([1] * len(shape)))  # (N, 1, ...)
+    deltas = torch.empty((len(taus), *shape), dtype=torch.float32)  # (N, ...) weighted, sparsified
     for i, tau in enumerate(taus):
         if method.sparsify:
             tau = SPARSIFIERS[method.sparsify](tau, p.density, rescale=p.rescale, gamma=p.gamma, epsilon=p.epsilon,
                                                generator=tensor_generator(p.seed, tensor_name, i))
-        kept.append(tau)
-    deltas = torch.stack(kept)  # (N, ...)
-    w = torch.tensor(p.weights, dtype=deltas.dtype).reshape(-1, *([1] * (deltas.dim() - 1)))  # (N, 1, ...)
-    deltas = deltas * w
+        torch.mul(tau, w[i], out=deltas[i])
     if method.consensus:
-        mask = sign_mask(deltas, method.consensus).to(deltas.dtype)  # (N, ...)
-        merged, divisor = (deltas * mask).sum(0), (w * mask).sum(0)
-        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+        mask = sign_mask(deltas, method.consensus)  # (N, ...) bool
+        merged = deltas.mul_(mask).sum(0)
+        if not p.normalize:
+            return merged
+        divisor = (w * mask).sum(0)
+        divisor.masked_fill_(divisor == 0, 1.0)
     else:
-        merged, divisor = deltas.sum(0), w.sum(0)
-        divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
-    return merged / divisor if p.normalize else merged
+        merged = deltas.sum(0)
+        if not p.normalize:
+            return merged
+        divisor = w.sum(0)
+        divisor.masked_fill_(divisor.abs() < 1e-8, 1.0)
+    return merged.div_(divisor)
 
 
 def merge_tensor(method: MergeMethod, base: torch.Tensor, taus: list[torch.Tensor | None], p: MergeParams,
@@ -105,6 +110,7 @@ def merge_tensor(method: MergeMethod, base: torch.Tensor, taus: list[torch.Tenso
         return base32
     full = [t if t is not None else torch.zeros_like(base32) for t in taus]
     merged = merge_task_vectors(method, full, p, tensor_name)
+    del full
     if p.lambda_ != 1:
-        merged = merged * p.lambda_
-    return base32 + merged
+        merged.mul_(p.lambda_)
+    return merged.add_(base32)

@@ -15,7 +15,7 @@ the base model; a few common attributes (``vocab_size``, ``hidden_size``, ...) a
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from transformers import AutoConfig, PreTrainedConfig
 
@@ -76,7 +76,7 @@ class MoergeConfig(PreTrainedConfig):
     model_type = "moerge"
     # old-style declaration (a plain class attribute) so that dtype / attn_implementation are propagated to
     # the base config by `from_pretrained`, on every transformers v5 release
-    sub_configs = {"base_config": AutoConfig}
+    sub_configs: ClassVar[dict] = {"base_config": AutoConfig}
 
     base_config: dict | PreTrainedConfig | None = None
     moerge: dict | None = None

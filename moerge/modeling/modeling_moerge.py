@@ -23,6 +23,7 @@ import os
 import shutil
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -120,11 +121,11 @@ class RouteSlot:
         self.forced = False
         self.tokens = 1
 
-    def set_rows(self, route: torch.Tensor, max_groups: int, forced: bool = False) -> None:
+    def set_rows(self, route: torch.Tensor, max_groups: int) -> None:
         """Route (B, E), one per row; groups rows that share a route (one host sync)."""
         uniq, inverse = torch.unique(route, dim=0, return_inverse=True)  # (G, E), (B,)
         keys = [tuple(row) for row in uniq.tolist()]
-        self.route, self.forced = route, forced
+        self.route, self.forced = route, False
         self.active = [e for e in range(route.shape[-1]) if any(k[e] != 0.0 for k in keys)]
         if len(keys) == 1:
             self.groups = [(keys[0], None)]
@@ -160,21 +161,28 @@ class RouteSlot:
 
 
 class MoergeRouter(nn.Module):
-    """logits = scale * cos(x, prototypes[e]) + bias[e]; probabilities = softmax (computed in float32)."""
+    """logits = scale * cos(x - center, prototypes[e]) + bias[e]; probabilities = softmax (in float32).
 
-    def __init__(self, num_experts: int, hidden: int, dtype: torch.dtype, device: torch.device | None) -> None:
+    ``center`` (C,) is optional in a checkpoint (absent = 0)."""
+
+    def __init__(
+        self, num_experts: int, hidden: int, dtype: torch.dtype, device: torch.device | None
+    ) -> None:
         super().__init__()
         self.prototypes = nn.Parameter(torch.zeros(num_experts, hidden, dtype=dtype, device=device))  # (E, C)
+        self.center = nn.Parameter(torch.zeros(hidden, dtype=dtype, device=device))  # (C,)
         self.scale = nn.Parameter(torch.ones((), dtype=dtype, device=device))  # ()
         self.bias = nn.Parameter(torch.zeros(num_experts, dtype=dtype, device=device))  # (E,)
 
     def probs(self, x: torch.Tensor) -> torch.Tensor:
         """(..., C) -> (..., E) float32."""
-        cos = F.normalize(x.float(), dim=-1) @ F.normalize(self.prototypes.float(), dim=-1).T  # (..., E)
+        x = x.float() - self.center.float()  # (..., C)
+        cos = F.normalize(x, dim=-1) @ F.normalize(self.prototypes.float(), dim=-1).T  # (..., E)
         return torch.softmax(self.scale.float() * cos + self.bias.float(), dim=-1)
 
     def reset(self) -> None:
         _init_(self.prototypes, torch.zeros_like)
+        _init_(self.center, torch.zeros_like)
         _init_(self.scale, torch.ones_like)
         _init_(self.bias, torch.zeros_like)
 
@@ -202,7 +210,7 @@ def hidden_states_of(args: tuple, kwargs: dict) -> torch.Tensor:
     """A unit's input hidden states (B, T, C): positional arg 0 or kwarg ``hidden_states``."""
     x = args[0] if args else kwargs.get("hidden_states")
     if not isinstance(x, torch.Tensor):
-        raise RuntimeError("moerge: a routed unit was called without hidden states (arg 0 or `hidden_states`)")
+        raise TypeError("moerge: a routed unit was called without hidden states (arg 0 or `hidden_states`)")
     return x
 
 
@@ -230,8 +238,14 @@ class RoutedLinear(nn.Module):
     ``x @ W_s^T + Σ_e r_e (x @ Δ_e^T)``, factorised for twin/lora.
     """
 
-    def __init__(self, linear: nn.Linear, kind: str, experts: list[dict[str, list[int]]], slot: RouteSlot,
-                 cache_size: int = 4) -> None:
+    def __init__(
+        self,
+        linear: nn.Linear,
+        kind: str,
+        experts: list[dict[str, list[int]]],
+        slot: RouteSlot,
+        cache_size: int = 4,
+    ) -> None:
         super().__init__()
         if kind not in DELTAS:
             raise ValueError(f"moerge: unknown expert kind {kind!r}; one of {sorted(DELTAS)}")
@@ -243,12 +257,16 @@ class RoutedLinear(nn.Module):
         self.experts = nn.ModuleList(ExpertTensors(shapes, dtype, device) for shapes in experts)
         self.slot = slot
         self.cache_size = cache_size
-        self._weights: OrderedDict[tuple[float, ...], tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
+        self._weights: OrderedDict[tuple[float, ...], tuple[torch.Tensor, torch.Tensor | None]] = (
+            OrderedDict()
+        )
         self._deltas: dict[int, torch.Tensor] = {}
         self._signature: tuple = ()
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, kind={self.kind}, experts={len(self.experts)}"
+        return (
+            f"in={self.in_features}, out={self.out_features}, kind={self.kind}, experts={len(self.experts)}"
+        )
 
     # ---- bookkeeping -----------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -271,7 +289,9 @@ class RoutedLinear(nn.Module):
 
     def _caching(self) -> bool:
         """Whether cached weights may be used; drops them when any tensor moved or changed in place."""
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self._parameters.values() if p is not None):
+        if torch.is_grad_enabled() and any(
+            p.requires_grad for p in self._parameters.values() if p is not None
+        ):
             return False
         sig = tuple((t.data_ptr(), _version(t)) for t in self._all_tensors())
         if sig != self._signature:
@@ -294,7 +314,7 @@ class RoutedLinear(nn.Module):
     def combine(self, key: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Route weights r (E floats) -> (W_s + Σ r_e Δ_e (O, I), b_s + Σ r_e bias_delta_e (O,)), in float32
         then cast; `dense` with Σ r = 1 uses Σ r_e W_e, so forcing expert t gives exactly W_t."""
-        w_s = self.weight.detach()
+        w_s = self.weight  # no detach: without the cache (autograd on) gradients reach W_s
         used = [(e, r) for e, r in enumerate(key) if r != 0.0]
         if self.kind == "dense" and abs(sum(key) - 1.0) < 1e-6:
             acc = sum(r * self.experts[e].tensors()["weight"].float() for e, r in used)
@@ -302,7 +322,7 @@ class RoutedLinear(nn.Module):
             acc = w_s.float()
             for e, r in used:
                 acc = acc + r * self.delta(e).float()
-        bias = None if self.bias is None else self.bias.detach().float()
+        bias = None if self.bias is None else self.bias.float()
         for e, r in used:
             bd = self._bias_delta(e)
             if bd is not None:
@@ -378,7 +398,13 @@ class RoutedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         slot = self.slot
         if slot.route is None:
-            raise RuntimeError("moerge: RoutedLinear called with no route (was the unit's routing hook skipped?)")
+            raise RuntimeError(
+                "moerge: RoutedLinear called with no route (was the unit's routing hook skipped?)"
+            )
+        if slot.route.shape[0] != x.shape[0] and not (slot.groups is not None and len(slot.groups) == 1):
+            raise RuntimeError(
+                f"moerge: input batch {x.shape[0]} does not match the route's {slot.route.shape[0]}"
+            )
         caching = self._caching()
         if slot.route.dim() == 2 and slot.groups is not None:
             return self._forward_groups(x, slot.groups, caching)
@@ -400,11 +426,9 @@ class RoutingState:
     """Everything the hooks share: the plan, the forced route, the current phase and the slots."""
 
     def __init__(self, plan: dict, cache_size: int) -> None:
+        self.plan = plan  # config.moerge: top_k, initialized and fallback are read live from it
         self.experts: list[str] = list(plan.get("experts", []))
         self.level: str = plan.get("level", "sequence")
-        self.top_k: int | None = plan.get("top_k", 1)
-        self.initialized: bool = bool(plan.get("initialized", True))
-        self.fallback: dict | None = plan.get("fallback")
         self.max_groups = cache_size
         self.forced: tuple[torch.Tensor, tuple[float, ...]] | None = None
         self.phase: str | None = None  # "prefill" | "decode" | None (a submodule called directly)
@@ -432,11 +456,25 @@ class RoutingState:
         unknown = [k for k in route if k not in self.experts]
         if unknown:
             raise ValueError(f"unknown expert(s) {unknown}; valid names: {self.experts}")
-        w = torch.tensor([float(route.get(name, 0.0)) for name in self.experts], dtype=torch.float32)
-        if (w < 0).any() or float(w.sum()) <= 0:
+        raw = [float(route.get(name, 0.0)) for name in self.experts]
+        if min(raw) < 0 or sum(raw) <= 0:
             raise ValueError(f"route weights must be >= 0 with a positive sum, got {route}")
+        # on the CPU explicitly: the model may be built under a meta-device context
+        w = torch.tensor(raw, dtype=torch.float32, device="cpu")
         w = w / w.sum()
         return w, tuple(w.tolist())
+
+    @property
+    def top_k(self) -> int | None:
+        return self.plan.get("top_k", 1)
+
+    @property
+    def initialized(self) -> bool:
+        return bool(self.plan.get("initialized", True))
+
+    @property
+    def fallback(self) -> dict | None:
+        return self.plan.get("fallback")
 
     def pinned(self) -> tuple[torch.Tensor, tuple[float, ...]] | None:
         """The forced route, or the uniform one for an uninitialised router."""
@@ -517,7 +555,8 @@ class MoergeForCausalLM(PreTrainedModel, GenerationMixin):
 
     config_class = MoergeConfig
     base_model_prefix = "model"
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}  # replaced by the base class's own
+    # replaced in __init__ by the base causal LM class's own mapping (v5 format: {target: source})
+    _tied_weights_keys: ClassVar[dict[str, str]] = {"lm_head.weight": "model.embed_tokens.weight"}
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
@@ -537,13 +576,24 @@ class MoergeForCausalLM(PreTrainedModel, GenerationMixin):
         self._forward_params = set(inspect.signature(inner.forward).parameters)
         self._moerge = RoutingState(config.moerge, self.cache_size)
         self._build_routing(config.moerge)
+        optional = {r"moerge_router\.center$"}  # absent = 0
+        if (
+            not self._moerge.initialized
+        ):  # an uninitialised router's tensors may be left out of the checkpoint
+            optional.add(r"moerge_router\.")
+        self._keys_to_ignore_on_load_missing = {*(self._keys_to_ignore_on_load_missing or ()), *optional}
         self.post_init()
 
     def _mirror_class_attributes(self, inner: PreTrainedModel) -> None:
         self._tied_weights_keys = dict(getattr(inner, "_tied_weights_keys", None) or {})
         self.base_model_prefix = inner.base_model_prefix
-        for attr in ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict", "_no_split_modules",
-                     "_keys_to_ignore_on_load_unexpected", "_keys_to_ignore_on_load_missing"):
+        for attr in (
+            "_keep_in_fp32_modules",
+            "_keep_in_fp32_modules_strict",
+            "_no_split_modules",
+            "_keys_to_ignore_on_load_unexpected",
+            "_keys_to_ignore_on_load_missing",
+        ):
             value = getattr(type(inner), attr, None)
             if value:
                 setattr(self, attr, set(value) | set(getattr(type(self), attr, None) or []))
@@ -574,11 +624,13 @@ class MoergeForCausalLM(PreTrainedModel, GenerationMixin):
     def _route_linear(self, unit: nn.Module, unit_name: str, lin_name: str, kind: str, spec: dict) -> None:
         linear = unit.get_submodule(lin_name)
         if not isinstance(linear, nn.Linear):
-            raise ValueError(f"moerge: {unit_name}.{lin_name} is a {type(linear).__name__}, not nn.Linear")
+            raise TypeError(f"moerge: {unit_name}.{lin_name} is a {type(linear).__name__}, not nn.Linear")
         experts = spec["experts"]
         if len(experts) != len(self._moerge.experts):
-            raise ValueError(f"moerge: {unit_name}.{lin_name} has {len(experts)} experts, expected "
-                             f"{len(self._moerge.experts)}")
+            raise ValueError(
+                f"moerge: {unit_name}.{lin_name} has {len(experts)} experts, expected "
+                f"{len(self._moerge.experts)}"
+            )
         parent_name, _, attr = lin_name.rpartition(".")
         parent = unit.get_submodule(parent_name) if parent_name else unit
         slot = self._moerge.slot_for(unit_name)
@@ -652,8 +704,18 @@ class MoergeForCausalLM(PreTrainedModel, GenerationMixin):
         return {u: s.as_tokens().detach().clone() for u, s in st.slots.items() if s.route is not None}
 
     # ---- forward ---------------------------------------------------------------------------------------------
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-                labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
         """The base causal LM's forward; routes are set by the hooks (prefill = no or empty cache)."""
         if cache is None:
             cache = kwargs.pop("past_key_values", None)
@@ -663,9 +725,16 @@ class MoergeForCausalLM(PreTrainedModel, GenerationMixin):
         if "logits_to_keep" in self._forward_params:
             extra["logits_to_keep"] = logits_to_keep
         try:
-            return self._causal_lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                   inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
-                                   **extra, **kwargs)
+            return self._causal_lm(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                use_cache=use_cache,
+                **extra,
+                **kwargs,
+            )
         finally:
             self._moerge.phase, self._moerge.mask = None, None
 
@@ -673,9 +742,20 @@ class MoergeForCausalLM(PreTrainedModel, GenerationMixin):
         st = self._moerge
         prefill = _is_prefill(cache)
         st.phase = "prefill" if prefill else "decode"
-        st.mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
+        st.mask = (
+            attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
+        )
         if prefill and st.pinned() is None:
             st.sequence_slot.clear()
+
+    def adjust_generation_fn(self, *args, **kwargs):
+        """transformers' generation-config loading, then unset special tokens taken from the base config (a
+        checkpoint without generation_config.json would otherwise read them from the top of config.json)."""
+        super().adjust_generation_fn(*args, **kwargs)
+        text = self.config.get_text_config(decoder=True)
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(self.generation_config, name, None) is None and getattr(text, name, None) is not None:
+                setattr(self.generation_config, name, getattr(text, name))
 
     # ---- saving ----------------------------------------------------------------------------------------------
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -699,4 +779,4 @@ def copy_remote_code(out_dir: str | os.PathLike) -> list[str]:
     return written
 
 
-__all__ = ["MoergeForCausalLM", "MoergeRouter", "RoutedLinear", "RouteSlot", "copy_remote_code"]
+__all__ = ["MoergeForCausalLM", "MoergeRouter", "RouteSlot", "RoutedLinear", "copy_remote_code"]

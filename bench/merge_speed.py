@@ -1,0 +1,395 @@
+"""Benchmark: TIES merge (density 0.5, 3 full experts) of a ~110M-parameter fp32 llama, moerge vs mergekit.
+
+    python bench/merge_speed.py [--reps 2] [--no-record] [--regen]
+
+Generates (once, cached in ``bench/_work/``) a random llama with hidden 768, 12 layers, intermediate 3072,
+12 heads and the tiny tokenizer's vocabulary, saved in 200 MB shards, plus three full "fine-tunes" of it.
+Then times ``python -m moerge build`` and ``mergekit-yaml`` on the same TIES recipe, each as a child
+process, alternating the order (moerge, mergekit, mergekit, moerge, ...).  For every child it records:
+
+* wall time;
+* peak anonymous RSS (sum of ``RssAnon`` over the child and its descendants, polled from
+  ``/proc/<pid>/status`` every ~20 ms; mmapped checkpoint pages do not count here);
+* peak total RSS (max of the kernel's ``VmHWM`` and the polled sum of ``VmRSS``; includes file-backed
+  pages of memory-mapped inputs);
+* ``ru_maxrss`` from ``os.wait4`` on that child, as a cross-check of the total.
+
+It checks that both outputs hold the same tensors (max abs difference reported), prints a side-by-side
+table of medians with moerge/mergekit ratios and appends it, with the machine, date, load and command, to
+``bench/RESULTS.md`` under ``## merge_speed (issue 2)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+WORK = HERE / "_work"
+RESULTS = HERE / "RESULTS.md"
+HEADING = "## merge_speed (issue 2)"
+
+MODEL = {"family": "llama", "hidden": 768, "layers": 12, "intermediate": 3072, "heads": 12, "kv_heads": 12,
+         "tie": False, "seed": 0, "max_shard_size": "200MB"}
+N_EXPERTS = 3
+EXPERT_SCALE = 0.02
+DENSITY = 0.5
+WEIGHTS = (1.0, 0.8, 1.2)
+LAMBDA = 1.0
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+def _stamp() -> dict[str, object]:
+    return {"model": MODEL, "experts": N_EXPERTS, "scale": EXPERT_SCALE, "version": 1}
+
+
+def prepare_models(regen: bool = False) -> tuple[Path, list[Path]]:
+    """Base + experts under ``bench/_work`` (rebuilt only when missing, changed or ``regen``)."""
+    base, experts = WORK / "base", [WORK / f"expert_{i}" for i in range(N_EXPERTS)]
+    stamp_file = WORK / "models.json"
+    if not regen and stamp_file.is_file() and json.loads(stamp_file.read_text()) == _stamp() and all(
+            (p / "config.json").is_file() for p in [base, *experts]):
+        return base, experts
+    sys.path.insert(0, str(REPO))
+    from moerge.tiny import make_base, make_full_expert
+
+    for p in [base, *experts]:
+        shutil.rmtree(p, ignore_errors=True)
+    WORK.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    print(f"generating the benchmark models in {WORK} ...", flush=True)
+    make_base(base, **MODEL)
+    for i, e in enumerate(experts):
+        make_full_expert(base, e, seed=1 + i, scale=EXPERT_SCALE)
+    stamp_file.write_text(json.dumps(_stamp()))
+    print(f"  done in {time.perf_counter() - t0:.1f} s", flush=True)
+    return base, experts
+
+
+def n_params(folder: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():  # noqa: SIM118
+                n = 1
+                for d in h.get_slice(k).get_shape():
+                    n *= d
+                total += n
+    return total
+
+
+def write_configs(base: Path, experts: list[Path]) -> tuple[Path, Path]:
+    import yaml
+
+    names = [f"e{i}" for i in range(len(experts))]
+    recipe = {
+        "base": str(base),
+        "dtype": "float32",
+        "experts": [{"name": n, "source": str(p)} for n, p in zip(names, experts)],
+        "merge": {"method": "ties", "density": DENSITY, "lambda": LAMBDA, "weights": dict(zip(names, WEIGHTS))},
+        "output": {"shard_size": "1GB"},
+    }
+    mergekit = {
+        "merge_method": "ties",
+        "base_model": str(base),
+        "models": [{"model": str(p), "parameters": {"weight": w, "density": DENSITY}} for p, w in zip(experts, WEIGHTS)],
+        "parameters": {"normalize": True, "lambda": LAMBDA},
+        "dtype": "float32",
+    }
+    r, m = WORK / "moerge_recipe.yml", WORK / "mergekit_config.yml"
+    r.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    m.write_text(yaml.safe_dump(mergekit, sort_keys=False))
+    return r, m
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+
+
+def _status(pid: int) -> dict[str, int]:
+    out: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                    out[key] = int(rest.split()[0]) * 1024
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        pass
+    return out
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (via /proc/<pid>/task/*/children)."""
+    todo, seen = [pid], []
+    while todo:
+        p = todo.pop()
+        seen.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return seen
+
+
+@dataclass
+class Run:
+    tool: str
+    wall_s: float = 0.0
+    peak_anon: int = 0
+    peak_rss: int = 0
+    hwm: int = 0
+    ru_maxrss: int = 0
+    samples: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def measure(tool: str, cmd: list[str], env: dict[str, str], interval: float = 0.02) -> Run:
+    run = Run(tool)
+    stop = threading.Event()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def poll() -> None:
+        while not stop.is_set():
+            anon = rss = 0
+            for p in _tree(proc.pid):
+                s = _status(p)
+                anon += s.get("RssAnon", 0)
+                rss += s.get("VmRSS", 0)
+                if p == proc.pid:
+                    run.hwm = max(run.hwm, s.get("VmHWM", 0))
+            run.peak_anon, run.peak_rss = max(run.peak_anon, anon), max(run.peak_rss, rss)
+            run.samples += 1
+            stop.wait(interval)
+
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    out = proc.stdout.read() if proc.stdout else b""
+    _, status, usage = os.wait4(proc.pid, 0)
+    run.wall_s = time.perf_counter() - t0
+    stop.set()
+    th.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        sys.stdout.write(out.decode(errors="replace")[-4000:])
+        raise SystemExit(f"{tool} failed with exit code {proc.returncode}: {shlex.join(cmd)}")
+    run.ru_maxrss = usage.ru_maxrss * 1024  # KiB on Linux
+    run.peak_rss = max(run.peak_rss, run.hwm)
+    return run
+
+
+def compare_outputs(a: Path, b: Path) -> tuple[int, float, list[str]]:
+    """(tensor count, max abs difference, problems)."""
+    import torch
+    from safetensors import safe_open
+
+    def index(folder: Path) -> dict[str, Path]:
+        out = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as h:
+                out.update({k: f for k in h.keys()})  # noqa: SIM118
+        return out
+
+    ia, ib = index(a), index(b)
+    problems = []
+    if set(ia) != set(ib):
+        problems.append(f"tensor names differ: only moerge {sorted(set(ia) - set(ib))[:5]}, "
+                        f"only mergekit {sorted(set(ib) - set(ia))[:5]}")
+    worst = 0.0
+    for name in sorted(set(ia) & set(ib)):
+        with safe_open(str(ia[name]), framework="pt") as ha, safe_open(str(ib[name]), framework="pt") as hb:
+            ta, tb = ha.get_tensor(name), hb.get_tensor(name)
+        if ta.shape != tb.shape or ta.dtype != tb.dtype:
+            problems.append(f"{name}: {tuple(ta.shape)} {ta.dtype} vs {tuple(tb.shape)} {tb.dtype}")
+            continue
+        worst = max(worst, (ta.to(torch.float64) - tb.to(torch.float64)).abs().max().item())
+    return len(ia), worst, problems
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def _loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def machine() -> str:
+    cpu = "unknown cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem = int(line.split()[1]) // 1024 // 1024
+    except OSError:
+        pass
+    import torch
+
+    try:
+        from importlib.metadata import version
+
+        mk = version("mergekit")
+    except Exception:  # noqa: BLE001
+        mk = "?"
+    return (f"{platform.node()}: {cpu}, {os.cpu_count()} CPUs, {mem} GiB RAM; Python {platform.python_version()}, "
+            f"torch {torch.__version__} (threads {torch.get_num_threads()}), mergekit {mk}")
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def table(runs: list[Run]) -> str:
+    def med(tool: str, attr: str) -> float:
+        return statistics.median(getattr(r, attr) for r in runs if r.tool == tool)
+
+    rows = [("wall time", "wall_s", lambda v: f"{v:.2f} s"),
+            ("peak anon RSS", "peak_anon", _mib),
+            ("peak total RSS", "peak_rss", _mib),
+            ("ru_maxrss (wait4)", "ru_maxrss", _mib)]
+    lines = ["| metric (median) | moerge | mergekit | moerge / mergekit |", "|---|---:|---:|---:|"]
+    for label, attr, fmt in rows:
+        a, b = med("moerge", attr), med("mergekit", attr)
+        lines.append(f"| {label} | {fmt(a)} | {fmt(b)} | {a / b:.3f} |" if b else f"| {label} | {fmt(a)} | {fmt(b)} | - |")
+    return "\n".join(lines)
+
+
+def runs_table(runs: list[Run]) -> str:
+    lines = ["| # | tool | wall | peak anon | peak total | VmHWM | ru_maxrss | samples |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for i, r in enumerate(runs):
+        lines.append(f"| {i + 1} | {r.tool} | {r.wall_s:.2f} s | {_mib(r.peak_anon)} | {_mib(r.peak_rss)} | "
+                     f"{_mib(r.hwm)} | {_mib(r.ru_maxrss)} | {r.samples} |")
+    return "\n".join(lines)
+
+
+def record(entry: str) -> None:
+    """Append ``entry`` at the end of the ``HEADING`` section of RESULTS.md (created when missing)."""
+    text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
+    lines = text.rstrip("\n").split("\n")
+    if HEADING not in lines:
+        lines += ["", HEADING]
+        end = len(lines)
+    else:
+        start = lines.index(HEADING)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    new = lines[:end] + ["", *entry.rstrip("\n").split("\n")] + ([""] + lines[end:] if end < len(lines) else [])
+    RESULTS.write_text("\n".join(new) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=2, help="runs of each tool (alternating order); median reported")
+    ap.add_argument("--regen", action="store_true", help="regenerate the cached models")
+    ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    args = ap.parse_args(argv)
+
+    mergekit_exe = shutil.which("mergekit-yaml", path=str(Path(sys.executable).parent)) or shutil.which("mergekit-yaml")
+    if mergekit_exe is None:
+        raise SystemExit("mergekit-yaml not found (pip install mergekit==0.1.5)")
+    base, experts = prepare_models(args.regen)
+    recipe, mk_config = write_configs(base, experts)
+    params = n_params(base)
+    out_moerge, out_mergekit = WORK / "out_moerge", WORK / "out_mergekit"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    cmds = {
+        "moerge": [sys.executable, "-m", "moerge", "build", str(recipe), str(out_moerge), "--force", "--quiet"],
+        "mergekit": [mergekit_exe, str(mk_config), str(out_mergekit), "--no-cuda", "--quiet"],
+    }
+    # warm the page cache so that the first timed run does not pay for cold reads
+    for folder in [base, *experts]:
+        for f in folder.glob("*.safetensors"):
+            with open(f, "rb") as fh:
+                while fh.read(1 << 24):
+                    pass
+    load_before = _loadavg()
+    runs: list[Run] = []
+    order = []
+    for rep in range(args.reps):
+        order += ["moerge", "mergekit"] if rep % 2 == 0 else ["mergekit", "moerge"]
+    for tool in order:
+        shutil.rmtree(out_moerge if tool == "moerge" else out_mergekit, ignore_errors=True)
+        run = measure(tool, cmds[tool], env)
+        runs.append(run)
+        print(f"{tool:9s} {run.wall_s:7.2f} s  anon {_mib(run.peak_anon):>10s}  total {_mib(run.peak_rss):>10s}  "
+              f"ru_maxrss {_mib(run.ru_maxrss):>10s}", flush=True)
+    load_after = _loadavg()
+    n_tensors, max_diff, problems = compare_outputs(out_moerge, out_mergekit)
+    import resource
+
+    children_max = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    summary = table(runs)
+    t_ratio = statistics.median(r.wall_s for r in runs if r.tool == "mergekit") / statistics.median(
+        r.wall_s for r in runs if r.tool == "moerge")
+    anon_ok = statistics.median(r.peak_anon for r in runs if r.tool == "moerge") <= statistics.median(
+        r.peak_anon for r in runs if r.tool == "mergekit")
+    verdict = (f"moerge is {t_ratio:.2f}x faster than mergekit (goal >= 5x: {'met' if t_ratio >= 5 else 'NOT met'}); "
+               f"peak anon RSS {'<=' if anon_ok else '>'} mergekit's (goal <=: {'met' if anon_ok else 'NOT met'})")
+    check = (f"outputs: {n_tensors} tensors, max abs difference moerge vs mergekit {max_diff:.3g}"
+             + ("" if not problems else "; PROBLEMS: " + "; ".join(problems)))
+    print()
+    print(summary)
+    print()
+    print(verdict)
+    print(check)
+    print(f"getrusage(RUSAGE_CHILDREN).ru_maxrss over all children: {_mib(children_max)}")
+    if not args.no_record:
+        entry = "\n".join([
+            f"### {_dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
+            "",
+            f"- machine: {machine()}",
+            f"- load average (1/5/15 min) before: {load_before}, after: {load_after}",
+            f"- command: `{shlex.join(['python', 'bench/merge_speed.py', *(argv if argv is not None else sys.argv[1:])])}`",
+            (f"- model: llama hidden {MODEL['hidden']}, {MODEL['layers']} layers, intermediate {MODEL['intermediate']}, "
+             f"{MODEL['heads']} heads, {params / 1e6:.1f}M parameters, fp32, {MODEL['max_shard_size']} input shards; "
+             f"TIES density {DENSITY}, {N_EXPERTS} full experts, weights {list(WEIGHTS)}, lambda {LAMBDA}"),
+            ("- moerge: `python -m moerge build <recipe> <out> --force --quiet` (shard_size 1GB); "
+             "mergekit: `mergekit-yaml <config> <out> --no-cuda --quiet` (other options at their defaults)"),
+            f"- {args.reps} runs each, alternating order ({', '.join(order)}), page cache warm; medians:",
+            "",
+            summary,
+            "",
+            f"- {verdict}",
+            f"- {check}",
+            "",
+            "<details><summary>all runs</summary>",
+            "",
+            runs_table(runs),
+            "",
+            "</details>",
+        ])
+        record(entry)
+        print(f"appended to {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
