@@ -17,7 +17,7 @@ from .errors import MoergeError
 from .recipe import Recipe, load_recipe
 
 __version__ = "0.1.0"
-__all__ = ["MoergeError", "Recipe", "build", "load_recipe", "__version__"]
+__all__ = ["MoergeError", "Recipe", "__version__", "build", "load_recipe"]
 
 
 def _register() -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .context import BuildContext
-from .execute import Job, execute
+from .execute import Job, execute, plan_workers
 from .io.atomic import atomic_output, check_output
 from .io.writer import TensorSpec
 from .recipe import Recipe
@@ -80,7 +80,8 @@ def build(recipe: Recipe, out: str | Path, *, force: bool = False, progress: boo
 
         return build_routed(ctx, out, force=force, progress=progress)
     with atomic_output(out, force) as tmp:
-        execute(static_jobs(ctx), tmp, recipe.output.shard_size, progress=progress, desc="merge")
+        jobs = static_jobs(ctx)
+        execute(jobs, tmp, recipe.output.shard_size, progress=progress, desc="merge", workers=plan_workers(jobs))
         copy_side_files(ctx.base.folder, tmp)
         write_config(ctx, tmp)
         (tmp / "README.md").write_text(model_card(recipe, "Merged model"))

@@ -13,9 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import MoergeError
+from .recipe import Recipe
 
 
-def _recipe(args: argparse.Namespace):  # noqa: ANN202
+def _recipe(args: argparse.Namespace) -> Recipe:
     from .recipe import load_recipe
 
     return load_recipe(args.recipe, overrides=args.set)

@@ -41,8 +41,7 @@ def base_bytes(config: dict, index: CheckpointIndex) -> int:
 def inspect_checkpoint(path: Path) -> str:
     config = read_json(path / "config.json")
     index = CheckpointIndex.from_folder(path)
-    lines = [f"{path}: model_type {config.get('model_type')}, {len(index.tensors)} tensors, "
-             f"{human(index.total_bytes)}"]
+    lines = [f"{path}: model_type {config.get('model_type')}, {len(index.tensors)} tensors, {human(index.total_bytes)}"]
     if config.get("model_type") == "moerge":
         m = config["moerge"]
         lines.append(f"experts: {', '.join(m['experts'])}; level {m['level']}; {len(m['units'])} routed units")

@@ -29,6 +29,7 @@ from .io.atomic import atomic_output
 from .io.index import ST_DTYPES, TORCH_TO_ST
 from .io.sources import FullSource, LoraSource
 from .io.writer import TensorSpec
+from .recipe import Recipe
 
 ROUTER_SHARD = "moerge_router"
 
@@ -289,7 +290,7 @@ def moerge_config(plan: RoutedPlan) -> dict:
     }
 
 
-def plan_text(recipe, file: str = "recipe") -> str:  # noqa: ANN001
+def plan_text(recipe: Recipe, file: str | None = None) -> str:
     ctx = BuildContext.open(recipe, file)
     if recipe.routing is None:
         return f"static merge ({recipe.merge.method}) of {len(ctx.sources)} experts: every tensor merged"

@@ -252,8 +252,7 @@ def _loc(err: dict[str, Any], raw: dict[str, Any]) -> str:
 
 def _clean_msg(msg: str) -> str:
     for prefix in ("Value error, ", "Assertion failed, "):
-        if msg.startswith(prefix):
-            msg = msg[len(prefix):]
+        msg = msg.removeprefix(prefix)
     return msg
 
 

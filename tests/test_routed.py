@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from isolation import HIDE_MOERGE
 from transformers import AutoModelForCausalLM
 
 import moerge
@@ -129,11 +130,11 @@ def test_fresh_process_and_no_moerge_on_path(pool: dict, tmp_path: Path) -> None
     moe = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     want = _logits(moe, _ids())
     torch.save(_ids(), tmp_path / "ids.pt")
-    code = ("import sys, torch; from transformers import AutoModelForCausalLM;"
-            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32).eval();"
-            "ids = torch.load(sys.argv[2]);"
-            "import importlib.util; assert importlib.util.find_spec('moerge') is None, 'moerge visible';"
-            "torch.save(m(input_ids=ids).logits.detach(), sys.argv[3])")
+    code = HIDE_MOERGE + (
+        "import torch\nfrom transformers import AutoModelForCausalLM\n"
+        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32).eval()\n"
+        "assert type(m).__module__ != 'moerge.modeling.modeling_moerge'\n"
+        "torch.save(m(input_ids=torch.load(sys.argv[2])).logits.detach(), sys.argv[3])\n")
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HOME": str(tmp_path)}
     subprocess.run([sys.executable, "-I", "-c", code, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "got.pt")],
                    check=True, cwd=tmp_path, env=env)
@@ -196,3 +197,22 @@ def test_analyze_writes_json_and_png(pool: dict, tmp_path: Path) -> None:
     for u in data["units"]:  # identical-to-base experts: every metric defined
         assert u["sign_conflict"] == 0 and u["cancellation"] == 0 and u["cosine"] == 1 and u["merge_error"] == 0
     assert (tmp_path / "an" / "conflict.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3", "gemma", "gemma2", "gemma3_text"])
+def test_families_route_and_reproduce(family: str, tmp_path: Path) -> None:
+    """Every supported family: a routed build loads, and forcing each expert reproduces it."""
+    base = tiny.make_base(tmp_path / "base", family=family, hidden=32, layers=2, tie=family.startswith("gemma"))
+    experts = [tiny.make_full_expert(base, tmp_path / f"e{i}", seed=i, scale=0.5, modules=("q_proj", "k_proj", "v_proj",
+                                                                                            "o_proj", "mlp"))
+               for i in range(2)]
+    raw = {"base": str(base), "experts": [{"name": f"e{i}", "source": str(s)} for i, s in enumerate(experts)],
+           "merge": {"method": "task_arithmetic", "lambda": 0.5},
+           "routing": {"select": {"all": True}, "modules": "both", "expert": {"kind": "dense"},
+                       "router": {"init": "uniform"}}}
+    moerge.build(recipe_from_dict(raw), tmp_path / "moe", progress=False)
+    moe = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", dtype=torch.float32).eval()
+    for t, src in enumerate(experts):
+        moe.force_route(f"e{t}")
+        ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+        assert (_logits(moe, _ids()) - _logits(ref, _ids())).abs().max() <= 1e-4, (family, t)

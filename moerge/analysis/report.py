@@ -45,7 +45,7 @@ def heatmap(metrics: dict[str, dict[str, float]], layer_group: dict[str, tuple[i
     return out
 
 
-def analyze_recipe(recipe: Recipe, out: Path | None = None, *, file: str = "recipe", progress: bool = True) -> str:
+def analyze_recipe(recipe: Recipe, out: Path | None = None, *, file: str | None = None, progress: bool = True) -> str:
     from ..plan import analyze_units, candidate_units
 
     ctx = BuildContext.open(recipe, file)

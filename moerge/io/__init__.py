@@ -5,4 +5,4 @@ from .index import CheckpointIndex, TensorInfo
 from .loader import TensorLoader
 from .writer import ShardedWriter, TensorSpec
 
-__all__ = ["CheckpointIndex", "TensorInfo", "TensorLoader", "ShardedWriter", "TensorSpec", "atomic_output"]
+__all__ = ["CheckpointIndex", "ShardedWriter", "TensorInfo", "TensorLoader", "TensorSpec", "atomic_output"]

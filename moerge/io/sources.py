@@ -121,7 +121,7 @@ class LoraSource:
         """Base tensor name -> {"A": key, "B": key, "bias": key, "full": key} for every adapted tensor."""
         out: dict[str, dict[str, str]] = {}
         for key in self.index.names():
-            body = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+            body = key.removeprefix(PEFT_PREFIX)
             m = re.fullmatch(r"(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.default)?(?:\.(weight|bias))?",
                              body)
             if m:

@@ -82,7 +82,7 @@ class ShardedWriter:
         if self._file:
             self._file.close()
         self._shard_i += 1
-        self._file = open(self._tmp_name(self._shard_i), "wb")
+        self._file = open(self._tmp_name(self._shard_i), "wb")  # noqa: SIM115 - stays open across write() calls
         self._file.write(_header(self.shards[self._shard_i], {"format": "pt"}))
         self._shard_end += len(self.shards[self._shard_i])
 
