@@ -4,7 +4,7 @@
 
 Generates (once, cached in ``bench/_work/``) a random llama with hidden 768, 12 layers, intermediate 3072,
 12 heads and the tiny tokenizer's vocabulary, saved in 200 MB shards, plus three full "fine-tunes" of it.
-Then times ``python -m moerge build`` and ``mergekit-yaml`` on the same TIES recipe, each as a child
+Then times ``moerge build`` and ``mergekit-yaml`` on the same TIES recipe, each as a child
 process, alternating the order (moerge, mergekit, mergekit, moerge, ...).  For every child it records:
 
 * wall time;
@@ -93,6 +93,12 @@ def n_params(folder: Path) -> int:
                     n *= d
                 total += n
     return total
+
+
+def moerge_cli() -> list[str]:
+    """The ``moerge`` console script of this environment, or ``python -m moerge`` when it is not installed."""
+    exe = shutil.which("moerge", path=str(Path(sys.executable).parent))
+    return [exe] if exe else [sys.executable, "-m", "moerge"]
 
 
 def write_configs(base: Path, experts: list[Path]) -> tuple[Path, Path]:
@@ -197,8 +203,8 @@ def measure(tool: str, cmd: list[str], env: dict[str, str], interval: float = 0.
     return run
 
 
-def compare_outputs(a: Path, b: Path) -> tuple[int, float, list[str]]:
-    """(tensor count, max abs difference, problems)."""
+def compare_outputs(a: Path, b: Path) -> tuple[int, float, int, list[str]]:
+    """(tensor count, max abs difference, number of differing entries, problems)."""
     import torch
     from safetensors import safe_open
 
@@ -214,15 +220,16 @@ def compare_outputs(a: Path, b: Path) -> tuple[int, float, list[str]]:
     if set(ia) != set(ib):
         problems.append(f"tensor names differ: only moerge {sorted(set(ia) - set(ib))[:5]}, "
                         f"only mergekit {sorted(set(ib) - set(ia))[:5]}")
-    worst = 0.0
+    worst, differing = 0.0, 0
     for name in sorted(set(ia) & set(ib)):
         with safe_open(str(ia[name]), framework="pt") as ha, safe_open(str(ib[name]), framework="pt") as hb:
             ta, tb = ha.get_tensor(name), hb.get_tensor(name)
         if ta.shape != tb.shape or ta.dtype != tb.dtype:
             problems.append(f"{name}: {tuple(ta.shape)} {ta.dtype} vs {tuple(tb.shape)} {tb.dtype}")
             continue
-        worst = max(worst, (ta.to(torch.float64) - tb.to(torch.float64)).abs().max().item())
-    return len(ia), worst, problems
+        diff = (ta.to(torch.float64) - tb.to(torch.float64)).abs()
+        worst, differing = max(worst, diff.max().item()), differing + int(torch.count_nonzero(diff))
+    return len(ia), worst, differing, problems
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -321,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     cmds = {
-        "moerge": [sys.executable, "-m", "moerge", "build", str(recipe), str(out_moerge), "--force", "--quiet"],
+        "moerge": [*moerge_cli(), "build", str(recipe), str(out_moerge), "--force", "--quiet"],
         "mergekit": [mergekit_exe, str(mk_config), str(out_mergekit), "--no-cuda", "--quiet"],
     }
     # warm the page cache so that the first timed run does not pay for cold reads
@@ -342,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{tool:9s} {run.wall_s:7.2f} s  anon {_mib(run.peak_anon):>10s}  total {_mib(run.peak_rss):>10s}  "
               f"ru_maxrss {_mib(run.ru_maxrss):>10s}", flush=True)
     load_after = _loadavg()
-    n_tensors, max_diff, problems = compare_outputs(out_moerge, out_mergekit)
+    n_tensors, max_diff, n_diff, problems = compare_outputs(out_moerge, out_mergekit)
     import resource
 
     children_max = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
@@ -353,7 +360,10 @@ def main(argv: list[str] | None = None) -> int:
         r.peak_anon for r in runs if r.tool == "mergekit")
     verdict = (f"moerge is {t_ratio:.2f}x faster than mergekit (goal >= 5x: {'met' if t_ratio >= 5 else 'NOT met'}); "
                f"peak anon RSS {'<=' if anon_ok else '>'} mergekit's (goal <=: {'met' if anon_ok else 'NOT met'})")
-    check = (f"outputs: {n_tensors} tensors, max abs difference moerge vs mergekit {max_diff:.3g}"
+    check = (f"outputs: {n_tensors} tensors, same names/shapes/dtypes; max abs difference moerge vs mergekit "
+             f"{max_diff:.3g}, {n_diff} of {params} entries differ"
+             + (" (equal |task vector| values at the TIES density cut: both keep exactly k entries, mergekit's unstable "
+                "argsort and moerge's lowest-index rule keep different ones of the tied values)" if n_diff else "")
              + ("" if not problems else "; PROBLEMS: " + "; ".join(problems)))
     print()
     print(summary)
@@ -371,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
             (f"- model: llama hidden {MODEL['hidden']}, {MODEL['layers']} layers, intermediate {MODEL['intermediate']}, "
              f"{MODEL['heads']} heads, {params / 1e6:.1f}M parameters, fp32, {MODEL['max_shard_size']} input shards; "
              f"TIES density {DENSITY}, {N_EXPERTS} full experts, weights {list(WEIGHTS)}, lambda {LAMBDA}"),
-            ("- moerge: `python -m moerge build <recipe> <out> --force --quiet` (shard_size 1GB); "
+            ("- moerge: `moerge build <recipe> <out> --force --quiet` (shard_size 1GB); "
              "mergekit: `mergekit-yaml <config> <out> --no-cuda --quiet` (other options at their defaults)"),
             f"- {args.reps} runs each, alternating order ({', '.join(order)}), page cache warm; medians:",
             "",

@@ -73,6 +73,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_checkpoint
+    from .recipe import parse_size
+
+    out = export_checkpoint(Path(args.checkpoint), args.to, Path(args.out), force=args.force, progress=not args.quiet,
+                            experts_per_token=args.experts_per_token, calibrate=args.calibrate,
+                            from_data=args.from_data, shard_size=parse_size(args.shard_size))
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -100,6 +111,7 @@ def parser() -> argparse.ArgumentParser:
         "generate": (cmd_generate, "generate text from a checkpoint"),
         "analyze": (cmd_analyze, "per-layer conflict metrics of a recipe's experts"),
         "plan": (cmd_plan, "print which units are merged or routed, and their bytes"),
+        "export": (cmd_export, "write a moerge checkpoint as a native Mixtral / Qwen2-MoE / Qwen3-MoE model"),
         "demo": (cmd_demo, "build the bundled tiny demo, load it and generate"),
     }
     ps = {name: sub.add_parser(name, help=help_) for name, (_, help_) in commands.items()}
@@ -120,6 +132,16 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt with the chat template")
     g.add_argument("--route", help="force the route to this expert (moerge checkpoints)")
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    x = ps["export"]
+    x.add_argument("checkpoint", help="a built moerge checkpoint (dense MLP experts)")
+    x.add_argument("--to", required=True, choices=["mixtral", "qwen2_moe", "qwen3_moe"], help="native format")
+    x.add_argument("out", help="output folder")
+    x.add_argument("--experts-per-token", type=int, help="top-k (default: the checkpoint's top_k, else 2)")
+    x.add_argument("--calibrate", action="store_true", help="fit the gate rows on the recipe's calibration data")
+    x.add_argument("--from-data", action="store_true", help="measure the gate rows from the recipe's calibration "
+                                                            "data even when the checkpoint has token prototypes")
+    x.add_argument("--shard-size", default="1GB", help="output shard size (default 1GB)")
+    x.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     ps["demo"].add_argument("--workdir", default="demo_out", help="where the tiny models and the MoE go")
     ps["demo"].add_argument("--force", action="store_true")
     _register_late(sub)

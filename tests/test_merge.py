@@ -9,7 +9,6 @@ installed.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -26,7 +25,16 @@ from hypothesis import strategies as st
 from moerge.build import build
 from moerge.merge.consensus import sign_mask
 from moerge.merge.methods import METHODS, MergeParams, merge_task_vectors, merge_tensor
-from moerge.merge.sparsify import keep_count, magnitude, magprune, outliers, random, rescale_l1
+from moerge.merge.sparsify import (
+    keep_count,
+    kth_largest,
+    magnitude,
+    magprune,
+    outliers,
+    random,
+    rescale_l1,
+    top_mask,
+)
 from moerge.recipe import recipe_from_dict
 
 FAST = settings(max_examples=40, deadline=None)
@@ -105,6 +113,46 @@ def test_magnitude_keeps_exactly_k_largest(n, density, seed) -> None:
     assert torch.equal(out[kept], tau[kept])  # kept values are untouched (no rescale)
     if k < n:
         assert tau[kept].abs().min() > tau[~kept].abs().max()
+
+
+def _values(kind: str, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "normal":
+        return torch.randn(n, generator=g).abs()
+    if kind == "ties":  # few distinct values: the cut falls inside a run of equal values
+        return torch.randint(0, 37, (n,), generator=g).float()
+    if kind == "zeros":  # mostly zeros (a LoRA or a partial fine-tune)
+        return torch.where(torch.rand(n, generator=g) < 0.8, 0.0, torch.rand(n, generator=g))
+    if kind == "skewed":  # heavy tail
+        return torch.randn(n, generator=g).exp_() ** 4
+    return torch.full((n,), 0.5)
+
+
+@pytest.mark.parametrize("n", [1000, 70_001, 250_000])
+@pytest.mark.parametrize("kind", ["normal", "ties", "zeros", "skewed", "constant"])
+def test_kth_largest_and_top_mask_are_exact(n: int, kind: str) -> None:
+    """The sampled selection used for big tensors: the exact k-th largest value, and a mask of exactly k
+    entries that never drops a larger value for a smaller one; ties at the cut keep the lowest indices."""
+    values = _values(kind, n, n)
+    desc = values.sort(descending=True, stable=True)
+    ks = sorted({1, 2, n // 100 + 1, n // 3, n // 2, n - 1, n, *torch.randint(1, n + 1, (3,)).tolist()})
+    for k in ks:
+        assert kth_largest(values, k).item() == desc.values[k - 1].item(), (kind, n, k)
+        mask = top_mask(values, k)
+        want = torch.zeros(n, dtype=torch.bool)
+        want[desc.indices[:k]] = True  # stable descending sort: equal values in index order
+        assert torch.equal(mask, want), (kind, n, k)
+
+
+def test_magnitude_on_a_big_tensor_matches_a_full_sort() -> None:
+    tau = torch.randn(1024, 700, generator=torch.Generator().manual_seed(5)).mul_(1e-3).half().float()  # ties
+    for density in (0.1, 0.5, 0.9):
+        k = max(1, int(density * tau.numel()))
+        want = torch.zeros(tau.numel(), dtype=torch.bool)
+        want[tau.abs().reshape(-1).sort(descending=True, stable=True).indices[:k]] = True
+        out = magnitude(tau, density)
+        assert torch.equal(out.reshape(-1) != 0, want)
+        assert torch.equal(out.reshape(-1)[want], tau.reshape(-1)[want])
 
 
 def test_magnitude_keeps_shape_and_at_least_one() -> None:
@@ -281,8 +329,7 @@ def _load_folder(folder: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def mergekit_outputs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Every (pool, case) merged by mergekit in one ``mergekit-multi`` run; name -> output folder."""
-    if importlib.util.find_spec("mergekit") is None:
-        pytest.skip("mergekit is not installed")
+    pytest.importorskip("mergekit", reason="mergekit (the reference implementation) is not installed")
     exe = shutil.which("mergekit-multi", path=str(Path(sys.executable).parent)) or shutil.which("mergekit-multi")
     if exe is None:
         pytest.skip("mergekit-multi is not on PATH")
@@ -334,3 +381,12 @@ def test_matches_mergekit(pool_name: str, case: str, request: pytest.FixtureRequ
     if case != "linear" and case != "linear_sum":  # the merge must have moved something
         base = _load_folder(Path(pool["base"]))
         assert any(not torch.equal(ours[n], base[n]) for n in base)
+
+
+def test_parallel_and_sequential_builds_are_identical(llama_pool: dict[str, Any], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    outs = []
+    for workers in ("1", "3"):
+        monkeypatch.setenv("MOERGE_WORKERS", workers)
+        outs.append(_moerge_build(llama_pool, "ties_d05", tmp_path / f"w{workers}"))
+    assert (outs[0] / "model.safetensors").read_bytes() == (outs[1] / "model.safetensors").read_bytes()

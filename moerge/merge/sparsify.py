@@ -51,7 +51,10 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     hi = sample[min(_SAMPLE - 1, int(centre + margin))]
     above = int(torch.count_nonzero(values > hi))
     rank = k - above  # rank of the answer inside the bracket, counted from its top
-    if rank > 0:
+    if rank > 0 and bool(lo == hi):  # one value fills the bracket (e.g. many exact zeros)
+        if rank <= int(torch.count_nonzero(values == lo)):
+            return lo
+    elif rank > 0:
         band = values[(values >= lo) & (values <= hi)]
         if rank <= band.numel():  # the answer is >= lo
             return torch.kthvalue(band, band.numel() - rank + 1).values

@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 import os
 import shutil
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import ClassVar
@@ -89,6 +90,64 @@ FACTORED: dict[str, Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tens
 # kinds whose dense Δ is worth caching for token routes (wemoe stores Δ, dense stores W_e)
 CACHED_DELTA = ("bit1", "sparse")
 STORED_DTYPES = {"signs": torch.uint8, "indices": torch.int32}
+# kinds with a kernel for x @ Δ_e^T that never forms the dense Δ (`bit1_apply`, `sparse_apply`); used when x has
+# at most SMALL_ROWS rows (tokens), e.g. the decode steps of a mixed-route batch
+ROW_KERNELS = ("bit1", "sparse")
+SMALL_ROWS = 32
+
+
+_BYTE_BITS: dict[torch.device, torch.Tensor] = {}
+
+
+def _byte_bits(device: torch.device) -> torch.Tensor:
+    """(256, 8) float32: bit j of byte value p (one per device, kept)."""
+    bits = _BYTE_BITS.get(device)
+    if bits is None:
+        p = torch.arange(256, device=device)
+        bits = _BYTE_BITS[device] = ((p[:, None] >> torch.arange(8, device=device)) & 1).float()
+    return bits
+
+
+def bit1_lookup_index(signs: torch.Tensor) -> torch.Tensor:
+    """(O, nb) uint8 signs -> (O, nb) int32: row ``256 k + byte`` of `bit1_apply`'s table, for byte column k."""
+    offsets = torch.arange(signs.shape[1], dtype=torch.int32, device=signs.device) * 256  # (nb,)
+    return signs.to(torch.int32) + offsets
+
+
+def bit1_apply(x: torch.Tensor, index: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (n, I) @ Δ^T with Δ = scale[:, None] * (2 * bits - 1) -> (n, O) float32, never forming Δ.
+
+    A lookup table per 8 input columns: table[256 k + p, :] = Σ_{j: bit j of p} x[:, 8k + j] (nb * 256, n);
+    x @ bits^T is then one embedding-bag sum of nb table rows per output (``index`` from `bit1_lookup_index`).
+    """
+    n, nb = x.shape[0], index.shape[1]
+    xf = x.float()
+    if nb * 8 != xf.shape[1]:
+        xf = F.pad(xf, (0, nb * 8 - xf.shape[1]))  # pad bits are 0: padded columns add nothing
+    table = torch.einsum("pj,nkj->kpn", _byte_bits(x.device), xf.view(n, nb, 8)).reshape(nb * 256, n)
+    ones = F.embedding_bag(index, table, mode="sum")  # (O, n): x @ bits^T
+    return ((2 * ones - xf.sum(-1)) * scale.float()[:, None]).T  # (n, O)
+
+
+def sparse_rows(indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor]:
+    """Flat indices + values of an (O, I) sparse Δ -> (Δ as a float32 sparse CSR tensor,) for `sparse_apply`."""
+    out_features, in_features = shape
+    flat = indices.long()
+    if flat.numel() > 1 and not bool((flat[1:] >= flat[:-1]).all()):
+        order = flat.argsort()
+        flat, values = flat[order], values[order]
+    starts = torch.arange(out_features + 1, device=flat.device) * in_features  # (O + 1,)
+    crow = torch.searchsorted(flat, starts)  # (O + 1,) row offsets
+    itype = torch.int32 if flat.numel() < 2**31 else torch.int64
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        csr = torch.sparse_csr_tensor(crow.to(itype), (flat % in_features).to(itype), values.float(), shape)
+    return (csr,)
+
+
+def sparse_apply(x: torch.Tensor, csr: torch.Tensor) -> torch.Tensor:
+    """x (n, I) @ Δ^T for a CSR Δ (O, I) -> (n, O) float32 (a sparse-dense product: reads ~nnz * 8 bytes)."""
+    return (csr @ x.float().T).T
 
 
 def _version(t: torch.Tensor) -> int:
@@ -112,6 +171,7 @@ class RouteSlot:
     """
 
     def __init__(self) -> None:
+        self.decode = False  # set by the model for the forward of a decode step (the route is kept)
         self.clear()
 
     def clear(self) -> None:
@@ -122,10 +182,15 @@ class RouteSlot:
         self.tokens = 1
 
     def set_rows(self, route: torch.Tensor, max_groups: int) -> None:
-        """Route (B, E), one per row; groups rows that share a route (one host sync)."""
+        """Route (B, E), one per row; groups rows that share a route (one host sync).  A route that requires
+        grad (router parameters being trained) is not grouped: the routed linears then take the per-row
+        tensor path, through which gradients reach the router."""
+        self.route, self.forced = route, False
+        if route.requires_grad:
+            self.groups, self.active = None, list(range(route.shape[-1]))
+            return
         uniq, inverse = torch.unique(route, dim=0, return_inverse=True)  # (G, E), (B,)
         keys = [tuple(row) for row in uniq.tolist()]
-        self.route, self.forced = route, False
         self.active = [e for e in range(route.shape[-1]) if any(k[e] != 0.0 for k in keys)]
         if len(keys) == 1:
             self.groups = [(keys[0], None)]
@@ -261,6 +326,7 @@ class RoutedLinear(nn.Module):
             OrderedDict()
         )
         self._deltas: dict[int, torch.Tensor] = {}
+        self._rows_aux: dict[int, tuple[torch.Tensor, ...]] = {}  # bit1 lookup index / sparse CSR, per expert
         self._signature: tuple = ()
 
     def extra_repr(self) -> str:
@@ -281,6 +347,7 @@ class RoutedLinear(nn.Module):
     def clear_cache(self) -> None:
         self._weights.clear()
         self._deltas.clear()
+        self._rows_aux.clear()
         self._signature = ()
 
     def _all_tensors(self) -> list[torch.Tensor]:
@@ -293,6 +360,8 @@ class RoutedLinear(nn.Module):
             p.requires_grad for p in self._parameters.values() if p is not None
         ):
             return False
+        if self.slot.decode and self._signature:  # checked at this generation's prefill: skip the per-step cost
+            return True
         sig = tuple((t.data_ptr(), _version(t)) for t in self._all_tensors())
         if sig != self._signature:
             self.clear_cache()
@@ -345,13 +414,52 @@ class RoutedLinear(nn.Module):
         return hit
 
     def _forward_groups(self, x: torch.Tensor, groups: list, caching: bool) -> torch.Tensor:
-        """One matmul per group of rows sharing a route. x (B, T, I) -> (B, T, O)."""
+        """One matmul per group of rows sharing a route, or (`_factored_groups`) one shared matmul plus each
+        group's factorised deltas. x (B, T, I) -> (B, T, O)."""
         if len(groups) == 1:
             return F.linear(x, *self.effective(groups[0][0], caching))
-        out = x.new_empty(*x.shape[:-1], self.out_features)  # (B, T, O)
+        if self._factored_groups(x, groups):
+            y = F.linear(x, self.weight, self.bias)  # (B, T, O): W_s for every row
+            for key, rows in groups:
+                xr = x[rows]  # (b, T, I)
+                for e, r in enumerate(key):
+                    if r != 0.0:
+                        y.index_add_(0, rows, self.apply_delta(e, xr, caching).to(y.dtype), alpha=r)
+            return y
+        out = None
         for key, rows in groups:
-            out[rows] = F.linear(x[rows], *self.effective(key, caching))
+            y = F.linear(x[rows], *self.effective(key, caching))  # (b, T, O), autocast may change the dtype
+            if out is None:
+                out = y.new_empty(*x.shape[:-1], self.out_features)  # (B, T, O)
+            out[rows] = y
         return out
+
+    def _factored_groups(self, x: torch.Tensor, groups: list) -> bool:
+        """Mixed-route batch: whether `W_s` for all rows + each group's `x @ Δ_e^T` reads fewer bytes than one
+        effective weight per group (twin / lora always; bit1 / sparse for small groups, e.g. decode steps;
+        dense / wemoe never: their Δ_e is as large as a weight)."""
+        if self.kind in FACTORED:
+            return True
+        if self.kind not in ROW_KERNELS:
+            return False
+        per_row = x[0].numel() // self.in_features  # tokens per row
+        return max(len(rows) for _, rows in groups) * per_row <= SMALL_ROWS
+
+    def _rows_delta(self, e: int, x: torch.Tensor, caching: bool) -> torch.Tensor:
+        """bit1 / sparse: x @ Δ_e^T without a dense Δ (`bit1_apply`, `sparse_apply`). x (..., I) -> (..., O)."""
+        t = self.experts[e].tensors()
+        aux = self._rows_aux.get(e) if caching else None
+        if aux is None:
+            with torch.no_grad():
+                if self.kind == "bit1":
+                    aux = (bit1_lookup_index(t["signs"]),)
+                else:
+                    aux = sparse_rows(t["indices"], t["values"], (self.out_features, self.in_features))
+            if caching:
+                self._rows_aux[e] = aux
+        x2 = x.reshape(-1, self.in_features)
+        y = bit1_apply(x2, aux[0], t["scale"]) if self.kind == "bit1" else sparse_apply(x2, *aux)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     # ---- token routes ----------------------------------------------------------------------------------------
     def _dense_delta(self, e: int, caching: bool) -> torch.Tensor:
@@ -369,6 +477,8 @@ class RoutedLinear(nn.Module):
             y = FACTORED[self.kind](t, x)
         elif self.kind == "wemoe":
             y = F.linear(x, t["delta"])
+        elif self.kind in ROW_KERNELS and x.numel() <= SMALL_ROWS * self.in_features:
+            y = self._rows_delta(e, x, caching)
         else:
             y = F.linear(x, self._dense_delta(e, caching and self.kind in CACHED_DELTA))
         bd = t.get("bias_delta")
@@ -737,11 +847,15 @@ class MoergeForCausalLM(PreTrainedModel, GenerationMixin):
             )
         finally:
             self._moerge.phase, self._moerge.mask = None, None
+            for slot in (self._moerge.sequence_slot, *self._moerge.slots.values()):
+                slot.decode = False
 
     def _begin(self, cache, attention_mask) -> None:
         st = self._moerge
         prefill = _is_prefill(cache)
         st.phase = "prefill" if prefill else "decode"
+        for slot in (st.sequence_slot, *st.slots.values()):
+            slot.decode = not prefill
         st.mask = (
             attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
         )

@@ -26,6 +26,8 @@ def load_table(source: DataSource, file: str) -> Any:
         if path.suffix.lower() in _BUILDERS or path.exists():
             if not path.is_file():
                 raise DataError(source.data, None, "calibration data file not found")
+            if path.stat().st_size == 0:
+                raise DataError(source.data, source.field, "calibration source is empty")
             builder = _BUILDERS.get(path.suffix.lower())
             if builder is None:
                 raise DataError(source.data, None, f"unknown data file type '{path.suffix}' (use .jsonl, .json, .csv "

@@ -64,15 +64,21 @@ def prototypes_from_features(per_expert: list[torch.Tensor]) -> tuple[torch.Tens
     return means - center, center
 
 
-def write_router_tensors(folder: Path, updates: dict[str, torch.Tensor]) -> None:
-    """Replace router tensors in the router shard (atomic file replace), keeping dtypes."""
+def write_router_tensors(folder: Path, updates: dict[str, torch.Tensor], *, dest: Path | None = None,
+                         resize: bool = False) -> None:
+    """Replace router tensors in the router shard (atomic file replace), keeping dtypes.
+
+    ``dest``: write the new shard there instead (the caller swaps it in); ``resize``: the new values may
+    change shape (a grown router)."""
     path = folder / ROUTER_FILE
     tensors = load_file(path)
     for name, value in updates.items():
-        tensors[name] = value.to(tensors[name].dtype).reshape(tensors[name].shape).contiguous()
-    tmp = path.with_suffix(".tmp")
+        shape = value.shape if resize else tensors[name].shape
+        tensors[name] = value.to(tensors[name].dtype).reshape(shape).contiguous()
+    tmp = dest if dest is not None else path.with_suffix(".tmp")
     save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, path)
+    if dest is None:
+        os.replace(tmp, path)
 
 
 def set_initialized(folder: Path, value: bool = True) -> None:

@@ -1,0 +1,1 @@
+"""The real-pool benchmark (issue 6): see run.py."""

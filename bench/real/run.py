@@ -1,0 +1,450 @@
+"""The real-pool benchmark: every method on the dev splits -> ``bench/RESULTS.md`` table + accuracy/storage PNG.
+
+    python -m bench.real.run [--quick] [--only KEY ...] [--fresh] [--threads 2] [--no-record]
+
+``--quick``: fewer methods, the first 50 dev prompts per task (< 10 minutes on a 2-core CPU).  The default
+(full) run uses all 200 dev prompts per task and every method.  Built checkpoints, evaluation results and
+per-(prompt, expert) predictions are cached under ``bench/_work/real/``; ``--fresh`` re-evaluates (builds are
+reused while their recipe is unchanged).  The results go to ``bench/RESULTS.md`` under
+``## real benchmark (issue 6)`` (only that section is rewritten) and to ``bench/real/accuracy_vs_storage.png``.
+
+Per method: accuracy per task, mean normalized accuracy (accuracy / the expert's own accuracy on the same
+prompts, averaged over tasks), routing accuracy (moerge: share of dev prompts the router sends to their task's
+expert), storage (checkpoint bytes / base bytes at the same dtype), build / calibration / evaluation time,
+and generation speed at batch 1 and 8 (tokens/s, and the ratio to the dense base timed alternately with it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # python bench/real/run.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    __package__ = "bench.real"
+
+import torch
+
+from . import evaluate as ev
+from .methods import WORK, Env, Loaded, Method, Skipped, all_methods, calibrate_available
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = REPO / "bench" / "RESULTS.md"
+PNG = REPO / "bench" / "real" / "accuracy_vs_storage.png"
+HEADING = "## real benchmark (issue 6)"
+EVAL_VERSION = 2
+SPEED_PROMPT_TASK = "arith"
+GOALS = {"norm": 0.98, "routing": 0.97, "storage": 1.3, "speed": 0.9}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------- one method
+
+class Runner:
+    def __init__(self, env: Env, n: int | None, fresh: bool, speed: bool) -> None:
+        from transformers import AutoTokenizer
+
+        self.env, self.n, self.fresh, self.speed = env, n, fresh, speed
+        self.tok = AutoTokenizer.from_pretrained(env.base)
+        self.tok.padding_side = "left"
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token
+        self.tasks = ev.load_tasks(env.pool, self.tok, n)
+        self._base: Any = None
+        self.speed_prompt = ev.load_tasks(env.pool, self.tok, 1)[ev.TASKS.index(SPEED_PROMPT_TASK)].prompts[0]
+
+    @property
+    def base(self) -> Any:
+        if self._base is None:
+            from .methods import load_base
+
+            self._base = load_base(self.env)
+        return self._base
+
+    def cache_file(self, m: Method) -> Path:
+        return self.env.work / "results" / f"{m.key}-n{self.n or 'all'}.json"
+
+    def stamp(self, m: Method) -> dict:
+        return {"params": m.params, "n": self.n, "v": EVAL_VERSION, "cal": calibrate_available()}
+
+    def row(self, m: Method) -> dict:
+        path = self.cache_file(m)
+        cached = None
+        if not self.fresh and path.is_file():
+            data = json.loads(path.read_text())
+            if data.get("stamp") == json.loads(json.dumps(self.stamp(m))) and data["row"]["status"] != "error":
+                cached = data["row"]
+        if cached is not None and (cached["status"] != "ok" or not self.wants_speed(m) or "tps1" in cached):
+            log(f"{m.key}: cached")
+            return cached
+        row = cached or {"key": m.key, "label": m.label, "group": m.group, "n": self.n, "dense": m.dense}
+        t0 = time.perf_counter()
+        try:
+            loaded = m.load(self.env)
+            if cached is None:
+                row.update(self.measure(loaded))
+            if self.wants_speed(m):
+                row.update(self.speeds(loaded))
+            row["status"] = "ok"
+        except Skipped as exc:
+            row.update(status="skipped", note=str(exc))
+        except Exception as exc:  # noqa: BLE001 - one method failing must not stop the benchmark
+            traceback.print_exc()
+            row.update(status="error", note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        row["wall_s"] = row.get("wall_s", 0.0) + time.perf_counter() - t0
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"stamp": self.stamp(m), "row": row}, indent=1) + "\n")
+        log(f"{m.key}: {row['status']} in {time.perf_counter() - t0:.0f}s {row.get('acc', '')} {row.get('note', '')}")
+        return row
+
+    def wants_speed(self, m: Method) -> bool:
+        return self.speed and not m.dense
+
+    def measure(self, loaded: Loaded) -> dict:
+        out: dict[str, Any] = {"storage": loaded.storage, "build_s": loaded.build_s, "calib_s": loaded.calib_s,
+                               "note": loaded.note}
+        t = time.perf_counter()
+        routing = None
+        if loaded.routed:
+            preds, out["routes"], routing, out["route_check"] = self.routed_predictions(loaded)
+        else:
+            preds = {task.name: ev.predict(loaded.model_for(task.name), self.tok, task) for task in self.tasks}
+        out["eval_s"] = time.perf_counter() - t
+        out["correct"] = {task.name: [int(ev.correct(task, i, preds[task.name][i])) for i in range(len(task))]
+                          for task in self.tasks}
+        out["acc"] = {task.name: ev.accuracy(task, preds[task.name]) for task in self.tasks}
+        out["routing"] = routing
+        return out
+
+    def routed_predictions(self, loaded: Loaded) -> tuple[dict, dict, float, str]:
+        """Per task: predictions and routes of a sequence-routed model; its routing accuracy (top expert ==
+        the prompt's task); a check that the model's own unforced forward gives the same predictions."""
+        model = loaded.model_for("")
+        cache_path = self.env.work / "preds" / f"{loaded.extra['build_key']}.json"
+        disk = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+        preds, routes, hits = {}, {}, 0
+        for e, task in enumerate(self.tasks):
+            r = ev.routes_of(model, self.tok, task.prompts)
+            routes[task.name] = [max(range(len(x)), key=x.__getitem__) for x in r]  # top expert per prompt
+            routes[task.name + ":mixed"] = sum(sorted(x)[-2] > 0 for x in r)  # rows on a soft (fallback) route
+            hits += sum(x == e for x in routes[task.name])
+            preds[task.name] = ev.predict_routed(model, self.tok, task, r, disk.setdefault(task.name, {}))
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        cache_path.write_text(json.dumps(disk) + "\n")
+        total = sum(len(t) for t in self.tasks)
+        return preds, routes, hits / total, self.route_check(model, disk)
+
+    def route_check(self, model: Any, disk: dict) -> str:
+        """The model's own routing (no force) on 8 prompts of each classification task agrees with the
+        per-route predictions used for the table."""
+        same = n = 0
+        for task in self.tasks:
+            if not task.labels:
+                continue
+            idx = list(range(min(8, len(task))))
+            natural = ev.predict(model, self.tok, task, idx)
+            routes = ev.routes_of(model, self.tok, [task.prompts[i] for i in idx])
+            keys = [ev.route_key(r, model.expert_names) for r in routes]
+            same += sum(natural[i] == disk[task.name].get(f"{i}|{keys[j]}") for j, i in enumerate(idx))
+            n += len(idx)
+        return f"{same}/{n}"
+
+    def speeds(self, loaded: Loaded) -> dict:
+        model = loaded.model_for(SPEED_PROMPT_TASK)
+        out = {}
+        for batch, new_tokens in ((1, 32), (8, 16)):
+            tps, ratio = ev.speed_vs(model, self.base, self.tok, self.speed_prompt, batch, reps=2,
+                                     new_tokens=new_tokens)
+            out[f"tps{batch}"], out[f"speed{batch}"] = tps, ratio
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------- table
+
+def normalize(rows: list[dict], oracle: dict | None = None) -> None:
+    """``norm`` per task = accuracy / the oracle's accuracy on the same prompts; ``mean_norm`` their mean."""
+    oracle = oracle or next((r for r in rows if r["key"] == "oracle" and r["status"] == "ok"), None)
+    if oracle is None:
+        return
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        r["norm"] = {}
+        for t in ev.TASKS:
+            k = len(r["correct"][t])
+            ref = sum(oracle["correct"][t][:k]) / k
+            r["norm"][t] = r["acc"][t] / ref if ref else float("nan")
+        r["mean_norm"] = sum(r["norm"].values()) / len(ev.TASKS)
+
+
+def copy_dense_speed(rows: list[dict]) -> None:
+    """Rows that are plain dense models of the base's shape generate at the base's speed."""
+    base = next((r for r in rows if r["key"] == "base" and r["status"] == "ok" and "tps1" in r), None)
+    for r in rows:
+        if base and r["status"] == "ok" and "tps1" not in r and r.get("dense"):
+            r.update(tps1=base["tps1"], speed1=1.0, tps8=base["tps8"], speed8=1.0)
+            r["note"] = (r.get("note") + "; " if r.get("note") else "") + "dense like the base: its speed"
+
+
+def finalists(grid: list[dict], n_fit: int = 3) -> list[str]:
+    """Builds to re-run on every dev prompt: the best ``n_fit`` within the storage goal and the best overall
+    (by mean normalized accuracy on the screening prompts); both routers of each build."""
+    ok = sorted((r for r in grid if r["status"] == "ok" and "mean_norm" in r), key=lambda r: -r["mean_norm"])
+    builds: list[str] = []
+    for r in [r for r in ok if r["storage"] <= GOALS["storage"] + 1e-9] + ok[:1]:
+        b = r["key"].removesuffix("-cal")
+        if b not in builds and (len(builds) < n_fit or r is ok[0]):
+            builds.append(b)
+    return [k for b in builds for k in (b, b + "-cal")]
+
+
+def best_moerge(rows: list[dict]) -> dict | None:
+    """Highest mean normalized accuracy among moerge rows within the storage goal (else among all)."""
+    ok = [r for r in rows if r["group"] == "moerge" and r["status"] == "ok" and "mean_norm" in r]
+    fit = [r for r in ok if r["storage"] is not None and r["storage"] <= GOALS["storage"] + 1e-9]
+    pool = fit or ok
+    return max(pool, key=lambda r: (round(r["mean_norm"], 4), r.get("routing") or 0)) if pool else None
+
+
+def _f(x: Any, fmt: str = ".3f", empty: str = "") -> str:
+    return empty if x is None else format(x, fmt)
+
+
+def table(rows: list[dict]) -> list[str]:
+    head = ["method", *ev.TASKS, "mean norm", "routing", "storage", "build s", "calib s", "eval s",
+            "tok/s b1", "b1 / base", "tok/s b8", "b8 / base", "notes"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {r['label']} | " + " | ".join([""] * (len(head) - 2)) + f" | {r['status']}: "
+                         f"{r.get('note', '')} |")
+            continue
+        note = r.get("note", "")
+        mixed = sum((r.get("routes") or {}).get(f"{t}:mixed", 0) for t in ev.TASKS)
+        if mixed:
+            note += f"; {mixed} prompts on a soft (fallback) route"
+        if r.get("route_check"):
+            note += f"; unforced == forced on {r['route_check']}"
+        cells = [r["label"], *[_f(r["acc"][t]) for t in ev.TASKS], _f(r.get("mean_norm")),
+                 _f(r.get("routing"), empty="-"), _f(r["storage"], ".3f") + "x" if r["storage"] else "",
+                 _f(r.get("build_s"), ".0f"), _f(r.get("calib_s"), ".0f", "-"), _f(r.get("eval_s"), ".0f"),
+                 _f(r.get("tps1"), ".1f"), _f(r.get("speed1"), ".2f"), _f(r.get("tps8"), ".1f"),
+                 _f(r.get("speed8"), ".2f"), note]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def goals(rows: list[dict]) -> list[str]:
+    best = best_moerge(rows)
+    if best is None:
+        return ["No moerge row finished."]
+    peers = [r for r in rows if r["group"] in ("peer", "static") and r["status"] == "ok" and "mean_norm" in r]
+    top_peer = max(peers, key=lambda r: r["mean_norm"]) if peers else None
+    checks = [
+        ("mean normalized accuracy", f">= {GOALS['norm']}", best["mean_norm"], best["mean_norm"] >= GOALS["norm"],
+         best["mean_norm"] - GOALS["norm"]),
+        ("routing accuracy (dev, held out)", f">= {GOALS['routing']}", best.get("routing"),
+         (best.get("routing") or 0) >= GOALS["routing"], (best.get("routing") or 0) - GOALS["routing"]),
+        ("storage / dense base", f"<= {GOALS['storage']}x", best["storage"], best["storage"] <= GOALS["storage"],
+         GOALS["storage"] - best["storage"]),
+        ("tokens/s at batch 1 / base", f">= {GOALS['speed']}", best.get("speed1"),
+         best.get("speed1") is not None and best["speed1"] >= GOALS["speed"],
+         (best.get("speed1") or 0) - GOALS["speed"]),
+    ]
+    if top_peer:
+        checks.append((f"above every peer and static merge (best: {top_peer['label']})", f"> {top_peer['mean_norm']:.3f}",
+                       best["mean_norm"], best["mean_norm"] > top_peer["mean_norm"],
+                       best["mean_norm"] - top_peer["mean_norm"]))
+    lines = [f"Best moerge row (highest mean normalized accuracy within {GOALS['storage']}x storage): "
+             f"**{best['label']}**", "", "| goal | target | value | met | margin |", "|---|---|---|---|---|"]
+    for name, target, value, met, margin in checks:
+        lines.append(f"| {name} | {target} | {_f(value)} | {'yes' if met else 'NO'} | {margin:+.3f} |")
+    return lines + ["", *confusion(best)]
+
+
+def confusion(row: dict) -> list[str]:
+    """Where the row's router sends each task's dev prompts (top expert)."""
+    routes = row.get("routes")
+    if not routes:
+        return []
+    lines = [f"Routing of {row['key']} (rows: the prompt's task, columns: top expert):", "",
+             "| task | " + " | ".join(ev.TASKS) + " |", "|---|" + "---|" * len(ev.TASKS)]
+    for t in ev.TASKS:
+        lines.append(f"| {t} | " + " | ".join(str(routes[t].count(e)) for e in range(len(ev.TASKS))) + " |")
+    return lines
+
+
+def machine() -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
+    import peft
+    import transformers
+
+    return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; python "
+            f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+            f"peft {peft.__version__}; load average at the end {', '.join(f'{x:.2f}' for x in load)}")
+
+
+METHOD_NOTES = (
+    "Pool: SmolLM2-135M-Instruct (fp32, from `tools/get_base_model.py`) and the LoRA experts imdb, tweets, bbc, "
+    "arith of `shared/pool`. Scoring as `shared/REAL_DATA.md`: bf16 autocast on fp32 weights, left padding, "
+    "classification = argmax over the label words' first tokens, arith = exact match of greedy generation "
+    "(<= 8 new tokens). **mean norm** = mean over tasks of accuracy / the expert's own accuracy on the same "
+    "prompts. **routing** = share of dev prompts whose top route is their task's expert (dev prompts are held "
+    "out from the calib prompts the routers were built or calibrated from). **storage** = checkpoint bytes / "
+    "base bytes at the same dtype (fp32). **tok/s** = generated tokens per CPU second of one torch thread in "
+    "fp32 (greedy, 32 new tokens at batch 1, 16 at batch 8, after the first arith dev prompt, prefill "
+    "included; best of 2), and `/ base` = ratio to the dense base timed alternately with it; CPU time "
+    "rather than wall time because the machine is shared. moerge routed rows: units not routed are merged "
+    "by task arithmetic (lambda 1); routed units keep the base as their shared weight and store each "
+    "expert's delta in the row's kind; one sequence-level top-1 router reads the first routed unit's input; "
+    "`prototype` = the training-free router `moerge build` initialises from the calib prompts, "
+    "`calibrated` = after `moerge calibrate --method supervised --holdout 0.2` on the same calib prompts "
+    "(64 per task). A sequence-routed model's output for a prompt depends only on the prompt and its route, "
+    "so its accuracy is computed per (prompt, route) under `force_route`; the notes show the check against "
+    "the model's own unforced forward (`unforced == forced`)."
+)
+
+
+def section(rows: list[dict], grid: list[dict], args: argparse.Namespace, wall: float, n_main: int,
+            n_grid: int) -> str:
+    cmd = "python -m bench.real.run" + (" --quick" if args.quick else "")
+    lines = [HEADING, "",
+             f"Command: `{cmd}` ({'quick' if args.quick else 'full'} mode), run on "
+             f"{dt.datetime.now().strftime('%Y-%m-%d %H:%M')}, {wall / 60:.1f} min wall "
+             "(rows cached from an earlier run keep the times measured then).",
+             f"Machine: {machine()}; {args.threads} torch threads for evaluation, shared with other jobs.", "",
+             METHOD_NOTES, ""]
+    lines += goals(rows) + ["", f"### Main table ({n_main} dev prompts per task)", "", *table(rows), ""]
+    if grid:
+        lines += [f"### moerge grid: kind x selection x router ({n_grid} dev prompts per task)", "",
+                  "Every routed kind and selection; the best builds (3 within 1.3x storage, and the best overall) "
+                  "are re-run on all dev prompts in the main table. Speeds are not measured here.", "",
+                  *table(grid), ""]
+    lines += [f"![accuracy vs storage](real/{PNG.name})", ""]
+    return "\n".join(lines)
+
+
+def write_section(text: str) -> None:
+    old = RESULTS.read_text() if RESULTS.is_file() else "# Benchmarks\n"
+    start = old.find(HEADING)
+    if start < 0:
+        new = old.rstrip("\n") + "\n\n" + text
+    else:
+        nxt = old.find("\n## ", start + len(HEADING))
+        new = old[:start] + text + (old[nxt + 1:] if nxt >= 0 else "")
+    RESULTS.write_text(new.rstrip("\n") + "\n")
+
+
+def plot(rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"reference": "black", "static": "tab:blue", "peer": "tab:orange", "moerge": "tab:green"}
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for group, color in colors.items():
+        pts = [r for r in rows if r["group"] == group and r["status"] == "ok" and r.get("storage") and "mean_norm" in r]
+        ax.scatter([r["storage"] for r in pts], [r["mean_norm"] for r in pts], c=color, label=group, s=28,
+                   marker="^" if group == "moerge" else "o", alpha=0.8)
+    best = best_moerge(rows)
+    named = [r for r in rows if r["status"] == "ok" and "mean_norm" in r and r.get("storage")
+             and (r["group"] != "moerge" or r is best)]
+    for r in named:
+        ax.annotate(r["key"], (r["storage"], r["mean_norm"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(GOALS["norm"], ls="--", c="grey", lw=0.8)
+    ax.axvline(GOALS["storage"], ls="--", c="grey", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("storage / dense base (log)")
+    ax.set_ylabel("mean normalized accuracy (method / expert)")
+    ax.set_title("real pool (SmolLM2-135M, 4 LoRA experts): accuracy vs storage")
+    ax.legend()
+    fig.tight_layout()
+    PNG.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(PNG, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer methods, 50 dev prompts per task")
+    ap.add_argument("--n", type=int, default=None, help="dev prompts per task in the main table "
+                    "(default: 50 quick, all 200 full)")
+    ap.add_argument("--screen", type=int, default=50, help="dev prompts per task for the moerge grid (full mode)")
+    ap.add_argument("--only", nargs="*", help="method keys (prefix match) to run")
+    ap.add_argument("--fresh", action="store_true", help="ignore cached evaluation results")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-speed", action="store_true", help="skip the tokens/s measurements")
+    ap.add_argument("--no-record", action="store_true", help="do not write bench/RESULTS.md and the PNG")
+    ap.add_argument("--pool", type=Path, default=REPO.parent / "shared" / "pool")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.path.insert(0, str(REPO / "tools"))
+    from get_base_model import get_base_model
+
+    if not (args.pool / "experts").is_dir():
+        raise SystemExit(f"error: the real pool is not at {args.pool} (pass --pool)")
+    env = Env(pool=args.pool, base=get_base_model(), threads=args.threads)
+    methods = [m for m in all_methods() if m.quick or not args.quick]
+    if args.only:
+        methods = [m for m in methods if any(m.key.startswith(p) for p in args.only) or m.key in ("base", "oracle")]
+    t0 = time.perf_counter()
+    speed = not args.no_speed
+    if args.quick:  # one stage: every quick method on 50 prompts per task
+        n = args.n or 50
+        log(f"quick: {len(methods)} methods, {n} dev prompts per task, {args.threads} threads, work {WORK}")
+        runner = Runner(env, n, args.fresh, speed)
+        rows, grid = [runner.row(m) for m in methods], []
+        normalize(rows)
+    else:  # the moerge grid on --screen prompts, then the main table (finalists included) on all prompts
+        n = args.n
+        main_methods = [m for m in methods if m.group != "moerge"]
+        grid_methods = [m for m in methods if m.group == "moerge"]
+        log(f"full: {len(main_methods)} methods + a {len(grid_methods)}-row moerge grid, {args.threads} threads")
+        runner = Runner(env, n, args.fresh, speed)
+        rows = [runner.row(m) for m in main_methods]
+        screen = Runner(env, args.screen, args.fresh, False)
+        grid = [screen.row(m) for m in grid_methods]
+        oracle = next((r for r in rows if r["key"] == "oracle"), None)
+        normalize(grid, oracle)
+        keep = finalists(grid)
+        log(f"finalists: {', '.join(keep)}")
+        rows += [runner.row(m) for m in grid_methods if m.key in keep]
+        normalize(rows)
+    copy_dense_speed(rows)
+    wall = time.perf_counter() - t0
+    text = section(rows, grid, args, wall, n or 200, args.screen)
+    print(text)
+    if not args.no_record:
+        write_section(text)
+        plot(rows + [g for g in grid if g["key"] not in {r["key"] for r in rows}])
+        log(f"wrote {RESULTS} and {PNG}")
+    log(f"done in {wall / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

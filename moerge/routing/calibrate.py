@@ -1,0 +1,459 @@
+"""``moerge calibrate``: fit the router of a built checkpoint from a little task data, without rebuilding it.
+
+Steps (all data is loaded and checked before the model is loaded; nothing is written before the end):
+
+1. DATA -> templated texts + expert labels (:mod:`moerge.routing.dataset`); a stratified, seeded held-out
+   split that is never used for training or model selection.
+2. Features, computed once per example (sharded across ``accelerate`` processes, :mod:`.parallel`):
+   sequence level: the pooled input of ``router_input``, whose forward stops right there (routes do not
+   affect it); token level: sampled token inputs of every routed unit, with the route forced to the
+   example's expert (the path its tokens take when routing is right).
+3. Router fit on the main process: ``supervised`` = task-id cross-entropy on the cached features
+   (:func:`.fit.fit_supervised`), then the temperature on the held-out split; ``entropy`` = entropy
+   minimisation of the model's predictions (:mod:`.entropy`, no labels used).
+4. Sequence level: the fallback threshold (Mediator style) on the held-out split; rows whose top route
+   probability is below it use the soft mix or the shared weights (``fallback.mode``).
+5. Report (accuracy, per-expert precision/recall, entropy, fallback rate, confusion PNG) and an atomic
+   write of the router tensors, ``config.json`` and ``calibration.json`` (in place, or into a copy with
+   ``out``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ..errors import CheckpointError, DataError
+from ..io.atomic import atomic_output, check_output
+from . import parallel
+from .commit import Staged, link_copy
+from .dataset import Defaults, Examples, holdout_split, load_examples, require_experts
+from .diagnostics import confusion_png, format_metrics, routing_metrics
+from .features import pooled_inputs, token_inputs
+from .fit import (
+    RouterTensors,
+    fallback_threshold,
+    fit_supervised,
+    fit_temperature,
+    standardiser,
+    uniform_router,
+)
+from .prototype import ROUTER_FILE, router_prefixes, write_router_tensors
+
+REPORT_FILE = "calibration.json"
+CONFUSION_FILE = "calibration_confusion.png"
+DEFAULT_STEPS = {"supervised": 300, "entropy": 50}
+DEFAULT_LR = {"supervised": 0.02, "entropy": 0.05}
+
+
+@dataclass
+class CalibrateOptions:
+    """How to calibrate (the CLI's flags)."""
+
+    method: Literal["supervised", "entropy"] = "supervised"
+    holdout: float = 0.2
+    seed: int = 0
+    steps: int | None = None  # None: DEFAULT_STEPS[method]
+    lr: float | None = None  # None: DEFAULT_LR[method]
+    fallback: Literal["soft", "shared", "none"] = "soft"
+    threshold: float | None = None  # fixed threshold instead of the held-out choice
+    batch_size: int = 8
+    tokens_per_text: int = 16  # token level: sampled token features per example and unit
+    dtype: str | None = None  # None: the checkpoint's
+    defaults: Defaults = field(default_factory=Defaults)
+
+    def check(self) -> None:
+        if self.method not in DEFAULT_STEPS:
+            raise DataError(None, "method", f"unknown method '{self.method}'; one of supervised, entropy")
+        if not 0.0 <= self.holdout < 1.0:
+            raise DataError(None, "holdout", f"must be in [0, 1), got {self.holdout}")
+        if self.fallback not in ("soft", "shared", "none"):
+            raise DataError(None, "fallback", f"unknown fallback mode '{self.fallback}'; one of soft, shared, none")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise DataError(None, "threshold", f"must be in [0, 1], got {self.threshold}")
+
+
+@dataclass
+class Features:
+    """Per router prefix: feature rows (M, C) and the example each row belongs to (M,)."""
+
+    rows: dict[str, torch.Tensor]
+    owner: torch.Tensor
+    n_examples: int
+
+    def select(self, prefix: str, examples: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of ``examples`` and their position in ``examples``."""
+        pos = torch.full((self.n_examples,), -1, dtype=torch.long)
+        pos[torch.tensor(examples, dtype=torch.long)] = torch.arange(len(examples))
+        where = pos[self.owner]  # (M,)
+        keep = where >= 0
+        return self.rows[prefix][keep], where[keep]
+
+
+# ---------------------------------------------------------------- checkpoint and model
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """config.json of a routed moerge checkpoint."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(folder, None, "not a model folder (no config.json)")
+    config = json.loads(path.read_text())
+    plan = config.get("moerge") or {}
+    if config.get("model_type") != "moerge" or not plan.get("units"):
+        raise CheckpointError(path, "moerge.units", "not a routed moerge checkpoint (nothing to calibrate)")
+    if not (folder / ROUTER_FILE).is_file():
+        raise CheckpointError(folder / ROUTER_FILE, None, "router shard missing")
+    return config
+
+
+def load_tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(folder: Path, dtype: str | None) -> Any:
+    """The checkpoint on this process's device (one process: ``device_map="auto"``, which spreads a large
+    model over the available GPUs and CPU memory)."""
+    from transformers import AutoModelForCausalLM
+
+    from ..modeling import register
+
+    register()
+    st = parallel.state()
+    device_map: Any = {"": st.device} if st.num_processes > 1 else "auto"
+    torch_dtype = getattr(torch, dtype) if dtype else "auto"
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, device_map=device_map).eval()
+
+
+def stored_routers(folder: Path, config: dict[str, Any]) -> dict[str, RouterTensors]:
+    """The checkpoint's routers (uniform when it is not initialised)."""
+    from safetensors.torch import load_file
+
+    hidden = int(config["base_config"]["hidden_size"])
+    n_exp = len(config["moerge"]["experts"])
+    tensors = load_file(folder / ROUTER_FILE)
+    out = {}
+    for prefix in router_prefixes(config):
+        if not config["moerge"].get("initialized", True):
+            out[prefix] = uniform_router(n_exp, hidden)
+            continue
+        own = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+        out[prefix] = RouterTensors.from_dict(own, hidden)
+    return out
+
+
+def router_dtype(folder: Path) -> torch.dtype:
+    from safetensors import safe_open
+
+    with safe_open(str(folder / ROUTER_FILE), framework="pt") as f:
+        return f.get_tensor(next(iter(f.keys()))).dtype
+
+
+# ---------------------------------------------------------------- features
+
+def extract(model: Any, tok: Any, examples: Examples, config: dict[str, Any], opts: CalibrateOptions) -> Features:
+    """Features of every example (sharded across processes), gathered in example order."""
+    prefixes = router_prefixes(config)
+    units = list(dict.fromkeys(prefixes.values()))
+    if config["moerge"]["level"] == "sequence":
+        def fn(idx: list[int]) -> list[dict[str, torch.Tensor]]:
+            feats = pooled_inputs(model, tok, [examples.texts[i] for i in idx], units, batch_size=opts.batch_size)
+            return [{p: feats[u][j:j + 1] for p, u in prefixes.items()} for j in range(len(idx))]
+    else:
+        def fn(idx: list[int]) -> list[dict[str, torch.Tensor]]:
+            return _token_features(model, tok, examples, idx, prefixes, opts)
+    per_example = parallel.sharded_map(fn, len(examples))
+    owner = torch.cat([torch.full((f[next(iter(prefixes))].shape[0],), i) for i, f in enumerate(per_example)])
+    rows = {p: torch.cat([f[p] for f in per_example]) for p in prefixes}
+    return Features(rows, owner.long(), len(examples))
+
+
+def _token_features(model: Any, tok: Any, examples: Examples, idx: list[int], prefixes: dict[str, str],
+                    opts: CalibrateOptions) -> list[dict[str, torch.Tensor]]:
+    """Per example of ``idx``: {prefix: (k, C)}, the route forced to its expert (unlabelled: routed)."""
+    units = list(dict.fromkeys(prefixes.values()))
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for label in sorted({examples.labels[i] for i in idx}):
+        group = [i for i in idx if examples.labels[i] == label]
+        model.force_route(label if label >= 0 else None)
+        try:
+            feats = token_inputs(model, tok, [examples.texts[i] for i in group], units,
+                                 per_text=opts.tokens_per_text, seed=opts.seed, batch_size=opts.batch_size)
+        finally:
+            model.force_route(None)
+        for j, i in enumerate(group):
+            out[i] = {p: feats[u][j] for p, u in prefixes.items()}
+    return [out[i] for i in idx]
+
+
+# ---------------------------------------------------------------- evaluation
+
+def example_probs(routers: dict[str, RouterTensors], feats: Features, examples: list[int]) -> torch.Tensor:
+    """(len(examples), E): each example's route probabilities, averaged over its rows and all routers (the
+    sequence route itself at sequence level; a token-level vote otherwise)."""
+    total = None
+    for prefix, router in routers.items():
+        x, pos = feats.select(prefix, examples)
+        probs = router.probs(x)  # (M, E)
+        sums = torch.zeros(len(examples), probs.shape[1]).index_add_(0, pos, probs)
+        counts = torch.bincount(pos, minlength=len(examples)).clamp_min(1)[:, None]
+        total = sums / counts if total is None else total + sums / counts
+    assert total is not None
+    return total / len(routers)
+
+
+def labels_of(examples: Examples, idx: list[int]) -> torch.Tensor:
+    return torch.tensor([examples.labels[i] for i in idx], dtype=torch.long)
+
+
+# ---------------------------------------------------------------- fitting
+
+def fit_routers(feats: Features, examples: Examples, train: list[int], opts: CalibrateOptions,
+                init_scale: float) -> dict[str, RouterTensors]:
+    """Supervised: one router per prefix from its training rows."""
+    n_exp = len(examples.experts)
+    y_ex = labels_of(examples, train)
+    out = {}
+    for prefix in feats.rows:
+        x, pos = feats.select(prefix, train)
+        out[prefix] = fit_supervised(x, y_ex[pos], n_exp, steps=opts.steps or DEFAULT_STEPS["supervised"],
+                                     lr=opts.lr or DEFAULT_LR["supervised"], init_scale=init_scale)
+    return out
+
+
+def temper(routers: dict[str, RouterTensors], feats: Features, examples: Examples,
+           held: list[int]) -> tuple[dict[str, RouterTensors], dict[str, float]]:
+    """Per router, the held-out temperature folded into scale and bias."""
+    y_ex = labels_of(examples, held)
+    out, temps = {}, {}
+    for prefix, router in routers.items():
+        x, pos = feats.select(prefix, held)
+        temps[prefix] = fit_temperature(router.logits(x), y_ex[pos])
+        out[prefix] = router.tempered(temps[prefix])
+    return out, temps
+
+
+def entropy_routers(model: Any, tok: Any, feats: Features, examples: Examples, train: list[int],
+                    old: dict[str, RouterTensors], initialized: bool,
+                    opts: CalibrateOptions) -> dict[str, RouterTensors]:
+    """Entropy minimisation from the stored routers (an uninitialised one starts near uniform)."""
+    from .entropy import minimise_entropy, spread_prototypes
+
+    inits, stats = {}, {}
+    for prefix, router in old.items():
+        x, _ = feats.select(prefix, train)
+        mu, s = standardiser(x)
+        stats[prefix] = (mu, s)
+        if initialized:
+            inits[prefix] = RouterTensors(spread_prototypes(router.prototypes, opts.seed), router.center,
+                                          router.scale, router.bias)
+        else:  # random directions at scale 1: a near-uniform start that the objective has to sharpen
+            inits[prefix] = RouterTensors(spread_prototypes(router.prototypes, opts.seed), mu, torch.ones(()),
+                                          router.bias)
+    return minimise_entropy(model, tok, [examples.texts[i] for i in train], inits, stats,
+                            steps=opts.steps or DEFAULT_STEPS["entropy"], lr=opts.lr or DEFAULT_LR["entropy"],
+                            batch_size=opts.batch_size, seed=opts.seed)
+
+
+def choose_fallback(probs: torch.Tensor, y: torch.Tensor, config: dict[str, Any],
+                    opts: CalibrateOptions) -> dict[str, Any] | None:
+    """The ``fallback`` config block (sequence level only; token level ignores fallback)."""
+    if config["moerge"]["level"] != "sequence" or opts.fallback == "none":
+        return None
+    threshold = opts.threshold
+    if threshold is None:
+        if probs.shape[0] == 0 or bool((y < 0).any()):
+            return config["moerge"].get("fallback")  # nothing labelled to choose on: keep what is there
+        top = probs.max(-1)
+        threshold = fallback_threshold(top.values, top.indices == y, probs.shape[1])
+    return {"threshold": round(float(threshold), 6), "mode": opts.fallback}
+
+
+# ---------------------------------------------------------------- the command
+
+def prepare(checkpoint: str | Path, data: str | Path | dict[str, Any], out: str | Path | None, force: bool,
+            opts: CalibrateOptions, examples: Examples | None) -> tuple[dict[str, Any], Examples]:
+    """Everything that can fail on user input, before any model is loaded: options, checkpoint, output
+    folder, DATA (every row), the per-expert counts."""
+    opts.check()
+    folder = Path(checkpoint)
+    config = read_config(folder)
+    if out is not None and Path(out).resolve() != folder.resolve():
+        check_output(Path(out).absolute(), force)
+    experts = list(config["moerge"]["experts"])
+    if examples is None:
+        examples = load_examples(data, experts, load_tokenizer(folder), opts.defaults,
+                                 require_labels=opts.method == "supervised")
+    if opts.method == "supervised":
+        require_experts(examples, experts, str(data) if not isinstance(data, dict) else "data")
+    return config, examples
+
+
+def calibrate(checkpoint: str | Path, data: str | Path | dict[str, Any], *, out: str | Path | None = None,
+              force: bool = False, options: CalibrateOptions | None = None,
+              examples: Examples | None = None) -> dict[str, Any] | None:
+    """Calibrate the router of ``checkpoint`` from DATA; returns the report (None on non-main processes).
+
+    In place (atomically) unless ``out`` is given, in which case the checkpoint is copied there first
+    (weight shards hard-linked) and only the copy changes.  ``examples`` skips loading DATA (already loaded
+    and checked by the caller)."""
+    clock = Clock()
+    opts = options or CalibrateOptions()
+    folder = Path(checkpoint)
+    config, examples = prepare(folder, data, out, force, opts, examples)
+    train, held = holdout_split(examples.labels, opts.holdout, opts.seed)
+    clock.lap("data_s")
+    model, tok = load_model(folder, opts.dtype), load_tokenizer(folder)
+    clock.lap("load_s")
+    feats = extract(model, tok, examples, config, opts)
+    clock.lap("features_s")
+    if not parallel.is_main():
+        return None
+    result = fit_and_report(model, tok, folder, config, examples, feats, train, held, opts)
+    clock.lap("fit_s")
+    del model
+    report = result["report"]
+    report.update(timing=clock.laps, processes=parallel.state().num_processes, data=examples.spec)
+    report["timing"]["total_s"] = clock.total()  # up to the write
+    target = write_result(folder, None if out is None else Path(out), force, config, result)
+    report["checkpoint"] = str(target)
+    return report
+
+
+class Clock:
+    """Named laps in seconds."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name], self.last = now - self.last, now
+
+    def total(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def fit_and_report(model: Any, tok: Any, folder: Path, config: dict[str, Any], examples: Examples,
+                   feats: Features, train: list[int], held: list[int], opts: CalibrateOptions) -> dict[str, Any]:
+    """New routers, the fallback block and the report (no I/O besides reading the stored routers)."""
+    old = stored_routers(folder, config)
+    initialized = bool(config["moerge"].get("initialized", True))
+    init_scale = _recipe_scale(folder)
+    dtype = router_dtype(folder)
+    temps: dict[str, float] = {}
+    if opts.method == "supervised":
+        new = fit_routers(feats, examples, train, opts, init_scale)
+        if held:
+            new, temps = temper(new, feats, examples, held)
+    else:
+        new = entropy_routers(model, tok, feats, examples, train, old, initialized, opts)
+    new = {p: r.cast(dtype) for p, r in new.items()}
+    eval_idx = held or train
+    y_eval = labels_of(examples, eval_idx)
+    probs = example_probs(new, feats, eval_idx)
+    fallback = choose_fallback(probs, y_eval, config, opts)
+    threshold = fallback["threshold"] if fallback else None
+    old_fb = config["moerge"].get("fallback") if config["moerge"]["level"] == "sequence" else None
+    report = {
+        "method": opts.method, "level": config["moerge"]["level"], "experts": examples.experts,
+        "seed": opts.seed, "holdout": opts.holdout, "evaluated_on": "heldout" if held else "train",
+        "n_train": _count(examples, train), "n_heldout": _count(examples, held),
+        "steps": opts.steps or DEFAULT_STEPS[opts.method], "lr": opts.lr or DEFAULT_LR[opts.method],
+        "temperature": temps, "fallback": fallback,
+        "heldout": routing_metrics(probs, y_eval, examples.experts, threshold),
+        "before": routing_metrics(example_probs(old, feats, eval_idx), y_eval, examples.experts,
+                                  old_fb["threshold"] if old_fb else None),
+        "train_accuracy": routing_metrics(example_probs(new, feats, train), labels_of(examples, train),
+                                          examples.experts).get("accuracy"),
+    }
+    report["accuracy"] = report["heldout"].get("accuracy")  # the headline number (read by `moerge inspect`)
+    return {"routers": new, "fallback": fallback, "report": report}
+
+
+def _count(examples: Examples, idx: list[int]) -> dict[str, int]:
+    sub = examples.subset(idx)
+    counts = sub.counts()
+    unlabelled = sum(1 for y in sub.labels if y < 0)
+    return {**counts, "(unlabelled)": unlabelled} if unlabelled else counts
+
+
+def _recipe_scale(folder: Path) -> float:
+    """The recipe's router scale (the initial scale of a fit), default 20."""
+    import yaml
+
+    path = folder / "moerge_recipe.yaml"
+    try:
+        raw = yaml.safe_load(path.read_text()) if path.is_file() else {}
+        return float(((raw.get("routing") or {}).get("router") or {}).get("scale", 20.0))
+    except (yaml.YAMLError, AttributeError, TypeError, ValueError):
+        return 20.0
+
+
+# ---------------------------------------------------------------- writing
+
+def write_result(folder: Path, out: Path | None, force: bool, config: dict[str, Any],
+                 result: dict[str, Any]) -> Path:
+    """Write in place, or into a hard-linked copy at ``out`` that replaces ``out`` only when complete."""
+    if out is None or out.resolve() == folder.resolve():
+        stage_and_commit(folder, config, result)
+        return folder
+    with atomic_output(out, force) as tmp:
+        link_copy(folder, tmp)
+        stage_and_commit(tmp, config, result)
+    return out
+
+
+def stage_and_commit(folder: Path, config: dict[str, Any], result: dict[str, Any]) -> None:
+    """Router shard, config.json, calibration.json and the confusion PNG, swapped in together."""
+    staged = Staged(folder)
+    try:
+        updates = {f"{p}.{k}": v for p, r in result["routers"].items() for k, v in r.as_dict().items()}
+        write_router_tensors(folder, updates, dest=staged.path(ROUTER_FILE))
+        new_config = json.loads(json.dumps(config))
+        new_config["moerge"]["initialized"] = True
+        new_config["moerge"]["fallback"] = result["fallback"]
+        staged.write_text("config.json", json.dumps(new_config, indent=2) + "\n")
+        report = result["report"]
+        conf = report["heldout"].get("confusion")
+        if conf is not None:
+            split = "held-out" if report["evaluated_on"] == "heldout" else report["evaluated_on"]
+            title = f"routing on the {split} split ({report['method']})"
+            confusion_png(conf, report["experts"], staged.path(CONFUSION_FILE), title)
+            report["confusion_png"] = CONFUSION_FILE
+        staged.write_text(REPORT_FILE, json.dumps(report, indent=2) + "\n")
+    except BaseException:
+        staged.discard()
+        raise
+    staged.commit()
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as printed by the CLI."""
+    split = report["evaluated_on"]
+    n_train, n_held = sum(report["n_train"].values()), sum(report["n_heldout"].values())
+    head = (f"calibrated {report['checkpoint']} ({report['method']}, {report['level']} level, {n_train} training / "
+            f"{n_held} held-out examples)")
+    lines = [head]
+    lines.append(format_metrics(report["before"], f"before, {split} split"))
+    lines.append(format_metrics(report["heldout"], f"after, {split} split"))
+    if report["temperature"]:
+        lines.append("temperature: " + ", ".join(f"{t:.3g}" for t in report["temperature"].values()))
+    fb = report["fallback"]
+    lines.append("fallback: " + ("none" if not fb else f"threshold {fb['threshold']:.4f}, mode {fb['mode']}"))
+    t = report["timing"]
+    lines.append(f"time: {t['total_s']:.1f} s (load {t['load_s']:.1f}, features {t['features_s']:.1f}, "
+                 f"fit {t['fit_s']:.1f}; {report['processes']} process(es))")
+    lines.append(f"wrote {Path(report['checkpoint']) / REPORT_FILE}"
+                 + (f" and {CONFUSION_FILE}" if report.get("confusion_png") else ""))
+    return "\n".join(lines)
