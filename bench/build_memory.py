@@ -82,10 +82,12 @@ class Run:
     samples: int = 0
 
 
-def measure(label: str, cmd: list[str], interval: float = 0.02) -> Run:
+def measure(label: str, cmd: list[str], threads: int | None = None, interval: float = 0.02) -> Run:
     run = Run(label)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(rm.REPO), os.environ.get("PYTHONPATH")]))}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     stop = threading.Event()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=rm.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -149,9 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shard-size", default="200MB", help="output shard_size of the recipe")
     ap.add_argument("--calibrate", action="store_true", help="also time a build with prototype calibration")
     ap.add_argument("--keep", action="store_true", help="keep the built folders")
+    ap.add_argument("--threads", default="auto", help="OMP_NUM_THREADS of the children; auto = 2 when idle, else 1")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args(argv)
     load_start = loadavg()
+    threads = rm.auto_threads(args.threads, load_start)
     shard = parse_size(args.shard_size)
     root = rm.WORK / "build_memory"
     root.mkdir(parents=True, exist_ok=True)
@@ -171,9 +175,10 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(out, ignore_errors=True)
             py = sys.executable
             rm._log(f"{tag}: baseline (moerge validate) ...")
-            base_run = measure("validate", [py, "-m", "moerge", "validate", str(rfile)])
+            base_run = measure("validate", [py, "-m", "moerge", "validate", str(rfile)], threads)
             rm._log(f"{tag}: moerge build ...")
-            build_run = measure("build", [py, "-m", "moerge", "build", str(rfile), str(out), "--force", "--quiet"])
+            build_run = measure("build", [py, "-m", "moerge", "build", str(rfile), str(out), "--force", "--quiet"],
+                                threads)
             shards = sorted(out.glob("model*.safetensors"))
             largest_shard = max(f.stat().st_size for f in shards)
             bound = base_run.peak_anon + (rm.N_EXPERTS + 1) * layer_b + shard
@@ -208,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             f"### {_dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
             "",
             f"- machine: {machine()}",
-            f"- load average before: {load_start}, after: {loadavg()}",
+            f"- load average before: {load_start}, after: {loadavg()}; children run with OMP_NUM_THREADS={threads}",
             f"- command: `{cmd}`",
             ("- builds: `python -m moerge build <recipe> <out> --force --quiet`, twin rank 16, 4 full experts, every MLP "
              f"routed, static merge ties 0.5 for the shared weights, fp32, `output.shard_size: {args.shard_size}`, "

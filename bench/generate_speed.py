@@ -132,6 +132,28 @@ def mergekit_build(models: dict, top_k: int, gate_mode: str) -> tuple[Path | Non
     return out, note
 
 
+def mixtral_check(path: Path, models: dict) -> str:
+    """Does mergekit's Mixtral load in this transformers without missing / unexpected keys, and is expert e of a
+    layer the MLP of full expert e (the fused gate_up_proj / down_proj layout read right)?"""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    bad = {k: len(v) for k, v in info.items() if v}
+    layer = model.model.layers[3].mlp
+    x = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    worst = 0.0
+    for e, src in enumerate(models["full"]):
+        ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).model.layers[3].mlp
+        with torch.no_grad():
+            got = layer.experts(x, torch.full((5, 1), e), torch.ones(5, 1))
+            worst = max(worst, (got - ref(x)).abs().max().item())
+    kind = type(layer.experts).__name__
+    impl = getattr(model.config, "_experts_implementation", None)
+    return (f"loads in transformers (missing/unexpected/mismatched keys: {bad or 'none'}); {kind} "
+            f"(experts implementation {impl}); layer-3 expert e vs expert_e's MLP: max abs diff {worst:.3g}")
+
+
 # ------------------------------------------------------------------------------------------------ timing
 
 
@@ -306,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     load_start = loadavg()
-    threads = (2 if float(load_start.split()[0]) < 0.5 else 1) if args.threads == "auto" else int(args.threads)
+    threads = rm.auto_threads(args.threads, load_start)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -327,6 +349,10 @@ def main(argv: list[str] | None = None) -> int:
             notes[name] = note
             if out is not None:
                 paths[name] = out
+                try:
+                    notes[name] += "; " + mixtral_check(out, models)
+                except Exception as exc:  # noqa: BLE001 - recorded as the result
+                    notes[name] += f"; does NOT load/run in transformers: {type(exc).__name__}: {str(exc)[:300]}"
             rm._log(f"{name}: {note}")
     torch.set_num_threads(threads)  # builds may have changed it
 

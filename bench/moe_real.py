@@ -17,7 +17,8 @@ Scores on the dev split (the held-out test split is not used), rules of ``shared
 
 * task accuracy per task, and normalised by the reference expert accuracies of REAL_DATA.md;
 * self-routing accuracy: share of a task's prompts whose router probabilities, averaged over real tokens and
-  layers, pick that task's expert.
+  layers, pick that task's expert; token self-routing: share of (real token, layer) pairs whose top-1 expert is
+  the task's.
 
 Appends a table to ``bench/RESULTS.md`` under ``## moe_real (issue 5)``.
 """
@@ -34,6 +35,8 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -137,27 +140,48 @@ def build_all(recipe: dict, mk_config: Path, calibrated: bool) -> dict[str, tupl
 # ------------------------------------------------------------------------------------------------ scoring
 
 
-def self_routing(model: Any, tok: Any, texts: list[str], expert: int, batch_size: int = 16) -> float:
-    """Share of ``texts`` whose router probabilities, averaged over real tokens and MoE layers, pick ``expert``."""
-    ev = _evaluate_module()
-    gates = [layer.mlp.gate for layer in model.model.layers]
+@contextmanager
+def router_probs(model: Any) -> Iterator[list[torch.Tensor]]:
+    """While active, collects every MoE router's probabilities (B*T, E) of each forward, in layer order."""
     probs: list[torch.Tensor] = []
-    hooks = [g.register_forward_hook(lambda m, a, out: probs.append(out[0].float().softmax(-1))) for g in gates]
-    hits = 0
+    hooks = [layer.mlp.gate.register_forward_hook(lambda m, a, out: probs.append(out[0].float().softmax(-1)))
+             for layer in model.model.layers]
     try:
-        with ev.autocast():
-            for _, enc in ev.batches(tok, texts, batch_size):
-                probs.clear()
-                mask = enc["attention_mask"]  # (B, T)
-                model(**enc, position_ids=ev.position_ids(mask), use_cache=False, logits_to_keep=1)
-                p = torch.stack(probs).view(len(probs), *mask.shape, -1)  # (L, B, T, E)
-                w = mask[None, :, :, None].float()
-                mean = (p * w).sum((0, 2)) / w.sum((0, 2))  # (B, E)
-                hits += int((mean.argmax(-1) == expert).sum())
+        yield probs
     finally:
         for h in hooks:
             h.remove()
-    return hits / max(len(texts), 1)
+
+
+def routing_hits(probs: list[torch.Tensor], mask: torch.Tensor, expert: int) -> tuple[int, float]:
+    """(prompts whose mean router probability over real tokens and layers picks ``expert``, real (token, layer)
+    pairs whose top-1 expert is ``expert``)."""
+    p = torch.stack(probs).view(len(probs), *mask.shape, -1)  # (L, B, T, E)
+    w = mask[None, :, :, None].float()  # (1, B, T, 1)
+    mean = (p * w).sum((0, 2)) / w.sum((0, 2))  # (B, E)
+    top = (p.argmax(-1) == expert).float() * w[..., 0]  # (L, B, T)
+    return int((mean.argmax(-1) == expert).sum()), float(top.sum())
+
+
+def score_task(model: Any, tok: Any, task: Any, expert: int, batch_size: int = 16) -> dict[str, float]:
+    """Task accuracy and self-routing (prompt level and token level) from the same forwards."""
+    ev = _evaluate_module()
+    hits, tok_hits, n_tok = 0, 0.0, 0.0
+    preds: dict[int, str] = {}
+    label_ids = torch.tensor(task.label_ids) if task.labels else None
+    with router_probs(model) as probs, ev.autocast():
+        for idx, enc in ev.batches(tok, task.prompts, batch_size):
+            probs.clear()
+            mask = enc["attention_mask"]  # (B, T)
+            logits = model(**enc, position_ids=ev.position_ids(mask), use_cache=False, logits_to_keep=1).logits
+            h, t = routing_hits(probs, mask, expert)
+            hits, tok_hits, n_tok = hits + h, tok_hits + t, n_tok + float(mask.sum()) * len(probs)
+            if label_ids is not None:
+                for i, b in zip(idx, logits[:, -1, label_ids].float().argmax(-1).tolist()):
+                    preds[i] = task.labels[b]
+    if label_ids is None:
+        preds = ev.generate_answers(model, tok, task, list(range(len(task))), batch_size)
+    return {"acc": ev.accuracy(task, preds), "route": hits / len(task), "token_route": tok_hits / max(n_tok, 1)}
 
 
 def score(folder: Path, n: int | None) -> dict[str, dict[str, float]]:
@@ -169,10 +193,9 @@ def score(folder: Path, n: int | None) -> dict[str, dict[str, float]]:
     tok.padding_side = "left"
     out = {}
     for e, task in enumerate(ev.load_tasks(POOL, tok, n)):
-        acc = ev.accuracy(task, ev.predict(model, tok, task))
-        out[task.name] = {"acc": acc, "route": self_routing(model, tok, task.prompts, e)}
-        print(f"  {folder.name:18s} {task.name:7s} acc {acc:.3f} self-routing {out[task.name]['route']:.3f}",
-              flush=True)
+        out[task.name] = r = score_task(model, tok, task, e)
+        print(f"  {folder.name:16s} {task.name:7s} acc {r['acc']:.3f} self-routing {r['route']:.3f} "
+              f"(tokens {r['token_route']:.3f})", flush=True)
     return out
 
 
@@ -187,6 +210,8 @@ def table(results: dict[str, dict[str, dict[str, float]]], times: dict[str, floa
         lines.append(f"| {t} self-routing | " + " | ".join(f"{results[m][t]['route']:.3f}" for m in names) + " |")
     lines.append("| self-routing (mean) | " + " | ".join(
         f"{sum(results[m][t]['route'] for t in TASKS) / len(TASKS):.3f}" for m in names) + " |")
+    lines.append("| token self-routing (mean) | " + " | ".join(
+        f"{sum(results[m][t]['token_route'] for t in TASKS) / len(TASKS):.3f}" for m in names) + " |")
     lines.append("| build time | " + " | ".join(f"{times[m]:.0f} s" for m in names) + " |")
     return "\n".join(lines)
 

@@ -39,6 +39,14 @@ for p in (str(REPO), str(HERE)):
         sys.path.insert(0, p)
 
 
+def auto_threads(value: str, load: str) -> int:
+    """``--threads``: an int, or ``auto`` = 2 when the 1-minute load average is below 0.5, else 1 (two OpenMP
+    threads on two shared, busy cores stall at every barrier; one thread degrades gracefully)."""
+    if value != "auto":
+        return int(value)
+    return 2 if float(load.split()[0]) < 0.5 else 1
+
+
 def _log(msg: str) -> None:
     print(msg, flush=True)
 

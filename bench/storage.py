@@ -46,10 +46,14 @@ def inspect(folder: Path) -> tuple[str, dict[str, tuple[str, float]]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kinds", default=",".join(rm.KIND_PARAMS))
+    ap.add_argument("--threads", default="auto", help="torch threads of the builds; auto = 2 when idle, else 1")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args(argv)
     kinds = [k for k in args.kinds.split(",") if k]
     load_start = loadavg()
+    import torch
+
+    torch.set_num_threads(rm.auto_threads(args.threads, load_start))
     models = rm.prepare_110m()
     rows, raw = [], []
     for kind in kinds:

@@ -235,3 +235,36 @@ def test_export_refuses_non_dense_units(pools: dict) -> None:
     src = _build(pools, raw, "twin_ckpt")
     with pytest.raises(MoergeError, match=r"moerge\.units\.model\.layers\.0\.mlp: kind 'twin'"):
         export_checkpoint(src, "mixtral", pools["root"] / "bad2", progress=False)
+
+
+def test_sequence_level_checkpoint_routes_from_recipe_data(pools: dict) -> None:
+    from moerge.export import export_checkpoint
+
+    raw = _recipe(pools, "llama", "mixtral", layers=[0, 2])
+    raw["output"], raw["routing"]["router"] = {}, {"level": "sequence", "top_k": 1}
+    src = _build(pools, raw, "seq_ckpt")
+    out = export_checkpoint(src, "mixtral", pools["root"] / "seq_export", force=True, progress=False)
+    gates = {k: v for k, v in load_file(out / "model.safetensors").items() if k.endswith(".gate.weight")}
+    assert [k for k, v in sorted(gates.items()) if v.any()] == [
+        "model.layers.0.block_sparse_moe.gate.weight", "model.layers.2.block_sparse_moe.gate.weight"]
+    assert _self_routing(_load(out), AutoTokenizer.from_pretrained(out), 3) >= 0.7
+
+
+def test_prefetched_jobs_keep_order_and_raise() -> None:
+    from moerge.execute import Job
+    from moerge.export.jobs import prefetched
+
+    def job(i: int, fail: bool = False) -> Job:
+        def run() -> object:
+            if fail:
+                raise ValueError(f"job {i}")
+            yield f"t{i}", torch.full((2,), float(i))
+
+        return Job(f"t{i}", [], run)
+
+    got = [name for j in prefetched([job(i) for i in range(5)]) for name, _ in j.run()]
+    assert got == [f"t{i}" for i in range(5)]
+    jobs = prefetched([job(0), job(1, fail=True), job(2)])
+    assert list(jobs[0].run())[0][0] == "t0"
+    with pytest.raises(ValueError, match="job 1"):
+        list(jobs[1].run())

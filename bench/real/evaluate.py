@@ -77,8 +77,9 @@ def load_tasks(pool: Path, tok: Any, n: int | None, split: str = "dev") -> list[
 # ---------------------------------------------------------------------------------------------------- batching
 
 @contextmanager
-def autocast() -> Iterator[None]:
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+def autocast(enabled: bool = True) -> Iterator[None]:
+    """Inference mode with bf16 autocast (``enabled=False``: plain fp32, for models that fail under autocast)."""
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
         yield
 
 
@@ -97,11 +98,12 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-def classify(model: Any, tok: Any, task: Task, idx: list[int], batch_size: int = 16) -> dict[int, str]:
+def classify(model: Any, tok: Any, task: Task, idx: list[int], batch_size: int = 16,
+             amp: bool = True) -> dict[int, str]:
     """Predicted label of each prompt in ``idx``."""
     label_ids = torch.tensor(task.label_ids)
     out: dict[int, str] = {}
-    with autocast():
+    with autocast(amp):
         for sub, enc in batches(tok, [task.prompts[i] for i in idx], batch_size):
             logits = model(**enc, position_ids=position_ids(enc["attention_mask"]), logits_to_keep=1,
                            use_cache=False).logits  # (B, 1, V)
@@ -111,11 +113,12 @@ def classify(model: Any, tok: Any, task: Task, idx: list[int], batch_size: int =
     return out
 
 
-def generate_answers(model: Any, tok: Any, task: Task, idx: list[int], batch_size: int = 16) -> dict[int, str]:
+def generate_answers(model: Any, tok: Any, task: Task, idx: list[int], batch_size: int = 16,
+                     amp: bool = True) -> dict[int, str]:
     """Greedy generation (<= 8 new tokens, stop at <|im_end|>) of each prompt in ``idx``."""
     end = tok.convert_tokens_to_ids(END)
     out: dict[int, str] = {}
-    with autocast():
+    with autocast(amp):
         for sub, enc in batches(tok, [task.prompts[i] for i in idx], batch_size):
             gen = model.generate(**enc, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, eos_token_id=end,
                                  pad_token_id=tok.pad_token_id)
@@ -125,12 +128,13 @@ def generate_answers(model: Any, tok: Any, task: Task, idx: list[int], batch_siz
     return out
 
 
-def predict(model: Any, tok: Any, task: Task, idx: list[int] | None = None, batch_size: int = 16) -> dict[int, str]:
+def predict(model: Any, tok: Any, task: Task, idx: list[int] | None = None, batch_size: int = 16,
+            amp: bool = True) -> dict[int, str]:
     idx = list(range(len(task))) if idx is None else idx
     if not idx:
         return {}
     fn = classify if task.labels else generate_answers
-    return fn(model, tok, task, idx, batch_size)
+    return fn(model, tok, task, idx, batch_size, amp)
 
 
 def correct(task: Task, i: int, pred: str) -> bool:

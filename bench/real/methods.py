@@ -59,6 +59,7 @@ class Loaded:
     build_s: float = 0.0
     calib_s: float | None = None
     routed: bool = False  # a moerge top-1 sequence-routed model: evaluated through its router
+    amp: bool = True  # bf16 autocast (False: fp32, for models that fail under autocast)
     folder: Path | None = None  # the checkpoint (moerge)
     note: str = ""
     extra: dict = field(default_factory=dict)
@@ -73,6 +74,7 @@ class Method:
     quick: bool = False  # part of --quick
     params: dict = field(default_factory=dict)  # what the cache depends on
     dense: bool = False  # a plain model of the base's shape: generates at the base's speed (not re-timed)
+    max_n: int | None = None  # evaluate on at most this many prompts per task (slow methods)
 
 
 class Skipped(Exception):
@@ -253,7 +255,7 @@ def _hidden_prompts(env: Env, task: str, n: int = 8) -> list[str]:
 
 def load_mergekit_moe(env: Env) -> Loaded:
     experts = {t: full_expert(env, t) for t in TASKS}
-    config = {"base_model": str(env.base), "gate_mode": "hidden", "dtype": "float32", "experts_per_token": 1,
+    config = {"base_model": str(env.base), "gate_mode": "hidden", "dtype": "float32", "experts_per_token": 2,
               "experts": [{"source_model": str(p), "positive_prompts": _hidden_prompts(env, t)}
                           for t, p in experts.items()]}
 
@@ -270,7 +272,7 @@ def load_mergekit_moe(env: Env) -> Loaded:
         raise Skipped(f"mergekit-moe output does not load in transformers: {type(exc).__name__}: "
                       f"{str(exc).splitlines()[0][:160]}") from None
     return Loaded(lambda task: model, folder_bytes(folder) / base_bytes(env), build_s, folder=folder,
-                  note="hidden gates from 8 calib prompts per expert, top-1")
+                  note="hidden gates from 8 calib prompts per expert, top-2 (its default)")
 
 
 def _peft_model(env: Env) -> Any:
@@ -292,12 +294,10 @@ def load_peft_weighted(combination: str, density: float | None) -> Callable[[Env
         model.set_adapter("merged")
         for task in TASKS:
             model.delete_adapter(task)
+        dense = model.merge_and_unload().eval()  # served as a dense model: the base's size and speed
         build_s = time.perf_counter() - t
-        out = env.work / "ckpt" / f"peft-{combination}"
-        model.save_pretrained(out)
-        storage = 1 + folder_bytes(out / "merged" if (out / "merged").is_dir() else out) / base_bytes(env)
-        model.eval()
-        return Loaded(lambda task: model, storage, build_s, note="storage = base + the merged adapter")
+        return Loaded(lambda task: dense, 1.0, build_s, note="merged adapter folded into the base "
+                      "(merge_and_unload) for serving")
 
     return load
 
@@ -311,8 +311,9 @@ def load_arrow(top_k: int) -> Callable[[Env], Loaded]:
                                    ArrowConfig(top_k=top_k, router_temperature=1.0, rng_seed=0)).eval()
         build_s = time.perf_counter() - t
         adapters = sum(folder_bytes(env.adapter(t)) for t in TASKS)
-        return Loaded(lambda task: model, 1 + adapters / base_bytes(env), build_s,
-                      note="token-level, training-free; storage = base + 4 adapters")
+        return Loaded(lambda task: model, 1 + adapters / base_bytes(env), build_s, amp=False,
+                      note="token-level, training-free; storage = base + 4 adapters; evaluated in fp32 (peft's "
+                      "arrow forward fails under bf16 autocast: scatter dtype mismatch)")
 
     return load
 
@@ -334,8 +335,8 @@ KINDS: dict[str, dict] = {
     "dense": {"kind": "dense"},
     "wemoe": {"kind": "wemoe"},
     "twin4": {"kind": "twin", "rank": 4},
-    "twin16": {"kind": "twin", "rank": 16},
-    "twin64": {"kind": "twin", "rank": 64},
+    "twin8": {"kind": "twin", "rank": 8},
+    "twin16": {"kind": "twin", "rank": 16},  # the experts' own rank: exact over the base
     "bit1": {"kind": "bit1"},
     "lora": {"kind": "lora"},
     "sparse": {"kind": "sparse", "density": 0.1},
@@ -383,10 +384,27 @@ def calibrated_copy(env: Env, folder: Path) -> tuple[Path, float]:
     return cached(folder.with_name(folder.name + "-cal"), stamp, make)
 
 
+def build_key(recipe: Any) -> str:
+    """What a routed build's per-(prompt, route) predictions depend on: the validated recipe."""
+    return digest(recipe.model_dump(mode="json", by_alias=True, exclude_none=True))
+
+
+def load_moerge_checkpoint(folder: Path, key: str, build_s: float, calib_s: float | None) -> Loaded:
+    from moerge.inspect import storage_breakdown
+    from moerge.io.index import CheckpointIndex
+
+    config = json.loads((folder / "config.json").read_text())
+    index = CheckpointIndex.from_folder(folder)
+    shared = storage_breakdown(index, config).get("shared", index.total_bytes)  # base-shaped tensors
+    model = load_causal_lm(folder)
+    n_units = len(config["moerge"]["units"])
+    return Loaded(lambda task: model, index.total_bytes / shared, build_s, calib_s, routed=n_units > 0,
+                  folder=folder, note=f"{n_units} routed units", extra={"build_key": key, "units": n_units})
+
+
 def load_routed(kind: str, selection: str, calibrated: bool) -> Callable[[Env], Loaded]:
     def load(env: Env) -> Loaded:
-        from moerge.inspect import storage_breakdown
-        from moerge.io.index import CheckpointIndex
+        from moerge.recipe import recipe_from_dict
 
         raw = routed_recipe(env, kind, selection)
         folder, build_s = moerge_build(env, f"moerge-{kind}-{selection}", raw)
@@ -395,16 +413,41 @@ def load_routed(kind: str, selection: str, calibrated: bool) -> Callable[[Env], 
             if not calibrate_available():
                 raise Skipped("moerge calibrate is not available yet (moerge/routing/calibrate.py)")
             folder, calib_s = calibrated_copy(env, folder)
-        config = json.loads((folder / "config.json").read_text())
-        index = CheckpointIndex.from_folder(folder)
-        parts = storage_breakdown(index, config)
-        model = load_causal_lm(folder)
-        n_units = len(config["moerge"]["units"])
-        return Loaded(lambda task: model, index.total_bytes / parts.get("shared", index.total_bytes), build_s,
-                      calib_s, routed=n_units > 0, folder=folder,
-                      note=f"{n_units} routed units", extra={"build_key": digest(raw), "units": n_units})
+        return load_moerge_checkpoint(folder, build_key(recipe_from_dict(raw)), build_s, calib_s)
 
     return load
+
+
+RECIPE = REPO / "recipes" / "real_pool.yaml"
+RECIPE_CALIB = REPO / "recipes" / "real_pool_calib.yaml"
+
+
+def load_recipe_file(env: Env) -> Loaded:
+    """``recipes/real_pool.yaml`` exactly as its header says: ``moerge build --set base=...`` then
+    ``moerge calibrate --data recipes/real_pool_calib.yaml --method supervised --holdout 0.2``."""
+    from moerge.recipe import load_recipe
+
+    overrides = [f"base={env.base}"]
+    stamp = {"recipe": RECIPE.read_text(), "calib": RECIPE_CALIB.read_text(), "base": str(env.base), "v": 1}
+    times: dict[str, float] = {}
+
+    def make(tmp: Path) -> None:
+        log = env.work / "logs" / "recipe-real_pool.log"
+        t = time.perf_counter()
+        run([sys.executable, "-m", "moerge", "build", RECIPE, tmp, "--set", overrides[0], "--force", "--quiet"], log, env)
+        times["build_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        run([sys.executable, "-m", "moerge", "calibrate", tmp, "--data", RECIPE_CALIB, "--method", "supervised",
+             "--holdout", "0.2", "--quiet"], log, env)
+        times["calib_s"] = time.perf_counter() - t
+        (tmp / ".bench_times.json").write_text(json.dumps(times))
+
+    folder, _ = cached(env.work / "ckpt" / "recipe-real_pool", stamp, make)
+    times = json.loads((folder / ".bench_times.json").read_text())
+    loaded = load_moerge_checkpoint(folder, build_key(load_recipe(RECIPE, overrides)), times["build_s"],
+                                    times["calib_s"])
+    loaded.note = "build + calibrate as the recipe's header; " + loaded.note
+    return loaded
 
 
 # ---------------------------------------------------------------------------------------------------- the list
@@ -424,17 +467,20 @@ def all_methods() -> list[Method]:
                          load_static(merge), quick, merge, dense=True))
     ms += [
         Method("mergekit-ties", "mergekit-yaml ties (density 0.5)", "peer", load_mergekit_ties, True, dense=True),
-        Method("mergekit-moe", "mergekit-moe (hidden gates, top-1)", "peer", load_mergekit_moe, False),
+        Method("mergekit-moe", "mergekit-moe (hidden gates, top-2)", "peer", load_mergekit_moe, False),
         Method("peft-ties", "PEFT add_weighted_adapter ties (density 0.5)", "peer",
-               load_peft_weighted("ties", 0.5), False),
+               load_peft_weighted("ties", 0.5), False, dense=True),
         Method("peft-dare_ties", "PEFT add_weighted_adapter dare_ties (density 0.5)", "peer",
-               load_peft_weighted("dare_ties", 0.5), False),
-        Method("peft-cat", "PEFT add_weighted_adapter cat", "peer", load_peft_weighted("cat", None), False),
-        Method("arrow-top1", "PEFT Arrow routing (top_k 1)", "peer", load_arrow(1), True),
-        Method("arrow-top3", "PEFT Arrow routing (top_k 3, default)", "peer", load_arrow(3), False),
+               load_peft_weighted("dare_ties", 0.5), False, dense=True),
+        Method("peft-cat", "PEFT add_weighted_adapter cat", "peer", load_peft_weighted("cat", None), False,
+               dense=True),
+        Method("arrow-top1", "PEFT Arrow routing (top_k 1)", "peer", load_arrow(1), True, max_n=50),
+        Method("arrow-top3", "PEFT Arrow routing (top_k 3, default)", "peer", load_arrow(3), False, max_n=50),
         Method("xlora", "PEFT X-LoRA", "peer", load_xlora, False),
     ]
-    quick_routed = {("lora", "all"), ("twin16", "all"), ("dense", "budget1.3"), ("lora", "mlp")}
+    ms.append(Method("recipe-real_pool", "recipes/real_pool.yaml (lora / all units / calibrated)", "moerge",
+                     load_recipe_file, True, {"recipe": RECIPE.read_text(), "calib": RECIPE_CALIB.read_text()}))
+    quick_routed = {("twin4", "all"), ("dense", "budget1.3")}
     for kind in KINDS:
         for sel in SELECTIONS:
             if kind == "lora" and sel == "budget1.3":

@@ -190,8 +190,8 @@ def _card(fmt: NativeFormat, names: list[str], origin: str, top_k: int) -> str:
         lines.append("- The shared expert is the merged MLP; its gate weight is zero (sigmoid 0.5) and each routed "
                      "expert stores `MLP_e - 0.5 * MLP_shared` (twice the intermediate size), so a token routed to "
                      "expert e gets exactly `MLP_e`.")
-    lines += ["- Router rows come from the experts' calibration prompts at each layer's post-attention norm output "
-              "(or from a token-level moerge checkpoint's router prototypes; zero = uniform routing without data).",
+    lines += [("- Router rows come from the experts' calibration prompts at each layer's post-attention norm output "
+              "(or from a token-level moerge checkpoint's router prototypes; zero = uniform routing without data)."),
               "", "Load with plain transformers (no remote code):", "```python",
               "from transformers import AutoModelForCausalLM", "model = AutoModelForCausalLM.from_pretrained(path)",
               "```", ""]
