@@ -168,6 +168,7 @@ class Result:
     cpu: dict[str, list[float]] = field(default_factory=dict)  # "b1", "base_b1", ...: tokens per CPU second
     routes: str = ""
     switch_ms: float | None = None  # first batch-1 forward on a new route minus a repeat (effective weights built)
+    cache_bytes: int | None = None  # held by the routed linears' caches after the timed runs
 
     def ratio(self, batch: int, cpu: bool = False) -> float:
         if cpu:
@@ -239,8 +240,6 @@ def route_summary(model, enc: dict) -> str:
 
 
 def time_pair(name: str, path: Path, base, tok, singles, batch, args) -> Result:
-    import torch
-
     model, note = load(path)
     res = Result(name, note)
     pad = tok.pad_token_id
@@ -271,9 +270,30 @@ def time_pair(name: str, path: Path, base, tok, singles, batch, args) -> Result:
                 res.cpu.setdefault(key, []).append(size * n / cpu)
         rm._log(f"  {name:<14} rep {rep + 1}: b1 {res.b1[-1]:6.1f} tok/s (base {res.base_b1[-1]:6.1f}), "
                 f"b8 {res.b8[-1]:6.1f} tok/s (base {res.base_b8[-1]:6.1f})  load {loadavg()}")
+    res.cache_bytes = cache_bytes(model)
     del model
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return res
+
+
+def cache_bytes(model) -> int | None:
+    """Bytes of the effective weights / deltas / kernel indices cached by the routed linears (moerge only)."""
+    import torch
+
+    if not hasattr(model, "clear_route_cache"):
+        return None
+    seen, total = set(), 0
+    for mod in model.modules():
+        for name in ("_weights", "_deltas", "_rows_aux"):
+            cache = getattr(mod, name, None) or {}
+            for value in cache.values():
+                for t in value if isinstance(value, tuple) else (value,):
+                    if isinstance(t, torch.Tensor) and t.layout == torch.strided and id(t) not in seen:
+                        seen.add(id(t))
+                        total += t.numel() * t.element_size()
+                    elif isinstance(t, torch.Tensor):  # sparse CSR: its three tensors
+                        for part in (t.crow_indices(), t.col_indices(), t.values()):
+                            total += part.numel() * part.element_size()
+    return total
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -282,17 +302,18 @@ def time_pair(name: str, path: Path, base, tok, singles, batch, args) -> Result:
 def table(results: list[Result], base_label: str) -> str:
     med = statistics.median
     lines = [("| model | b1 tok/s | b1 vs base | (CPU time) | goal >= 0.9x | b8 tok/s | b8 vs base | (CPU time) | "
-              "goal >= 0.7x | new route (b1) | routes (batch 8) |"),
-             "|---|---:|---:|---:|---|---:|---:|---:|---|---:|---|"]
+              "goal >= 0.7x | new route (b1) | route caches | routes (batch 8) |"),
+             "|---|---:|---:|---:|---|---:|---:|---:|---|---:|---:|---|"]
     all_b1 = [x for r in results for x in r.base_b1]
     all_b8 = [x for r in results for x in r.base_b8]
     if all_b1:
-        lines.append(f"| {base_label} | {med(all_b1):.1f} | 1.00 | | | {med(all_b8):.1f} | 1.00 | | | | |")
+        lines.append(f"| {base_label} | {med(all_b1):.1f} | 1.00 | | | {med(all_b8):.1f} | 1.00 | | | | | |")
     for r in results:
         if not r.b1:
-            lines.append(f"| {r.name} | - | - | | | - | - | | | | {r.load_note} |")
+            lines.append(f"| {r.name} | - | - | | | - | - | | | | | {r.load_note} |")
             continue
         switch = "" if r.switch_ms is None else f"+{r.switch_ms:.0f} ms"
+        caches = "" if r.cache_bytes is None else f"{r.cache_bytes / 2**20:,.0f} MiB"
         q1, q8 = r.ratio(1), r.ratio(8)
         ok1 = "met" if q1 >= GOAL_B1 else "**missed**"
         ok8 = "met" if q8 >= GOAL_B8 else "**missed**"
@@ -300,7 +321,7 @@ def table(results: list[Result], base_label: str) -> str:
             ok1 = ok8 = "(reference)"
         routes = r.routes + (f"; LOAD WARNING: {r.load_note}" if r.load_note else "")
         lines.append(f"| {r.name} | {med(r.b1):.1f} | {q1:.2f} | {r.ratio(1, True):.2f} | {ok1} | {med(r.b8):.1f} | "
-                     f"{q8:.2f} | {r.ratio(8, True):.2f} | {ok8} | {switch} | {routes} |")
+                     f"{q8:.2f} | {r.ratio(8, True):.2f} | {ok8} | {switch} | {caches} | {routes} |")
     return "\n".join(lines)
 
 
@@ -396,7 +417,9 @@ def main(argv: list[str] | None = None) -> int:
              f"from process CPU time, less sensitive to other processes on the machine)"),
             ("- new route (b1): extra wall time of the first batch-1 forward on a route whose effective weights are "
              "not cached yet (`clear_route_cache()`; every routed linear then builds W_s + Δ_e once and keeps it in a "
-             "4-route LRU), median over 3 routes; not included in the tok/s (warm-up first)"),
+             "4-route LRU), median over 3 routes; not included in the tok/s (warm-up first); route caches: what the "
+             "routed linears hold after the runs (effective weights of the 4 routes for batch 1, bit1 lookup "
+             "indices / sparse CSR for batch 8), on top of the checkpoint's own tensors"),
             "",
             summary,
             "",

@@ -265,6 +265,6 @@ def test_prefetched_jobs_keep_order_and_raise() -> None:
     got = [name for j in prefetched([job(i) for i in range(5)]) for name, _ in j.run()]
     assert got == [f"t{i}" for i in range(5)]
     jobs = prefetched([job(0), job(1, fail=True), job(2)])
-    assert list(jobs[0].run())[0][0] == "t0"
+    assert [name for name, _ in jobs[0].run()] == ["t0"]
     with pytest.raises(ValueError, match="job 1"):
         list(jobs[1].run())

@@ -466,7 +466,7 @@ def all_methods() -> list[Method]:
                          f"({', '.join(f'{k} {v}' for k, v in merge.items() if k != 'method')})", "static",
                          load_static(merge), quick, merge, dense=True))
     ms += [
-        Method("mergekit-ties", "mergekit-yaml ties (density 0.5)", "peer", load_mergekit_ties, True, dense=True),
+        Method("mergekit-ties", "mergekit-yaml ties (density 0.5)", "peer", load_mergekit_ties, False, dense=True),
         Method("mergekit-moe", "mergekit-moe (hidden gates, top-2)", "peer", load_mergekit_moe, False),
         Method("peft-ties", "PEFT add_weighted_adapter ties (density 0.5)", "peer",
                load_peft_weighted("ties", 0.5), False, dense=True),
@@ -474,13 +474,13 @@ def all_methods() -> list[Method]:
                load_peft_weighted("dare_ties", 0.5), False, dense=True),
         Method("peft-cat", "PEFT add_weighted_adapter cat", "peer", load_peft_weighted("cat", None), False,
                dense=True),
-        Method("arrow-top1", "PEFT Arrow routing (top_k 1)", "peer", load_arrow(1), True, max_n=50),
+        Method("arrow-top1", "PEFT Arrow routing (top_k 1)", "peer", load_arrow(1), False, max_n=50),
         Method("arrow-top3", "PEFT Arrow routing (top_k 3, default)", "peer", load_arrow(3), False, max_n=50),
         Method("xlora", "PEFT X-LoRA", "peer", load_xlora, False),
     ]
     ms.append(Method("recipe-real_pool", "recipes/real_pool.yaml (lora / all units / calibrated)", "moerge",
                      load_recipe_file, True, {"recipe": RECIPE.read_text(), "calib": RECIPE_CALIB.read_text()}))
-    quick_routed = {("twin4", "all"), ("dense", "budget1.3")}
+    quick_routed = {("twin4", "all")}
     for kind in KINDS:
         for sel in SELECTIONS:
             if kind == "lora" and sel == "budget1.3":

@@ -1,11 +1,14 @@
 """The real-pool benchmark: every method on the dev splits -> ``bench/RESULTS.md`` table + accuracy/storage PNG.
 
-    python -m bench.real.run [--quick] [--only KEY ...] [--fresh] [--threads 2] [--no-record]
+    python -m bench.real.run [--quick] [--only KEY ...] [--fresh] [--threads 1] [--no-record] [--table-only]
 
-``--quick``: fewer methods, the first 50 dev prompts per task (< 10 minutes on a 2-core CPU).  The default
-(full) run uses all 200 dev prompts per task and every method.  Built checkpoints, evaluation results and
-per-(prompt, expert) predictions are cached under ``bench/_work/real/``; ``--fresh`` re-evaluates (builds are
-reused while their recipe is unchanged).  The results go to ``bench/RESULTS.md`` under
+``--quick``: base, oracle, two static merges, the shipped recipe and one routed grid row, on the first 50 dev
+prompts per task (about 10 minutes on an idle 2-core CPU).  The full run: every method; the reference, static
+and peer rows and ``recipes/real_pool.yaml`` on all 200 dev prompts per task (PEFT Arrow, evaluated in fp32, on
+50), the moerge grid (kind x selection x router) on ``--screen`` prompts (50), then its best builds again on
+all 200.  Built checkpoints, evaluation results and per-(prompt, route) predictions are cached under
+``bench/_work/real/``; ``--fresh`` re-evaluates (builds are reused while their recipe is unchanged);
+``--table-only`` writes the table from whatever is cached.  The results go to ``bench/RESULTS.md`` under
 ``## real benchmark (issue 6)`` (only that section is rewritten) and to ``bench/real/accuracy_vs_storage.png``.
 
 Per method: accuracy per task, mean normalized accuracy (accuracy / the expert's own accuracy on the same
@@ -416,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--screen", type=int, default=50, help="dev prompts per task for the moerge grid (full mode)")
     ap.add_argument("--only", nargs="*", help="method keys (prefix match) to run")
     ap.add_argument("--fresh", action="store_true", help="ignore cached evaluation results")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
     ap.add_argument("--no-speed", action="store_true", help="skip the tokens/s measurements")
     ap.add_argument("--no-record", action="store_true", help="do not write bench/RESULTS.md and the PNG")
     ap.add_argument("--table-only", action="store_true", help="run nothing: the table from cached results")

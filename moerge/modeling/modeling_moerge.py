@@ -299,8 +299,11 @@ class RoutedLinear(nn.Module):
     """A linear layer whose weight is ``W_s + Σ_e r_e Δ_e`` for the current route r (read from ``slot``).
 
     (B, E) routes: rows are grouped by route, each group's effective weight is materialised once and kept in a
-    small LRU cache, so a batch-1 decode step costs one dense matmul.  (B, T, E) routes:
-    ``x @ W_s^T + Σ_e r_e (x @ Δ_e^T)``, factorised for twin/lora.
+    small LRU cache, so a batch-1 decode step costs one dense matmul.  A mixed-route batch of twin/lora (and
+    of bit1/sparse when the groups are small, e.g. decode steps) instead runs ``x @ W_s^T`` once for all rows
+    plus each group's ``x @ Δ_e^T`` (factorised / `bit1_apply` / `sparse_apply`), reading W_s once rather
+    than one full effective weight per route.  (B, T, E) routes: ``x @ W_s^T + Σ_e r_e (x @ Δ_e^T)``,
+    factorised for twin/lora.
     """
 
     def __init__(
