@@ -33,7 +33,7 @@ import yaml
 from .evaluate import TASKS
 
 REPO = Path(__file__).resolve().parents[2]
-WORK = REPO / "bench" / "_work" / "real"
+WORK = Path(os.environ.get("MOERGE_BENCH_WORK") or REPO / "bench" / "_work" / "real")  # cache of builds/results
 
 
 @dataclass

@@ -44,6 +44,7 @@ REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "bench" / "RESULTS.md"
 PNG = REPO / "bench" / "real" / "accuracy_vs_storage.png"
 HEADING = "## real benchmark (issue 6)"
+QUICK_HEADING = "## real benchmark, quick mode (issue 6)"
 EVAL_VERSION = 3
 SPEED_PROMPT_TASK = "arith"
 GOALS = {"norm": 0.98, "routing": 0.97, "storage": 1.3, "speed": 0.9}
@@ -352,7 +353,7 @@ METHOD_NOTES = (
 def section(rows: list[dict], grid: list[dict], args: argparse.Namespace, wall: float, n_main: int,
             n_grid: int) -> str:
     cmd = "python -m bench.real.run" + (" --quick" if args.quick else "")
-    lines = [HEADING, "",
+    lines = [QUICK_HEADING if args.quick else HEADING, "",
              f"Command: `{cmd}` ({'quick' if args.quick else 'full'} mode), run on "
              f"{dt.datetime.now().strftime('%Y-%m-%d %H:%M')}, {wall / 60:.1f} min wall "
              "(rows cached from an earlier run keep the times measured then).",
@@ -364,17 +365,18 @@ def section(rows: list[dict], grid: list[dict], args: argparse.Namespace, wall: 
                   "Every routed kind and selection; the best builds (3 within 1.3x storage, and the best overall) "
                   "are re-run on all dev prompts in the main table. Speeds are not measured here.", "",
                   *table(grid), ""]
-    lines += [f"![accuracy vs storage](real/{PNG.name})", ""]
+    if not args.quick:
+        lines += [f"![accuracy vs storage](real/{PNG.name})", ""]
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
+def write_section(text: str, heading: str = HEADING) -> None:
     old = RESULTS.read_text() if RESULTS.is_file() else "# Benchmarks\n"
-    start = old.find(HEADING)
+    start = old.find(heading + "\n")
     if start < 0:
         new = old.rstrip("\n") + "\n\n" + text
     else:
-        nxt = old.find("\n## ", start + len(HEADING))
+        nxt = old.find("\n## ", start + len(heading))
         new = old[:start] + text + (old[nxt + 1:] if nxt >= 0 else "")
     RESULTS.write_text(new.rstrip("\n") + "\n")
 
@@ -468,9 +470,10 @@ def main(argv: list[str] | None = None) -> int:
     text = section(rows, grid, args, wall, n or 200, args.screen)
     print(text)
     if not args.no_record:
-        write_section(text)
-        plot(rows + [g for g in grid if g["key"] not in {r["key"] for r in rows}])
-        log(f"wrote {RESULTS} and {PNG}")
+        write_section(text, QUICK_HEADING if args.quick else HEADING)
+        if not args.quick:
+            plot(rows + [g for g in grid if g["key"] not in {r["key"] for r in rows}])
+        log(f"wrote {RESULTS}" + ("" if args.quick else f" and {PNG}"))
     log(f"done in {wall / 60:.1f} min")
     return 0
 

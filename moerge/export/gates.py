@@ -14,7 +14,7 @@ input) as ``logits = W x`` with ``W`` (E, C) and no bias.  The rows come from ca
    not needed.  Rows are normalised to ``p_e / (|p_e| nu)`` with ``nu`` the RMS token distance to ``m``: a
    typical token's logits are then cosines in [-1, 1].
 3. **Temperature** (:func:`fit_temperature`): one scalar for the layer, minimising the cross-entropy of the
-   token samples' own expert (a 1-D search on log scale in [1, 200]): the softmax is as confident as the data
+   token samples' own expert (a log grid in [1, 200], evaluated in one batched op): the softmax is as confident as the data
    supports, and no more.
 4. Optionally **supervised calibration** (:func:`fit_rows`): multinomial logistic regression of the rows on the
    token samples (L-BFGS from the prototype rows, L2 pull towards them), i.e. the router is trained in its native
@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from ..modeling.configuration_moerge import build_base_config
+from ..routing.fit import fit_temperature as fit_temperature_grid
 
 MAX_TOKENS = 512  # token samples kept per expert and layer
 
@@ -124,22 +125,12 @@ def _nll(rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def fit_temperature(rows: torch.Tensor, stats: GateStats, lo: float = 1.0, hi: float = 200.0) -> float:
-    """The scale s in [lo, hi] minimising the token samples' cross-entropy of ``s * rows`` (golden section on
-    log s; the loss is convex in s)."""
+    """The scale s in [lo, hi] minimising the token samples' cross-entropy of ``s * rows``: one batched
+    evaluation on a log grid (`moerge.routing.fit.fit_temperature` with T = 1 / s, no target smoothing)."""
     x, y = stats.xy()
     if len(x) == 0:
         return lo
-    z = x @ rows.T  # (N, C) @ (C, E) -> (N, E) logits at s = 1
-
-    def f(t: float) -> float:
-        return float(torch.nn.functional.cross_entropy(math.exp(t) * z, y))
-
-    a, b = math.log(lo), math.log(hi)
-    g = (math.sqrt(5) - 1) / 2
-    for _ in range(40):
-        c, d = b - g * (b - a), a + g * (b - a)
-        a, b = (a, d) if f(c) < f(d) else (c, b)
-    return math.exp((a + b) / 2)
+    return 1.0 / fit_temperature_grid(x @ rows.T, y, smoothing=0.0, lo=1.0 / hi, hi=1.0 / lo)  # (N, E) logits
 
 
 def fit_rows(rows: torch.Tensor, stats: GateStats, *, steps: int = 50, l2: float = 1e-3) -> torch.Tensor:
