@@ -23,100 +23,18 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import os
 import shlex
 import shutil
-import subprocess
 import sys
-import threading
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import routed_models as rm
-from generate_speed import loadavg, machine, record
+from _measure import child_env, loadavg, machine_with_transformers, measure, mib, record
 
 HEADING = "## build_memory (issue 3)"
-
-
-# ------------------------------------------------------------------------------------------------ polling
-
-
-def _status(pid: int) -> dict[str, int]:
-    out: dict[str, int] = {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                if key in ("VmRSS", "VmHWM", "RssAnon"):
-                    out[key] = int(rest.split()[0]) * 1024
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        pass
-    return out
-
-
-def _tree(pid: int) -> list[int]:
-    todo, seen = [pid], []
-    while todo:
-        p = todo.pop()
-        seen.append(p)
-        try:
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children") as f:
-                    todo.extend(int(c) for c in f.read().split())
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-    return seen
-
-
-@dataclass
-class Run:
-    label: str
-    wall_s: float = 0.0
-    peak_anon: int = 0
-    peak_rss: int = 0
-    hwm: int = 0
-    samples: int = 0
-
-
-def measure(label: str, cmd: list[str], threads: int | None = None, interval: float = 0.02) -> Run:
-    run = Run(label)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(rm.REPO), os.environ.get("PYTHONPATH")]))}
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = str(threads)
-    stop = threading.Event()
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=rm.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-    def poll() -> None:
-        while not stop.is_set():
-            anon = rss = 0
-            for p in _tree(proc.pid):
-                s = _status(p)
-                anon += s.get("RssAnon", 0)
-                rss += s.get("VmRSS", 0)
-                if p == proc.pid:
-                    run.hwm = max(run.hwm, s.get("VmHWM", 0))
-            run.peak_anon, run.peak_rss = max(run.peak_anon, anon), max(run.peak_rss, rss)
-            run.samples += 1
-            stop.wait(interval)
-
-    th = threading.Thread(target=poll, daemon=True)
-    th.start()
-    out = proc.stdout.read() if proc.stdout else b""
-    code = proc.wait()
-    run.wall_s = time.perf_counter() - t0
-    stop.set()
-    th.join()
-    if code != 0:
-        sys.stdout.write(out.decode(errors="replace")[-4000:])
-        raise SystemExit(f"{label} failed with exit code {code}: {shlex.join(cmd)}")
-    run.peak_rss = max(run.peak_rss, run.hwm)
-    return run
 
 
 # ------------------------------------------------------------------------------------------------ sizes
@@ -137,10 +55,6 @@ def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
-def _mib(n: float) -> str:
-    return f"{n / 2**20:,.0f} MiB"
-
-
 def main(argv: list[str] | None = None) -> int:
     import yaml
 
@@ -156,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     load_start = loadavg()
     threads = rm.auto_threads(args.threads, load_start)
+    env = child_env(threads)
     shard = parse_size(args.shard_size)
     root = rm.WORK / "build_memory"
     root.mkdir(parents=True, exist_ok=True)
@@ -175,10 +90,9 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(out, ignore_errors=True)
             py = sys.executable
             rm._log(f"{tag}: baseline (moerge validate) ...")
-            base_run = measure("validate", [py, "-m", "moerge", "validate", str(rfile)], threads)
+            base_run = measure("validate", [py, "-m", "moerge", "validate", str(rfile)], env)
             rm._log(f"{tag}: moerge build ...")
-            build_run = measure("build", [py, "-m", "moerge", "build", str(rfile), str(out), "--force", "--quiet"],
-                                threads)
+            build_run = measure("build", [py, "-m", "moerge", "build", str(rfile), str(out), "--force", "--quiet"], env)
             shards = sorted(out.glob("model*.safetensors"))
             largest_shard = max(f.stat().st_size for f in shards)
             bound = base_run.peak_anon + (rm.N_EXPERTS + 1) * layer_b + shard
@@ -187,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                 "out": folder_bytes(out), "shards": len(shards), "largest_shard": largest_shard,
                 "baseline": base_run, "build": build_run, "bound": bound,
             })
-            rm._log(f"  wall {build_run.wall_s:.0f} s, peak anon {_mib(build_run.peak_anon)} (baseline "
-                    f"{_mib(base_run.peak_anon)}), VmHWM {_mib(build_run.hwm)}, bound {_mib(bound)}; "
+            rm._log(f"  wall {build_run.wall_s:.0f} s, peak anon {mib(build_run.peak_anon)} (baseline "
+                    f"{mib(base_run.peak_anon)}), VmHWM {mib(build_run.hwm)}, bound {mib(bound)}; "
                     f"load {loadavg()}")
             if not args.keep:
                 shutil.rmtree(out, ignore_errors=True)
@@ -200,10 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         b, v = r["build"], r["baseline"]
         ok = "yes" if b.peak_anon <= r["bound"] else "**no**"
-        lines.append(f"| {r['tag']} | {r['params'] / 1e6:.0f}M | {_mib(r['base'])} | {_mib(r['layer'])} | "
-                     f"{_mib(5 * r['layer'])} | {_mib(r['largest_shard'])} ({r['shards']} shards) | "
-                     f"{_mib(v.peak_anon)} | **{_mib(b.peak_anon)}** | {_mib(b.peak_anon - v.peak_anon)} | "
-                     f"{_mib(b.hwm)} | {b.wall_s:.0f} s | {ok} ({_mib(r['bound'])}) |")
+        lines.append(f"| {r['tag']} | {r['params'] / 1e6:.0f}M | {mib(r['base'])} | {mib(r['layer'])} | "
+                     f"{mib(5 * r['layer'])} | {mib(r['largest_shard'])} ({r['shards']} shards) | "
+                     f"{mib(v.peak_anon)} | **{mib(b.peak_anon)}** | {mib(b.peak_anon - v.peak_anon)} | "
+                     f"{mib(b.hwm)} | {b.wall_s:.0f} s | {ok} ({mib(r['bound'])}) |")
     summary = "\n".join(lines)
     print()
     print(summary)
@@ -212,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         entry = "\n".join([
             f"### {_dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
             "",
-            f"- machine: {machine()}",
+            f"- machine: {machine_with_transformers()}",
             f"- load average before: {load_start}, after: {loadavg()}; children run with OMP_NUM_THREADS={threads}",
             f"- command: `{cmd}`",
             ("- builds: `python -m moerge build <recipe> <out> --force --quiet`, twin rank 16, 4 full experts, every MLP "
@@ -220,11 +134,11 @@ def main(argv: list[str] | None = None) -> int:
              "routers uniform unless `-calibrated`; baseline = `python -m moerge validate <recipe>` (same imports, "
              "headers opened); RSS polled every 20 ms over the child and its descendants"),
             ("- one layer = the bytes of decoder layer 0 of the base (attention + MLP + norms); the largest single "
-             f"MLP linear is {', '.join(_mib(r['linear']) for r in rows)} for the sizes above"),
+             f"MLP linear is {', '.join(mib(r['linear']) for r in rows)} for the sizes above"),
             "",
             summary,
         ])
-        record(HEADING, entry)
+        record(entry, HEADING)
         print(f"appended to {rm.HERE / 'RESULTS.md'}")
     return 0
 

@@ -36,6 +36,11 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+from _measure import cpu_model, record
+
 WORK = HERE / "_work" / "calibrate_speed"
 POOL = Path(os.environ.get("MOERGE_POOL", REPO.parent / "shared" / "pool"))
 RESULTS = HERE / "RESULTS.md"
@@ -122,8 +127,8 @@ def dev_routing(moe: Path, pool: Path, n_check: int = 8) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ report
 
 def machine() -> str:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
+    """CPU, torch threads and the current load average (this benchmark's own format)."""
+    cpu = cpu_model(platform.processor())
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return (f"{cpu}; {os.cpu_count()} CPUs visible; torch {torch.__version__}, {torch.get_num_threads()} threads; "
             f"load average {load}")
@@ -153,20 +158,6 @@ def table(runs: list[tuple[float, dict[str, Any]]], dev: dict[str, Any] | None) 
     return text
 
 
-def record(entry: str) -> None:
-    """Append ``entry`` at the end of the ``HEADING`` section of RESULTS.md (created when missing)."""
-    text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
-    lines = text.rstrip("\n").split("\n")
-    if HEADING not in lines:
-        lines += ["", HEADING]
-        end = len(lines)
-    else:
-        start = lines.index(HEADING)
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    new = lines[:end] + ["", *entry.rstrip("\n").split("\n")] + ([""] + lines[end:] if end < len(lines) else [])
-    RESULTS.write_text("\n".join(new) + "\n")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=2, help="timed calibrations (default 2)")
@@ -191,7 +182,7 @@ def main() -> None:
              f"kind lora; build, once: {build}).\n\n{table(runs, dev)}\n")
     print(entry)
     if not args.no_record:
-        record(entry)
+        record(entry, HEADING)
         print(f"appended to {RESULTS}")
 
 

@@ -25,7 +25,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import random
 import shlex
 import shutil
@@ -40,56 +39,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import routed_models as rm
+from _measure import loadavg, machine_with_transformers, record, venv_exe
 
 RESULTS = HERE / "RESULTS.md"
 HEADING = "## generate_speed (issue 3)"
 KINDS = tuple(rm.KIND_PARAMS)
 GOAL_B1, GOAL_B8 = 0.9, 0.7
-
-
-# ------------------------------------------------------------------------------------------------ report utils
-
-
-def loadavg() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-
-
-def machine(threads: int | None = None) -> str:
-    cpu, mem = "unknown cpu", 0
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemTotal"):
-            mem = int(line.split()[1]) // 2**20
-    import torch
-    import transformers
-
-    try:
-        from importlib.metadata import version
-
-        mk = version("mergekit")
-    except Exception:  # noqa: BLE001
-        mk = "?"
-    return (f"{platform.node()}: {cpu}, {os.cpu_count()} CPUs, {mem} GiB RAM; Python {platform.python_version()}, "
-            f"torch {torch.__version__}{'' if threads is None else f' ({threads} intra-op threads)'}, "
-            f"transformers {transformers.__version__}, "
-            f"mergekit {mk}")
-
-
-def record(heading: str, entry: str, results: Path = RESULTS) -> None:
-    """Append ``entry`` at the end of the ``heading`` section of RESULTS.md (created when missing)."""
-    text = results.read_text() if results.is_file() else "# Benchmark results\n"
-    lines = text.rstrip("\n").split("\n")
-    if heading not in lines:
-        lines += ["", heading]
-        end = len(lines)
-    else:
-        start = lines.index(heading)
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    new = lines[:end] + ["", *entry.rstrip("\n").split("\n")] + ([""] + lines[end:] if end < len(lines) else [])
-    results.write_text("\n".join(new) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------ mergekit
@@ -99,7 +54,7 @@ def mergekit_build(models: dict, top_k: int, gate_mode: str) -> tuple[Path | Non
     """Cached ``mergekit-moe`` Mixtral of the 4 full experts; (folder or None, note)."""
     import yaml
 
-    exe = shutil.which("mergekit-moe", path=str(Path(sys.executable).parent)) or shutil.which("mergekit-moe")
+    exe = venv_exe("mergekit-moe")
     if exe is None:
         return None, "mergekit-moe not found"
     experts = []
@@ -403,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         entry = "\n".join([
             f"### {_dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
             "",
-            f"- machine: {machine(threads)}",
+            f"- machine: {machine_with_transformers(threads)}",
             f"- load average (1/5/15 min) before: {load_start}, after: {load_end}"
             + ("" if threads == 2 else " (machine shared and busy: 1 intra-op thread, see `--threads`)"),
             f"- command: `{cmd}`",
@@ -431,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
             "</details>",
         ])
-        record(HEADING, entry)
+        record(entry, HEADING)
         print(f"appended to {RESULTS}")
     return 0
 

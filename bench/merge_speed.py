@@ -24,20 +24,33 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
-import platform
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+from _measure import (
+    Run,
+    alternating,
+    child_env,
+    loadavg,
+    machine,
+    measure,
+    mib,
+    n_params,
+    record,
+    tensor_index,
+    venv_exe,
+    warm_page_cache,
+)
+
 WORK = HERE / "_work"
 RESULTS = HERE / "RESULTS.md"
 HEADING = "## merge_speed (issue 2)"
@@ -81,20 +94,6 @@ def prepare_models(regen: bool = False) -> tuple[Path, list[Path]]:
     return base, experts
 
 
-def n_params(folder: Path) -> int:
-    from safetensors import safe_open
-
-    total = 0
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as h:
-            for k in h.keys():  # noqa: SIM118
-                n = 1
-                for d in h.get_slice(k).get_shape():
-                    n *= d
-                total += n
-    return total
-
-
 def moerge_cli() -> list[str]:
     """The ``moerge`` console script of this environment, or ``python -m moerge`` when it is not installed."""
     exe = shutil.which("moerge", path=str(Path(sys.executable).parent))
@@ -128,94 +127,12 @@ def write_configs(base: Path, experts: list[Path]) -> tuple[Path, Path]:
 # ------------------------------------------------------------------------------------------------ measuring
 
 
-def _status(pid: int) -> dict[str, int]:
-    out: dict[str, int] = {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-                    out[key] = int(rest.split()[0]) * 1024
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        pass
-    return out
-
-
-def _tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants (via /proc/<pid>/task/*/children)."""
-    todo, seen = [pid], []
-    while todo:
-        p = todo.pop()
-        seen.append(p)
-        try:
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children") as f:
-                    todo.extend(int(c) for c in f.read().split())
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-    return seen
-
-
-@dataclass
-class Run:
-    tool: str
-    wall_s: float = 0.0
-    peak_anon: int = 0
-    peak_rss: int = 0
-    hwm: int = 0
-    ru_maxrss: int = 0
-    samples: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
-
-
-def measure(tool: str, cmd: list[str], env: dict[str, str], interval: float = 0.02) -> Run:
-    run = Run(tool)
-    stop = threading.Event()
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-    def poll() -> None:
-        while not stop.is_set():
-            anon = rss = 0
-            for p in _tree(proc.pid):
-                s = _status(p)
-                anon += s.get("RssAnon", 0)
-                rss += s.get("VmRSS", 0)
-                if p == proc.pid:
-                    run.hwm = max(run.hwm, s.get("VmHWM", 0))
-            run.peak_anon, run.peak_rss = max(run.peak_anon, anon), max(run.peak_rss, rss)
-            run.samples += 1
-            stop.wait(interval)
-
-    th = threading.Thread(target=poll, daemon=True)
-    th.start()
-    out = proc.stdout.read() if proc.stdout else b""
-    _, status, usage = os.wait4(proc.pid, 0)
-    run.wall_s = time.perf_counter() - t0
-    stop.set()
-    th.join()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        sys.stdout.write(out.decode(errors="replace")[-4000:])
-        raise SystemExit(f"{tool} failed with exit code {proc.returncode}: {shlex.join(cmd)}")
-    run.ru_maxrss = usage.ru_maxrss * 1024  # KiB on Linux
-    run.peak_rss = max(run.peak_rss, run.hwm)
-    return run
-
-
 def compare_outputs(a: Path, b: Path) -> tuple[int, float, int, list[str]]:
     """(tensor count, max abs difference, number of differing entries, problems)."""
     import torch
     from safetensors import safe_open
 
-    def index(folder: Path) -> dict[str, Path]:
-        out = {}
-        for f in sorted(folder.glob("*.safetensors")):
-            with safe_open(str(f), framework="pt") as h:
-                out.update({k: f for k in h.keys()})  # noqa: SIM118
-        return out
-
-    ia, ib = index(a), index(b)
+    ia, ib = tensor_index(a), tensor_index(b)
     problems = []
     if set(ia) != set(ib):
         problems.append(f"tensor names differ: only moerge {sorted(set(ia) - set(ib))[:5]}, "
@@ -235,50 +152,14 @@ def compare_outputs(a: Path, b: Path) -> tuple[int, float, int, list[str]]:
 # ------------------------------------------------------------------------------------------------ report
 
 
-def _loadavg() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-
-
-def machine() -> str:
-    cpu = "unknown cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = 0
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem = int(line.split()[1]) // 1024 // 1024
-    except OSError:
-        pass
-    import torch
-
-    try:
-        from importlib.metadata import version
-
-        mk = version("mergekit")
-    except Exception:  # noqa: BLE001
-        mk = "?"
-    return (f"{platform.node()}: {cpu}, {os.cpu_count()} CPUs, {mem} GiB RAM; Python {platform.python_version()}, "
-            f"torch {torch.__version__} (threads {torch.get_num_threads()}), mergekit {mk}")
-
-
-def _mib(n: float) -> str:
-    return f"{n / 2**20:,.0f} MiB"
-
-
 def table(runs: list[Run]) -> str:
-    def med(tool: str, attr: str) -> float:
-        return statistics.median(getattr(r, attr) for r in runs if r.tool == tool)
+    def med(label: str, attr: str) -> float:
+        return statistics.median(getattr(r, attr) for r in runs if r.label == label)
 
     rows = [("wall time", "wall_s", lambda v: f"{v:.2f} s"),
-            ("peak anon RSS", "peak_anon", _mib),
-            ("peak total RSS", "peak_rss", _mib),
-            ("ru_maxrss (wait4)", "ru_maxrss", _mib)]
+            ("peak anon RSS", "peak_anon", mib),
+            ("peak total RSS", "peak_rss", mib),
+            ("ru_maxrss (wait4)", "ru_maxrss", mib)]
     lines = ["| metric (median) | moerge | mergekit | moerge / mergekit |", "|---|---:|---:|---:|"]
     for label, attr, fmt in rows:
         a, b = med("moerge", attr), med("mergekit", attr)
@@ -289,23 +170,9 @@ def table(runs: list[Run]) -> str:
 def runs_table(runs: list[Run]) -> str:
     lines = ["| # | tool | wall | peak anon | peak total | VmHWM | ru_maxrss | samples |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for i, r in enumerate(runs):
-        lines.append(f"| {i + 1} | {r.tool} | {r.wall_s:.2f} s | {_mib(r.peak_anon)} | {_mib(r.peak_rss)} | "
-                     f"{_mib(r.hwm)} | {_mib(r.ru_maxrss)} | {r.samples} |")
+        lines.append(f"| {i + 1} | {r.label} | {r.wall_s:.2f} s | {mib(r.peak_anon)} | {mib(r.peak_rss)} | "
+                     f"{mib(r.hwm)} | {mib(r.ru_maxrss)} | {r.samples} |")
     return "\n".join(lines)
-
-
-def record(entry: str) -> None:
-    """Append ``entry`` at the end of the ``HEADING`` section of RESULTS.md (created when missing)."""
-    text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
-    lines = text.rstrip("\n").split("\n")
-    if HEADING not in lines:
-        lines += ["", HEADING]
-        end = len(lines)
-    else:
-        start = lines.index(HEADING)
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    new = lines[:end] + ["", *entry.rstrip("\n").split("\n")] + ([""] + lines[end:] if end < len(lines) else [])
-    RESULTS.write_text("\n".join(new) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -318,46 +185,38 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     args = ap.parse_args(argv)
 
-    mergekit_exe = shutil.which("mergekit-yaml", path=str(Path(sys.executable).parent)) or shutil.which("mergekit-yaml")
+    mergekit_exe = venv_exe("mergekit-yaml")
     if mergekit_exe is None:
         raise SystemExit("mergekit-yaml not found (pip install mergekit==0.1.5)")
     base, experts = prepare_models(args.regen)
     recipe, mk_config = write_configs(base, experts)
     params = n_params(base)
     out_moerge, out_mergekit = WORK / "out_moerge", WORK / "out_mergekit"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = child_env()
     cmds = {
         "moerge": [*moerge_cli(), "build", str(recipe), str(out_moerge), "--force", "--quiet"],
         "mergekit": [mergekit_exe, str(mk_config), str(out_mergekit), "--no-cuda", "--quiet"],
     }
-    # warm the page cache so that the first timed run does not pay for cold reads
-    for folder in [base, *experts]:
-        for f in folder.glob("*.safetensors"):
-            with open(f, "rb") as fh:
-                while fh.read(1 << 24):
-                    pass
-    load_before = _loadavg()
+    warm_page_cache([base, *experts])  # the first timed run should not pay for cold reads
+    load_before = loadavg()
     runs: list[Run] = []
-    order = []
-    for rep in range(args.reps):
-        order += ["moerge", "mergekit"] if rep % 2 == 0 else ["mergekit", "moerge"]
+    order = alternating(args.reps, "moerge", "mergekit")
     for tool in order:
         shutil.rmtree(out_moerge if tool == "moerge" else out_mergekit, ignore_errors=True)
         run = measure(tool, cmds[tool], env)
         runs.append(run)
-        print(f"{tool:9s} {run.wall_s:7.2f} s  anon {_mib(run.peak_anon):>10s}  total {_mib(run.peak_rss):>10s}  "
-              f"ru_maxrss {_mib(run.ru_maxrss):>10s}", flush=True)
-    load_after = _loadavg()
+        print(f"{tool:9s} {run.wall_s:7.2f} s  anon {mib(run.peak_anon):>10s}  total {mib(run.peak_rss):>10s}  "
+              f"ru_maxrss {mib(run.ru_maxrss):>10s}", flush=True)
+    load_after = loadavg()
     n_tensors, max_diff, n_diff, problems = compare_outputs(out_moerge, out_mergekit)
     import resource
 
     children_max = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     summary = table(runs)
-    t_ratio = statistics.median(r.wall_s for r in runs if r.tool == "mergekit") / statistics.median(
-        r.wall_s for r in runs if r.tool == "moerge")
-    anon_ok = statistics.median(r.peak_anon for r in runs if r.tool == "moerge") <= statistics.median(
-        r.peak_anon for r in runs if r.tool == "mergekit")
+    t_ratio = statistics.median(r.wall_s for r in runs if r.label == "mergekit") / statistics.median(
+        r.wall_s for r in runs if r.label == "moerge")
+    anon_ok = statistics.median(r.peak_anon for r in runs if r.label == "moerge") <= statistics.median(
+        r.peak_anon for r in runs if r.label == "mergekit")
     verdict = (f"moerge is {t_ratio:.2f}x faster than mergekit (goal >= 5x: {'met' if t_ratio >= 5 else 'NOT met'}); "
                f"peak anon RSS {'<=' if anon_ok else '>'} mergekit's (goal <=: {'met' if anon_ok else 'NOT met'})")
     check = (f"outputs: {n_tensors} tensors, same names/shapes/dtypes; max abs difference moerge vs mergekit "
@@ -370,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(verdict)
     print(check)
-    print(f"getrusage(RUSAGE_CHILDREN).ru_maxrss over all children: {_mib(children_max)}")
+    print(f"getrusage(RUSAGE_CHILDREN).ru_maxrss over all children: {mib(children_max)}")
     if not args.no_record:
         entry = "\n".join([
             f"### {_dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
@@ -396,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
             "</details>",
         ])
-        record(entry)
+        record(entry, HEADING)
         print(f"appended to {RESULTS}")
     return 0
 

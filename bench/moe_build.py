@@ -15,7 +15,7 @@ as a child process and at default settings:
 
 For every child: wall time, peak anonymous RSS (sum of ``RssAnon`` over the child and its descendants, polled
 every ~20 ms; page-cache pages of memory-mapped checkpoints do not count), peak total RSS and ``ru_maxrss``
-(the measuring code is ``bench/merge_speed.py``'s).  It checks that both outputs hold the same expert MLP
+(the measuring code is ``bench/_measure.py``'s).  It checks that both outputs hold the same expert MLP
 weights (mergekit's fused ``gate_up_proj`` is split back), prints a table with moerge / mergekit ratios and
 appends it to ``bench/RESULTS.md`` under ``## moe_build (issue 5)``.
 """
@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import math
-import os
 import shlex
 import shutil
 import statistics
@@ -43,7 +41,20 @@ for _p in (str(REPO), str(HERE)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from merge_speed import Run, _loadavg, _mib, machine, measure
+from _measure import (
+    Run,
+    alternating,
+    child_env,
+    loadavg,
+    machine,
+    measure,
+    mib,
+    n_params,
+    record,
+    tensor_index,
+    venv_exe,
+    warm_page_cache,
+)
 
 MODEL = {"family": "llama", "hidden": 1536, "layers": 24, "intermediate": 4864, "heads": 12, "kv_heads": 4,
          "tie": False, "seed": 0, "max_shard_size": "500MB"}
@@ -123,23 +134,13 @@ def write_configs(base: Path, experts: list[Path]) -> tuple[Path, Path]:
 # ------------------------------------------------------------------------------------------------ checks
 
 
-def _index(folder: Path) -> dict[str, Path]:
-    from safetensors import safe_open
-
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as h:
-            out.update({k: f for k in h.keys()})  # noqa: SIM118
-    return out
-
-
 def compare_experts(ours: Path, theirs: Path, layers: list[int]) -> tuple[int, float, str]:
     """(tensors compared, max abs difference, note) of expert MLP weights: ours per expert (w1 gate, w3 up,
     w2 down), mergekit's fused (E, 2I, C) gate_up_proj and (E, C, I) down_proj."""
     import torch
     from safetensors import safe_open
 
-    io, it = _index(ours), _index(theirs)
+    io, it = tensor_index(ours), tensor_index(theirs)
 
     def get(idx: dict[str, Path], name: str) -> torch.Tensor:
         with safe_open(str(idx[name]), framework="pt") as h:
@@ -170,11 +171,11 @@ def compare_experts(ours: Path, theirs: Path, layers: list[int]) -> tuple[int, f
 
 
 def table(runs: list[Run]) -> str:
-    def med(tool: str, attr: str) -> float:
-        return statistics.median(getattr(r, attr) for r in runs if r.tool == tool)
+    def med(label: str, attr: str) -> float:
+        return statistics.median(getattr(r, attr) for r in runs if r.label == label)
 
-    rows = [("wall time", "wall_s", lambda v: f"{v:.1f} s"), ("peak anon RSS", "peak_anon", _mib),
-            ("peak total RSS", "peak_rss", _mib), ("ru_maxrss (wait4)", "ru_maxrss", _mib)]
+    rows = [("wall time", "wall_s", lambda v: f"{v:.1f} s"), ("peak anon RSS", "peak_anon", mib),
+            ("peak total RSS", "peak_rss", mib), ("ru_maxrss (wait4)", "ru_maxrss", mib)]
     lines = ["| metric (median) | moerge | mergekit-moe | moerge / mergekit-moe | goal |", "|---|---:|---:|---:|---|"]
     goals = {"wall_s": "<= 0.8", "peak_anon": "<= 0.5"}
     for label, attr, fmt in rows:
@@ -183,69 +184,38 @@ def table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
-def record(entry: str) -> None:
-    """Append ``entry`` at the end of this benchmark's section of RESULTS.md (other sections untouched)."""
-    text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
-    lines = text.rstrip("\n").split("\n")
-    if HEADING not in lines:
-        lines += ["", HEADING]
-        end = len(lines)
-    else:
-        start = lines.index(HEADING)
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    new = lines[:end] + ["", *entry.rstrip("\n").split("\n")] + ([""] + lines[end:] if end < len(lines) else [])
-    RESULTS.write_text("\n".join(new) + "\n")
-
-
-def n_params(folder: Path) -> int:
-    from safetensors import safe_open
-
-    total = 0
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as h:
-            total += sum(math.prod(h.get_slice(k).get_shape()) for k in h.keys())  # noqa: SIM118
-    return total
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=1, help="runs of each tool (alternating order); median reported")
     ap.add_argument("--regen", action="store_true", help="regenerate the cached models")
     ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     args = ap.parse_args(argv)
-    exe = shutil.which("mergekit-moe", path=str(Path(sys.executable).parent)) or shutil.which("mergekit-moe")
+    exe = venv_exe("mergekit-moe")
     if exe is None:
         raise SystemExit("mergekit-moe not found (pip install mergekit==0.1.5)")
     base, experts = prepare_models(args.regen)
     recipe, mk_config = write_configs(base, experts)
     out_moerge, out_mergekit = WORK / "out_moerge", WORK / "out_mergekit"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = child_env()
     cmds = {"moerge": [sys.executable, "-m", "moerge", "build", str(recipe), str(out_moerge), "--force", "--quiet"],
             "mergekit": [exe, str(mk_config), str(out_mergekit), "--quiet"]}
-    for folder in [base, *experts]:  # warm the page cache: the first timed run should not pay for cold reads
-        for f in folder.glob("*.safetensors"):
-            with open(f, "rb") as fh:
-                while fh.read(1 << 24):
-                    pass
-    load_before = _loadavg()
-    order: list[str] = []
-    for rep in range(args.reps):
-        order += ["moerge", "mergekit"] if rep % 2 == 0 else ["mergekit", "moerge"]
+    warm_page_cache([base, *experts])  # the first timed run should not pay for cold reads
+    load_before = loadavg()
+    order = alternating(args.reps, "moerge", "mergekit")
     runs = []
     for tool in order:
         shutil.rmtree(out_moerge if tool == "moerge" else out_mergekit, ignore_errors=True)
         run = measure(tool, cmds[tool], env)
         runs.append(run)
-        print(f"{tool:9s} {run.wall_s:7.1f} s  anon {_mib(run.peak_anon):>10s}  total {_mib(run.peak_rss):>10s}",
+        print(f"{tool:9s} {run.wall_s:7.1f} s  anon {mib(run.peak_anon):>10s}  total {mib(run.peak_rss):>10s}",
               flush=True)
-    load_after = _loadavg()
+    load_after = loadavg()
     n, worst, note = compare_experts(out_moerge, out_mergekit, [0, MODEL["layers"] - 1])
     summary = table(runs)
-    t = statistics.median(r.wall_s for r in runs if r.tool == "moerge") / statistics.median(
-        r.wall_s for r in runs if r.tool == "mergekit")
-    a = statistics.median(r.peak_anon for r in runs if r.tool == "moerge") / statistics.median(
-        r.peak_anon for r in runs if r.tool == "mergekit")
+    t = statistics.median(r.wall_s for r in runs if r.label == "moerge") / statistics.median(
+        r.wall_s for r in runs if r.label == "mergekit")
+    a = statistics.median(r.peak_anon for r in runs if r.label == "moerge") / statistics.median(
+        r.peak_anon for r in runs if r.label == "mergekit")
     verdict = (f"time {t:.2f}x mergekit-moe's (goal <= 0.8x: {'met' if t <= 0.8 else 'NOT met'}); peak anon RSS "
                f"{a:.2f}x (goal <= 0.5x: {'met' if a <= 0.5 else 'NOT met'})")
     check = f"expert MLP tensors of layers 0 and {MODEL['layers'] - 1}: {n} compared, max abs difference {worst:.3g}; {note}"
@@ -267,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             f"- {args.reps} run(s) each ({', '.join(order)}), page cache warm; medians:", "",
             summary, "", f"- {verdict}", f"- {check}",
         ])
-        record(entry)
+        record(entry, HEADING)
         print(f"appended to {RESULTS}")
     return 0
 

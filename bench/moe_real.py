@@ -55,6 +55,8 @@ for _p in (str(REPO), str(HERE)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+from _measure import machine, record
+
 
 def _evaluate_module() -> Any:
     """``bench/real/evaluate.py`` (the pool's scoring rules), imported by path."""
@@ -216,19 +218,6 @@ def table(results: dict[str, dict[str, dict[str, float]]], times: dict[str, floa
     return "\n".join(lines)
 
 
-def record(entry: str) -> None:
-    text = RESULTS.read_text() if RESULTS.is_file() else "# Benchmark results\n"
-    lines = text.rstrip("\n").split("\n")
-    if HEADING not in lines:
-        lines += ["", HEADING]
-        end = len(lines)
-    else:
-        start = lines.index(HEADING)
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    new = lines[:end] + ["", *entry.rstrip("\n").split("\n")] + ([""] + lines[end:] if end < len(lines) else [])
-    RESULTS.write_text("\n".join(new) + "\n")
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=200, help="dev prompts per task (default all 200)")
@@ -247,8 +236,6 @@ def main(argv: list[str] | None = None) -> int:
     summary = table(results, {k: v[1] for k, v in built.items()})
     print("\n" + summary)
     if not args.no_record:
-        from merge_speed import machine
-
         record("\n".join([
             f"### {_dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}", "",
             f"- machine: {machine()}",
@@ -260,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
              "attention; moerge: `output.format: mixtral`, token routing, attention = task-arithmetic merge of the "
              "adapters"),
             "", summary,
-        ]))
+        ]), HEADING)
         print(f"appended to {RESULTS}")
     return 0
 

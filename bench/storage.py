@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import routed_models as rm
-from generate_speed import loadavg, machine, record
+from _measure import loadavg, machine_with_transformers, record
 
 HEADING = "## storage (issue 3)"
 GOAL = 1.3
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         entry = "\n".join([
             f"### {_dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
             "",
-            f"- machine: {machine()}",
+            f"- machine: {machine_with_transformers()}",
             f"- load average before: {load_start}, after: {loadavg()} (sizes do not depend on load)",
             f"- command: `{cmd}`",
             ("- model: llama hidden 768, 12 layers, intermediate 3072, 114M parameters; 4 experts, every MLP routed "
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
             "</details>",
         ])
-        record(HEADING, entry)
+        record(entry, HEADING)
         print(f"appended to {rm.HERE / 'RESULTS.md'}")
     return 0
 
