@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .analysis import cache as analysis_cache
 from .analysis.conflict import METRICS, UnitStats
 from .analysis.select import needs_metrics, select_units
 from .arch import Family, family_for
@@ -79,9 +80,18 @@ def unit_metrics(ctx: BuildContext, unit: Unit, density: float) -> dict[str, flo
 
 
 def analyze_units(ctx: BuildContext, units: list[Unit], progress: bool = True) -> dict[str, dict[str, float]]:
+    """Conflict metrics of every unit; units analysed before over the same inputs come from the analysis cache
+    (:mod:`moerge.analysis.cache`), the others are streamed and added to it."""
     density = ctx.params.density if ctx.method.sparsify == "magnitude" and ctx.params.density < 1 else 0.2
-    return {u.path: unit_metrics(ctx, u, density)
-            for u in tqdm(units, desc="analyze", unit="unit", disable=not progress, dynamic_ncols=True)}
+    folders = [ctx.base.folder, *(Path(src.path) for src in ctx.sources)]
+    key = analysis_cache.inputs_key(folders, ctx.recipe.merge.model_dump(mode="json"), ctx.recipe.seed, density)
+    known = analysis_cache.load(key)
+    todo = [u for u in units if u.path not in known]
+    for u in tqdm(todo, desc="analyze", unit="unit", disable=not progress or not todo, dynamic_ncols=True):
+        known[u.path] = unit_metrics(ctx, u, density)
+    if todo:
+        analysis_cache.save(key, known)
+    return {u.path: known[u.path] for u in units}
 
 
 # ---------------------------------------------------------------- routed plan

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 
+import tempfile
+
 for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ[_var] = "1"
+# the conflict-analysis cache of this test run: never the user's ~/.cache/moerge
+os.environ["MOERGE_ANALYSIS_CACHE"] = tempfile.mkdtemp(prefix="moerge-analysis-cache-")
 
 from typing import Any
 

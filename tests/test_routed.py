@@ -183,6 +183,46 @@ def test_selection_rules_and_plan(pool: dict) -> None:
     assert "4/4 units routed" in plan_text(recipe_from_dict(raw))
 
 
+def test_analysis_cache_reuses_and_invalidates(pool: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second plan over the same inputs reads the cached metrics (no unit is streamed again) and gets the same
+    routed units; changing an expert's file or the merge recomputes; MOERGE_NO_CACHE turns the cache off."""
+    import shutil
+
+    import moerge.plan as plan_mod
+    from moerge.context import BuildContext
+
+    monkeypatch.setenv("MOERGE_ANALYSIS_CACHE", str(tmp_path / "cache"))
+    expert = tmp_path / "expert"
+    shutil.copytree(pool["full"][1], expert)
+    raw = _recipe(pool, [pool["full"][0], expert], "twin", rank=4)
+    raw["routing"]["select"] = {"metric": "sign_conflict", "top_fraction": 0.5}
+    calls: list[str] = []
+    real = plan_mod.unit_metrics
+    monkeypatch.setattr(plan_mod, "unit_metrics", lambda ctx, u, d: calls.append(u.path) or real(ctx, u, d))
+
+    def plan(raw: dict) -> tuple[dict, list[str]]:
+        p = plan_mod.make_plan(BuildContext.open(recipe_from_dict(raw)), progress=False)
+        return p.metrics, [u.path for u in p.routed]
+
+    first, routed = plan(raw)
+    assert len(calls) == 4 and len(list((tmp_path / "cache").glob("*.json"))) == 1
+    again, routed_again = plan(raw)
+    assert len(calls) == 4 and again == first and routed_again == routed  # all from the cache
+    raw["routing"]["select"] = {"budget": "1.5x"}  # another rule over the same inputs: still cached
+    plan(raw)
+    assert len(calls) == 4
+    raw["merge"] = {"method": "ties", "density": 0.3, "lambda": 1.0}  # merge_error / trimming change
+    plan(raw)
+    assert len(calls) == 8
+    weights = next(expert.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes())  # same bytes, new mtime: the key changes
+    plan(raw)
+    assert len(calls) == 12
+    monkeypatch.setenv("MOERGE_NO_CACHE", "1")
+    plan(raw)
+    assert len(calls) == 16
+
+
 def test_analyze_writes_json_and_png(pool: dict, tmp_path: Path) -> None:
     from moerge.cli import main
 
