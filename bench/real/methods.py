@@ -485,6 +485,8 @@ def all_methods() -> list[Method]:
         for sel in SELECTIONS:
             if kind == "lora" and sel == "budget1.3":
                 continue  # every lora unit fits in 1.3x: the same build as "all"
+            if kind == "twin8" and sel != "all":
+                continue  # the middle rank: one selection is enough to place it between ranks 4 and 16
             for cal in (False, True):
                 label = f"moerge {kind} / {SELECTION_LABELS[sel]} / {'calibrated' if cal else 'prototype'}"
                 ms.append(Method(f"moerge-{kind}-{sel}{'-cal' if cal else ''}", label, "moerge",

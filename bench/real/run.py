@@ -3,10 +3,10 @@
     python -m bench.real.run [--quick] [--only KEY ...] [--fresh] [--threads 1] [--no-record] [--table-only]
 
 ``--quick``: base, oracle, two static merges, the shipped recipe and one routed grid row, on the first 50 dev
-prompts per task (about 10 minutes on an idle 2-core CPU).  The full run: every method; the reference, static
-and peer rows and ``recipes/real_pool.yaml`` on all 200 dev prompts per task (PEFT Arrow, evaluated in fp32, on
-50), the moerge grid (kind x selection x router) on ``--screen`` prompts (50), then its best builds again on
-all 200.  Built checkpoints, evaluation results and per-(prompt, route) predictions are cached under
+prompts per task (about 7 minutes on an idle 2-core CPU).  The full run: every method; the reference, static
+and peer rows and ``recipes/real_pool.yaml`` on the first ``--n`` dev prompts per task (100; ``--n 0``: all
+200; PEFT Arrow, evaluated in fp32, on at most 50), the moerge grid (kind x selection x router) on
+``--screen`` prompts (20), then its best builds again on ``--n``.  Built checkpoints, evaluation results and per-(prompt, route) predictions are cached under
 ``bench/_work/real/``; ``--fresh`` re-evaluates (builds are reused while their recipe is unchanged);
 ``--table-only`` writes the table from whatever is cached.  The results go to ``bench/RESULTS.md`` under
 ``## real benchmark (issue 6)`` (only that section is rewritten) and to ``bench/real/accuracy_vs_storage.png``.
@@ -45,6 +45,8 @@ RESULTS = REPO / "bench" / "RESULTS.md"
 PNG = REPO / "bench" / "real" / "accuracy_vs_storage.png"
 HEADING = "## real benchmark (issue 6)"
 QUICK_HEADING = "## real benchmark, quick mode (issue 6)"
+ALL_HEADING = "## real benchmark, all 200 dev prompts per task (issue 6)"
+FULL_N = 100  # dev prompts per task in the full run's main table (the first of each split; --n 0: all 200)
 EVAL_VERSION = 3
 SPEED_PROMPT_TASK = "arith"
 GOALS = {"norm": 0.98, "routing": 0.97, "storage": 1.3, "speed": 0.9}
@@ -350,13 +352,21 @@ METHOD_NOTES = (
 )
 
 
+def heading(args: argparse.Namespace) -> str:
+    return QUICK_HEADING if args.quick else ALL_HEADING if args.n == 0 else HEADING
+
+
 def section(rows: list[dict], grid: list[dict], args: argparse.Namespace, wall: float, n_main: int,
             n_grid: int) -> str:
-    cmd = "python -m bench.real.run" + (" --quick" if args.quick else "")
-    lines = [QUICK_HEADING if args.quick else HEADING, "",
+    cmd = "python -m bench.real.run" + (" --quick" if args.quick else "") + \
+        "".join(f" --{k} {v}" for k, v in (("n", args.n), ("screen", None if args.quick else args.screen),
+                                            ("threads", args.threads)) if v is not None)
+    total = sum(r.get("wall_s", 0.0) for r in rows + grid) / 60
+    lines = [heading(args), "",
              f"Command: `{cmd}` ({'quick' if args.quick else 'full'} mode), run on "
              f"{dt.datetime.now().strftime('%Y-%m-%d %H:%M')}, {wall / 60:.1f} min wall "
-             "(rows cached from an earlier run keep the times measured then).",
+             f"(rows cached from an earlier run keep the times measured then; the rows' own wall times add up to "
+             f"{total:.1f} min).",
              f"Machine: {machine()}; {args.threads} torch threads for evaluation, shared with other jobs.", "",
              METHOD_NOTES, ""]
     lines += goals(rows) + ["", f"### Main table ({n_main} dev prompts per task)", "", *table(rows), ""]
@@ -416,9 +426,9 @@ def plot(rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer methods, 50 dev prompts per task")
-    ap.add_argument("--n", type=int, default=None, help="dev prompts per task in the main table "
+    ap.add_argument("--n", type=int, default=None, help="dev prompts per task in the main table, 0 = all 200 "
                     "(default: 50 quick, all 200 full)")
-    ap.add_argument("--screen", type=int, default=50, help="dev prompts per task for the moerge grid (full mode)")
+    ap.add_argument("--screen", type=int, default=20, help="dev prompts per task for the moerge grid (full mode)")
     ap.add_argument("--only", nargs="*", help="method keys (prefix match) to run")
     ap.add_argument("--fresh", action="store_true", help="ignore cached evaluation results")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
@@ -448,8 +458,8 @@ def main(argv: list[str] | None = None) -> int:
         runner.table_only = args.table_only
         rows, grid = [runner.row(m) for m in methods], []
         normalize(rows)
-    else:  # the moerge grid on --screen prompts, then the main table (finalists included) on all prompts
-        n = args.n
+    else:  # the moerge grid on --screen prompts, then the main table (finalists included) on --n prompts
+        n = FULL_N if args.n is None else (args.n or None)  # None: every dev prompt
         main_methods = [m for m in methods if m.group != "moerge" or m.key.startswith("recipe")]
         grid_methods = [m for m in methods if m not in main_methods]
         log(f"full: {len(main_methods)} methods + a {len(grid_methods)}-row moerge grid, {args.threads} threads")
@@ -468,9 +478,11 @@ def main(argv: list[str] | None = None) -> int:
     copy_dense_speed(rows)
     wall = time.perf_counter() - t0
     text = section(rows, grid, args, wall, n or 200, args.screen)
+    log(f"sum of the per-row wall times (what a run without cached rows takes): "
+        f"{sum(r.get('wall_s', 0.0) for r in rows + grid) / 60:.1f} min")
     print(text)
     if not args.no_record:
-        write_section(text, QUICK_HEADING if args.quick else HEADING)
+        write_section(text, heading(args))
         if not args.quick:
             plot(rows + [g for g in grid if g["key"] not in {r["key"] for r in rows}])
         log(f"wrote {RESULTS}" + ("" if args.quick else f" and {PNG}"))
