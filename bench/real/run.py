@@ -391,30 +391,38 @@ def write_section(text: str, heading: str = HEADING) -> None:
     RESULTS.write_text(new.rstrip("\n") + "\n")
 
 
-def plot(rows: list[dict]) -> None:
+def plot(rows: list[dict], grid: list[dict], n_main: int, n_grid: int) -> None:
+    """Mean normalized accuracy vs storage: main-table rows filled, the moerge grid (screening prompts) hollow."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def ok(r: dict) -> bool:
+        return r["status"] == "ok" and bool(r.get("storage")) and "mean_norm" in r
+
     colors = {"reference": "black", "static": "tab:blue", "peer": "tab:orange", "moerge": "tab:green"}
     fig, ax = plt.subplots(figsize=(9, 6))
     for group, color in colors.items():
-        pts = [r for r in rows if r["group"] == group and r["status"] == "ok" and r.get("storage") and "mean_norm" in r]
-        ax.scatter([r["storage"] for r in pts], [r["mean_norm"] for r in pts], c=color, label=group, s=28,
-                   marker="^" if group == "moerge" else "o", alpha=0.8)
-    best = best_moerge(rows)
-    named = [r for r in rows if r["status"] == "ok" and "mean_norm" in r and r.get("storage")
-             and (r["group"] != "moerge" or r is best)]
-    for r in named:
-        ax.annotate(r["key"], (r["storage"], r["mean_norm"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        pts = [r for r in rows if r["group"] == group and ok(r)]
+        ax.scatter([r["storage"] for r in pts], [r["mean_norm"] for r in pts], c=color, s=30, alpha=0.85,
+                   label=group, marker="^" if group == "moerge" else "o")
+    shown = {r["key"] for r in rows}
+    pts = [g for g in grid if ok(g) and g["key"] not in shown]
+    if pts:
+        ax.scatter([r["storage"] for r in pts], [r["mean_norm"] for r in pts], facecolors="none",
+                   edgecolors="tab:green", s=30, marker="^", label=f"moerge grid (screen, {n_grid} prompts/task)")
+    for r in rows:
+        if ok(r) and (r["group"] != "moerge" or r["key"].startswith("recipe")):
+            ax.annotate(r["key"], (r["storage"], r["mean_norm"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.axhline(GOALS["norm"], ls="--", c="grey", lw=0.8)
     ax.axvline(GOALS["storage"], ls="--", c="grey", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("storage / dense base (log)")
     ax.set_ylabel("mean normalized accuracy (method / expert)")
-    ax.set_title("real pool (SmolLM2-135M, 4 LoRA experts): accuracy vs storage")
-    ax.legend()
+    ax.set_title(f"real pool (SmolLM2-135M, 4 LoRA experts): accuracy vs storage\n"
+                 f"filled: main table, {n_main} dev prompts/task (Arrow: its own cap); hollow: grid", fontsize=10)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     PNG.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(PNG, dpi=120)
@@ -484,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_record:
         write_section(text, heading(args))
         if not args.quick:
-            plot(rows + [g for g in grid if g["key"] not in {r["key"] for r in rows}])
+            plot(rows, grid, n or 200, args.screen)
         log(f"wrote {RESULTS}" + ("" if args.quick else f" and {PNG}"))
     log(f"done in {wall / 60:.1f} min")
     return 0
