@@ -22,9 +22,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import platform
-import shlex
 import sys
 import time
 import traceback
@@ -207,7 +207,7 @@ def normalize(rows: list[dict], oracle: dict | None = None) -> None:
             k = len(r["correct"][t])
             ref = sum(oracle["correct"][t][:k]) / k
             r["norm"][t] = r["acc"][t] / ref if ref else float("nan")
-        defined = [v for v in r["norm"].values() if v == v]  # tasks where the oracle scores 0 are left out
+        defined = [v for v in r["norm"].values() if not math.isnan(v)]  # tasks where the oracle scores 0: left out
         r["mean_norm"] = sum(defined) / len(defined) if defined else float("nan")
 
 
@@ -356,24 +356,28 @@ def heading(args: argparse.Namespace) -> str:
     return QUICK_HEADING if args.quick else ALL_HEADING if args.n == 0 else HEADING
 
 
+def rows_minutes(rows: list[dict]) -> float:
+    """The rows' own wall times added up (what a run without cached rows takes), in minutes."""
+    return sum(r.get("wall_s", 0.0) for r in rows) / 60
+
+
 def section(rows: list[dict], grid: list[dict], args: argparse.Namespace, wall: float, n_main: int,
             n_grid: int) -> str:
     cmd = "python -m bench.real.run" + (" --quick" if args.quick else "") + \
         "".join(f" --{k} {v}" for k, v in (("n", args.n), ("screen", None if args.quick else args.screen),
                                             ("threads", args.threads)) if v is not None)
-    total = sum(r.get("wall_s", 0.0) for r in rows + grid) / 60
     lines = [heading(args), "",
-             f"Command: `{cmd}` ({'quick' if args.quick else 'full'} mode), run on "
-             f"{dt.datetime.now().strftime('%Y-%m-%d %H:%M')}, {wall / 60:.1f} min wall "
-             f"(rows cached from an earlier run keep the times measured then; the rows' own wall times add up to "
-             f"{total:.1f} min).",
+             (f"Command: `{cmd}` ({'quick' if args.quick else 'full'} mode), run on "
+              f"{dt.datetime.now().strftime('%Y-%m-%d %H:%M')}, {wall / 60:.1f} min wall "
+              f"(rows cached from an earlier run keep the times measured then; the rows' own wall times add up to "
+              f"{rows_minutes(rows + grid):.1f} min)."),
              f"Machine: {machine()}; {args.threads} torch threads for evaluation, shared with other jobs.", "",
              METHOD_NOTES, ""]
     lines += goals(rows) + ["", f"### Main table ({n_main} dev prompts per task)", "", *table(rows), ""]
     if grid:
         lines += [f"### moerge grid: kind x selection x router ({n_grid} dev prompts per task)", "",
-                  "Every routed kind and selection; the best builds (3 within 1.3x storage, and the best overall) "
-                  "are re-run on all dev prompts in the main table. Speeds are not measured here.", "",
+                  ("Every routed kind and selection; the best builds (3 within 1.3x storage, and the best overall) "
+                   f"are re-run on the main table's {n_main} prompts per task. Speeds are not measured here."), "",
                   *table(grid), ""]
     if not args.quick:
         lines += [f"![accuracy vs storage](real/{PNG.name})", ""]
@@ -487,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t0
     text = section(rows, grid, args, wall, n or 200, args.screen)
     log(f"sum of the per-row wall times (what a run without cached rows takes): "
-        f"{sum(r.get('wall_s', 0.0) for r in rows + grid) / 60:.1f} min")
+        f"{rows_minutes(rows + grid):.1f} min")
     print(text)
     if not args.no_record:
         write_section(text, heading(args))
