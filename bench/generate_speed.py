@@ -10,6 +10,9 @@ sequence-level top-1 routing with prototypes calibrated on 32 ``make_task_data``
 mergekit-moe builds a Mixtral (``gate_mode`` hidden by default, experts_per_token 1 and 2) of the same 4 full
 experts with 8 positive prompts each, run as its own process.
 
+Reference row "base, moerge kernel": the same dense base with every linear applied by moerge's cached-weight kernel
+(`blocks_linear`); the routed rows over this row isolate what routing costs from what the kernel choice gains.
+
 Prompts: chat-templated ``make_task_data`` prompts (seed 1, not the calibration ones).  Batch 1: one prompt per
 rep, rotating over the 4 tasks (every route is timed).  Batch 8: 2 prompts of each task, left-padded, so the
 rows take 4 different routes (checked with ``last_routes()`` and recorded).  Every generate is greedy with
@@ -176,6 +179,23 @@ def load(path: Path):
     return model, note
 
 
+def load_kernel_reference(path: Path):
+    """The dense base with every ``nn.Linear`` applied through moerge's `blocks_linear` (the cached-weight kernel
+    of routed linears): separates what the kernel choice gains from what routing costs."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from moerge.modeling.modeling_moerge import blocks_linear, weight_blocks
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear):
+            blocks = weight_blocks(mod.weight.detach())
+            mod.forward = lambda x, blocks=blocks, bias=mod.bias: blocks_linear(x, blocks, bias)
+    return model, ""
+
+
 def route_summary(model, enc: dict) -> str:
     """moerge: the top-1 expert of each batch row; Mixtral: distinct top-1 experts over prompt tokens."""
     import torch
@@ -194,8 +214,8 @@ def route_summary(model, enc: dict) -> str:
     return f"token-level; distinct top-1 experts per layer over the batch's tokens: min {min(used)}, max {max(used)}"
 
 
-def time_pair(name: str, path: Path, base, tok, singles, batch, args) -> Result:
-    model, note = load(path)
+def time_pair(name: str, path: Path, base, tok, singles, batch, args, loader=load) -> Result:
+    model, note = loader(path)
     res = Result(name, note)
     pad = tok.pad_token_id
     enc1 = [tok([p], return_tensors="pt", add_special_tokens=False) for p in singles]
@@ -232,23 +252,7 @@ def time_pair(name: str, path: Path, base, tok, singles, batch, args) -> Result:
 
 def cache_bytes(model) -> int | None:
     """Bytes of the effective weights / deltas / kernel indices cached by the routed linears (moerge only)."""
-    import torch
-
-    if not hasattr(model, "clear_route_cache"):
-        return None
-    seen, total = set(), 0
-    for mod in model.modules():
-        for name in ("_weights", "_deltas", "_rows_aux"):
-            cache = getattr(mod, name, None) or {}
-            for value in cache.values():
-                for t in value if isinstance(value, tuple) else (value,):
-                    if isinstance(t, torch.Tensor) and t.layout == torch.strided and id(t) not in seen:
-                        seen.add(id(t))
-                        total += t.numel() * t.element_size()
-                    elif isinstance(t, torch.Tensor):  # sparse CSR: its three tensors
-                        for part in (t.crow_indices(), t.col_indices(), t.values()):
-                            total += part.numel() * part.element_size()
-    return total
+    return model.route_cache_bytes() if hasattr(model, "route_cache_bytes") else None
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -272,11 +276,17 @@ def table(results: list[Result], base_label: str) -> str:
         q1, q8 = r.ratio(1), r.ratio(8)
         ok1 = "met" if q1 >= GOAL_B1 else "**missed**"
         ok8 = "met" if q8 >= GOAL_B8 else "**missed**"
-        if r.name.startswith("mergekit"):
+        if r.name.startswith("mergekit") or r.name.endswith("(reference)"):
             ok1 = ok8 = "(reference)"
         routes = r.routes + (f"; LOAD WARNING: {r.load_note}" if r.load_note else "")
         lines.append(f"| {r.name} | {med(r.b1):.1f} | {q1:.2f} | {r.ratio(1, True):.2f} | {ok1} | {med(r.b8):.1f} | "
                      f"{q8:.2f} | {r.ratio(8, True):.2f} | {ok8} | {switch} | {caches} | {routes} |")
+    ref = next((r for r in results if r.name.endswith("(reference)") and r.b8), None)
+    routed = [r for r in results if r.b8 and r.name in KINDS]
+    if ref is not None and routed:
+        lines += ["", "Routed kinds over the kernel reference (the cost of routing alone), batch 1 / batch 8: " +
+                  ", ".join(f"{r.name} {r.ratio(1) / ref.ratio(1):.2f} / {r.ratio(8) / ref.ratio(8):.2f}"
+                            for r in routed)]
     return "\n".join(lines)
 
 
@@ -300,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-mergekit", action="store_true")
     ap.add_argument("--gate-mode", default="hidden", choices=["hidden", "cheap_embed", "random"])
     ap.add_argument("--mergekit-k", default="1,2", help="experts_per_token values of the Mixtral builds")
+    ap.add_argument("--no-kernel-reference", action="store_true",
+                    help="skip the row of the base run through moerge's cached-weight kernel")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args(argv)
 
@@ -345,8 +357,13 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001 - recorded as the result (e.g. a checkpoint that does not load)
             rm._log(f"{name}: FAILED {type(exc).__name__}: {exc}")
             results.append(Result(name, f"failed: {type(exc).__name__}: {str(exc)[:300]}"))
+    if not args.no_kernel_reference:
+        name = "base, moerge kernel (reference)"
+        results.append(time_pair(name, Path(models["base"]), base, tok, singles, batch, args, load_kernel_reference))
+        notes[name] = ("the dense base with every linear applied by moerge's `blocks_linear` (the kernel of "
+                       "cached effective weights); routed rows / this row = the cost of routing itself")
     for name, note in notes.items():
-        if name not in paths:
+        if name not in paths and not any(r.name == name for r in results):
             results.append(Result(name, note))
     load_end = loadavg()
     base_label = f"dense base ({rm.n_params(models['base']) / 1e6:.0f}M, fp32)"
@@ -373,8 +390,9 @@ def main(argv: list[str] | None = None) -> int:
             ("- new route (b1): extra wall time of the first batch-1 forward on a route whose effective weights are "
              "not cached yet (`clear_route_cache()`; every routed linear then builds W_s + Δ_e once and keeps it in a "
              "4-route LRU), median over 3 routes; not included in the tok/s (warm-up first); route caches: what the "
-             "routed linears hold after the runs (effective weights of the 4 routes for batch 1, bit1 lookup "
-             "indices / sparse CSR for batch 8), on top of the checkpoint's own tensors"),
+             "routed linears hold after the runs (`route_cache_bytes()`: the effective weights of the 4 routes, "
+             "used at batch 1 and, for every kind but twin / lora, by the batch-8 groups), on top of the "
+             "checkpoint's own tensors"),
             "",
             summary,
             "",

@@ -1,8 +1,9 @@
 """Mixed-route batches at sequence level, every kind: rows equal the rows alone, at prefill and over decode steps.
 
-twin / lora (always) and bit1 / sparse (few rows per route, e.g. decode steps) take the factorised path of
-``RoutedLinear._forward_groups`` (``x W_s^T`` for every row plus each group's ``x Δ_e^T``); dense / wemoe keep one
-effective weight per route.  The kernels ``bit1_apply`` / ``sparse_apply`` are also checked against the dense Δ.
+twin / lora (always) and bit1 / sparse (few rows per route, with the weight cache off) take the factorised path of
+``RoutedLinear._forward_groups`` (``x W_s^T`` for every row plus each group's ``x Δ_e^T``); the others keep one
+cached effective weight per route, applied by ``blocks_linear``.  The kernels ``bit1_apply`` / ``sparse_apply`` /
+``blocks_linear`` are also checked against dense products.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from test_modeling import KINDS, build, left_pad, load, logits, point_prototypes
 
 from moerge.modeling.modeling_moerge import (
     DELTAS,
+    BLOCK_COLS,
+    SMALL_M,
     RoutedLinear,
     bit1_apply,
+    blocks_linear,
     bit1_lookup_index,
     sparse_apply,
     sparse_rows,
@@ -54,14 +58,18 @@ def test_mixed_route_batch_equals_rows_alone_every_kind(tmp_path, base_name, kin
     ids, mask = left_pad(prompts)
     batch_logits = logits(model, ids, mask)
     assert model.last_routes().argmax(-1).tolist() == [0, 1, 2]
+    # cached: one effective weight (+ bias) per route and routed linear, except for the factorised kinds
+    routed = [m for m in model.modules() if isinstance(m, RoutedLinear)]
+    one_route = sum(t.numel() * t.element_size() for m in routed for t in (m.weight, m.bias) if t is not None)
+    assert model.route_cache_bytes() == (0 if kind in ("twin", "lora") else 3 * one_route)
     for i, p in enumerate(prompts):
         assert (batch_logits[i, -1] - logits(model, p[None])[0, -1]).abs().max() <= 1e-4
     model.clear_route_cache()
     seen = []
     original = RoutedLinear._factored_groups
 
-    def spy(self, x, groups):
-        used = original(self, x, groups)
+    def spy(self, x, groups, caching):
+        used = original(self, x, groups, caching)
         seen.append((x.shape[1], used))
         return used
 
@@ -73,8 +81,40 @@ def test_mixed_route_batch_equals_rows_alone_every_kind(tmp_path, base_name, kin
     finally:
         RoutedLinear._factored_groups = original
     decode = {used for t, used in seen if t == 1}
-    assert decode == ({True} if kind in ("twin", "lora", "bit1", "sparse") else {False})
+    assert decode == ({True} if kind in ("twin", "lora") else {False})
+    if kind in ("bit1", "sparse"):  # without the weight cache: the bit1 / sparse kernels, same logits
+        seen.clear()
+        caching = RoutedLinear._caching
+        RoutedLinear._factored_groups, RoutedLinear._caching = spy, lambda self: False
+        try:
+            uncached = logits(model, ids, mask)
+        finally:
+            RoutedLinear._factored_groups, RoutedLinear._caching = original, caching
+        assert {used for _, used in seen} == {True}
+        assert model.last_routes().argmax(-1).tolist() == [0, 1, 2]
+        assert (uncached - batch_logits).abs().max() <= 1e-4
     for i, p in enumerate(prompts):
         alone = model.generate(input_ids=p[None], max_new_tokens=5, do_sample=False, pad_token_id=0,
                                min_new_tokens=5)
         assert out[i, ids.shape[1]:].tolist() == alone[0, len(p):].tolist()
+
+
+@pytest.mark.parametrize("in_f", [7, BLOCK_COLS, BLOCK_COLS + 1, 2 * BLOCK_COLS + 300])
+@pytest.mark.parametrize("rows", [1, 2, SMALL_M, SMALL_M + 1, 19])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_blocks_linear_equals_linear(in_f, rows, with_bias):
+    from moerge.modeling.modeling_moerge import weight_blocks
+
+    torch.manual_seed(in_f + rows)
+    w = torch.randn(40, in_f)
+    b = torch.randn(40) if with_bias else None
+    x = torch.randn(rows, 1, in_f)  # (B, T, I)
+    blocks = weight_blocks(w)
+    assert len(blocks) == -(-in_f // BLOCK_COLS) and all(blk.is_contiguous() for blk in blocks)
+    assert torch.equal(torch.cat(blocks, 1), w)
+    got = blocks_linear(x, blocks, b)
+    want = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    assert got.shape == (rows, 1, 40) and got.dtype == torch.float32
+    assert (got.double() - want).abs().max() <= 1e-4
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # same output dtype as F.linear under autocast
+        assert blocks_linear(x, blocks, b).dtype == torch.nn.functional.linear(x, w, b).dtype

@@ -19,6 +19,7 @@ Shapes in comments: B batch, T tokens, C hidden size, E experts, O/I a linear's 
 from __future__ import annotations
 
 import inspect
+import itertools
 import os
 import shutil
 import warnings
@@ -91,7 +92,7 @@ FACTORED: dict[str, Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tens
 CACHED_DELTA = ("bit1", "sparse")
 STORED_DTYPES = {"signs": torch.uint8, "indices": torch.int32}
 # kinds with a kernel for x @ Δ_e^T that never forms the dense Δ (`bit1_apply`, `sparse_apply`); used when x has
-# at most SMALL_ROWS rows (tokens), e.g. the decode steps of a mixed-route batch
+# at most SMALL_ROWS rows (tokens): token routes, and mixed-route batches without the weight cache
 ROW_KERNELS = ("bit1", "sparse")
 SMALL_ROWS = 32
 
@@ -150,6 +151,53 @@ def sparse_apply(x: torch.Tensor, csr: torch.Tensor) -> torch.Tensor:
     return (csr @ x.float().T).T
 
 
+# Cached effective weights on CPU are kept as contiguous column blocks of at most BLOCK_COLS inputs, and a product
+# with at most SMALL_M rows is computed as Σ_j W_j @ x_j^T (rows padded to 2).  On one core of an AVX-512 x86 with
+# the MKL BLAS of the torch wheel, that form streams a weight once at 1-4 rows while ``F.linear`` / ``x @ W^T``
+# re-read it per row at 2-4 rows (e.g. 768x3072 fp32, 25 weights, 2 rows: 12 ms vs 25 ms, reading them once:
+# 11 ms); it is what keeps the decode steps of a mixed-route batch (a few rows per route) near memory speed.
+BLOCK_COLS = 1024
+SMALL_M = 4
+
+
+def weight_blocks(w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(O, I) -> contiguous (O, I_j) column blocks, I_j <= BLOCK_COLS (just (w,) off CPU or when I <= BLOCK_COLS)."""
+    if w.device.type != "cpu" or w.shape[1] <= BLOCK_COLS:
+        return (w,)
+    n = -(-w.shape[1] // BLOCK_COLS)
+    return tuple(b.contiguous() for b in torch.tensor_split(w, n, dim=1))
+
+
+def blocks_linear(x: torch.Tensor, blocks: tuple[torch.Tensor, ...], bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, cat(blocks, 1), bias)`` for x (..., I) -> (..., O), without the concatenated weight."""
+    if len(blocks) == 1 and (blocks[0].device.type != "cpu" or x.numel() > SMALL_M * x.shape[-1]):
+        return F.linear(x, blocks[0], bias)
+    out_features = blocks[0].shape[0]
+    x2 = x.reshape(-1, x.shape[-1])  # (N, I)
+    n = x2.shape[0]
+    if n <= SMALL_M and blocks[0].device.type == "cpu":
+        if n == 1:
+            x2 = torch.cat([x2, torch.zeros_like(x2)])  # N = 1 takes a slower GEMV path
+        xt, k0, acc = x2.t(), 0, None  # xt (I, N): a transposed view, not a copy (the fast case)
+        for blk in blocks:
+            k1 = k0 + blk.shape[1]
+            if acc is not None:  # addmm, not addmm_: autocast may have lowered acc's dtype
+                acc = torch.addmm(acc, blk, xt[k0:k1])
+            elif bias is not None:
+                acc = torch.addmm(bias[:, None].expand(-1, xt.shape[1]), blk, xt[k0:k1])
+            else:
+                acc = torch.mm(blk, xt[k0:k1])  # (O, N)
+            k0 = k1
+        y = acc[:, :n].t()
+    else:
+        y, k0 = None, 0
+        for blk in blocks:
+            k1 = k0 + blk.shape[1]
+            part = F.linear(x2[:, k0:k1], blk, bias if y is None else None)  # (N, O)
+            y, k0 = part if y is None else y + part, k1
+    return y.reshape(*x.shape[:-1], out_features)
+
+
 def _version(t: torch.Tensor) -> int:
     try:
         return t._version
@@ -177,6 +225,9 @@ class RouteSlot:
     def clear(self) -> None:
         self.route: torch.Tensor | None = None
         self.groups: list[tuple[tuple[float, ...], torch.Tensor | None]] | None = None
+        self.order: torch.Tensor | None = None  # (B,) rows sorted by group (several groups only)
+        self.unorder: torch.Tensor | None = None  # (B,) its inverse permutation
+        self.spans: list[tuple[int, int]] = []  # each group's [start, end) in that order
         self.active: list[int] = []
         self.forced = False
         self.tokens = 1
@@ -195,7 +246,12 @@ class RouteSlot:
         if len(keys) == 1:
             self.groups = [(keys[0], None)]
         elif len(keys) <= max_groups:
-            self.groups = [(k, torch.nonzero(inverse == g).flatten()) for g, k in enumerate(keys)]
+            rows = [torch.nonzero(inverse == g).flatten() for g in range(len(keys))]
+            self.groups = list(zip(keys, rows))
+            self.order = torch.cat(rows)
+            self.unorder = torch.argsort(self.order)
+            ends = list(itertools.accumulate(len(r) for r in rows))
+            self.spans = list(zip([0, *ends[:-1]], ends))
         else:
             self.groups = None
 
@@ -299,11 +355,11 @@ class RoutedLinear(nn.Module):
     """A linear layer whose weight is ``W_s + Σ_e r_e Δ_e`` for the current route r (read from ``slot``).
 
     (B, E) routes: rows are grouped by route, each group's effective weight is materialised once and kept in a
-    small LRU cache (transposed when O > I, see `effective`), so a batch-1 decode step costs one dense matmul.  A mixed-route batch of twin/lora (and
-    of bit1/sparse when the groups are small, e.g. decode steps) instead runs ``x @ W_s^T`` once for all rows
-    plus each group's ``x @ Δ_e^T`` (factorised / `bit1_apply` / `sparse_apply`), reading W_s once rather
-    than one full effective weight per route.  (B, T, E) routes: ``x @ W_s^T + Σ_e r_e (x @ Δ_e^T)``,
-    factorised for twin/lora.
+    small LRU cache (as CPU-friendly column blocks, see `blocks_linear`), so a decode step costs one dense
+    matmul per group.  A mixed-route batch of twin/lora (and of bit1/sparse when the cache is off, e.g. with
+    autograd, and the groups are small) instead runs ``x @ W_s^T`` once for all rows plus each group's
+    ``x @ Δ_e^T`` (factorised / `bit1_apply` / `sparse_apply`), reading W_s once rather than one full effective
+    weight per route.  (B, T, E) routes: ``x @ W_s^T + Σ_e r_e (x @ Δ_e^T)``, factorised for twin/lora.
     """
 
     def __init__(
@@ -353,6 +409,16 @@ class RoutedLinear(nn.Module):
         self._rows_aux.clear()
         self._signature = ()
 
+    def cache_bytes(self) -> int:
+        """Bytes of the cached effective weights, deltas and bit1 / sparse kernel indices."""
+        tensors = [*self._deltas.values()]
+        for blocks, bias in self._weights.values():
+            tensors += [*blocks, *([] if bias is None else [bias])]
+        for aux in self._rows_aux.values():
+            for t in aux:  # a sparse CSR tensor counts its three parts
+                tensors += [t.crow_indices(), t.col_indices(), t.values()] if t.layout == torch.sparse_csr else [t]
+        return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
+
     def _all_tensors(self) -> list[torch.Tensor]:
         ts = [t for t in self._parameters.values() if t is not None]
         return ts + [b for ex in self.experts for b in ex._buffers.values()]
@@ -401,22 +467,18 @@ class RoutedLinear(nn.Module):
                 bias = bd.float() * r if bias is None else bias + r * bd.float()
         return acc.to(w_s.dtype), None if bias is None else bias.to(w_s.dtype)
 
-    def effective(self, key: tuple[float, ...], caching: bool) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
-        """`combine`, through the LRU cache when allowed (no autograd) -> (weight, bias, transposed).
-
-        A cached weight with more outputs than inputs is kept transposed, (I, O) contiguous: CPU GEMV/small-M
-        kernels stream a matrix fastest along its longer dimension (gate/up projections: 0.55 vs 0.75 ms at 1
-        row and 1.0 vs 1.8 ms at 2 rows for 3072x768 fp32 on one core; larger M about the same)."""
+    def effective(self, key: tuple[float, ...], caching: bool) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
+        """`combine` as (`weight_blocks` of the weight, bias), through the LRU cache when allowed (no autograd)."""
         if not caching:
-            return (*self.combine(key), False)
+            w, b = self.combine(key)
+            return (w,), b
         hit = self._weights.get(key)
         if hit is not None:
             self._weights.move_to_end(key)
             return hit
         with torch.no_grad():
             w, b = self.combine(key)
-            flip = self.out_features > self.in_features
-            hit = (w.t().contiguous() if flip else w, b, flip)
+            hit = (weight_blocks(w), b)
         self._weights[key] = hit
         while len(self._weights) > max(self.cache_size, 1):
             self._weights.popitem(last=False)
@@ -424,41 +486,38 @@ class RoutedLinear(nn.Module):
 
     def _linear_route(self, x: torch.Tensor, key: tuple[float, ...], caching: bool) -> torch.Tensor:
         """x (..., I) through the effective weight of route ``key`` -> (..., O)."""
-        w, b, transposed = self.effective(key, caching)
-        if not transposed:
-            return F.linear(x, w, b)
-        x2 = x.reshape(-1, self.in_features)  # (N, I) @ (I, O); addmm keeps autocast's output dtype, like linear
-        y = torch.mm(x2, w) if b is None else torch.addmm(b, x2, w)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return blocks_linear(x, *self.effective(key, caching))
 
     def _forward_groups(self, x: torch.Tensor, groups: list, caching: bool) -> torch.Tensor:
         """One matmul per group of rows sharing a route, or (`_factored_groups`) one shared matmul plus each
-        group's factorised deltas. x (B, T, I) -> (B, T, O)."""
+        group's factorised deltas. x (B, T, I) -> (B, T, O).  Rows are gathered once into route order
+        (``slot.order``), each group is a slice, and the outputs are put back with one gather (``slot.unorder``)."""
         if len(groups) == 1:
             return self._linear_route(x, groups[0][0], caching)
-        if self._factored_groups(x, groups):
+        slot = self.slot
+        xs = x.index_select(0, slot.order)  # (B, T, I), groups contiguous
+        if self._factored_groups(x, groups, caching):
             y = F.linear(x, self.weight, self.bias)  # (B, T, O): W_s for every row
-            for key, rows in groups:
-                xr = x[rows]  # (b, T, I)
+            parts = []
+            for (key, _), (a, b) in zip(groups, slot.spans):
+                d = xs.new_zeros(b - a, *y.shape[1:])  # (b, T, O)
                 for e, r in enumerate(key):
                     if r != 0.0:
-                        y.index_add_(0, rows, self.apply_delta(e, xr, caching).to(y.dtype), alpha=r)
-            return y
-        out = None
-        for key, rows in groups:
-            y = self._linear_route(x[rows], key, caching)  # (b, T, O), autocast may change the dtype
-            if out is None:
-                out = y.new_empty(*x.shape[:-1], self.out_features)  # (B, T, O)
-            out[rows] = y
-        return out
+                        d = d + r * self.apply_delta(e, xs[a:b], caching).to(d.dtype)
+                parts.append(d)
+            return y + torch.cat(parts).index_select(0, slot.unorder).to(y.dtype)
+        ys = [self._linear_route(xs[a:b], key, caching) for (key, _), (a, b) in zip(groups, slot.spans)]
+        return torch.cat(ys).index_select(0, slot.unorder)  # autocast may have changed the dtype
 
-    def _factored_groups(self, x: torch.Tensor, groups: list) -> bool:
-        """Mixed-route batch: whether `W_s` for all rows + each group's `x @ Δ_e^T` reads fewer bytes than one
-        effective weight per group (twin / lora always; bit1 / sparse for small groups, e.g. decode steps;
-        dense / wemoe never: their Δ_e is as large as a weight)."""
+    def _factored_groups(self, x: torch.Tensor, groups: list, caching: bool) -> bool:
+        """Mixed-route batch: whether to run `W_s` for all rows + each group's `x @ Δ_e^T` rather than one
+        effective weight per group: twin / lora always (their factors are small); bit1 / sparse for small
+        groups when nothing is cached (a cached effective weight beats their gather-bound kernels: 4 routes,
+        2 rows each, ~110M llama, all MLPs routed, CPU: bit1 0.46 -> 0.8x, sparse 0.69 -> 0.8x the base's
+        tokens/s); dense / wemoe never (their Δ_e is as large as a weight)."""
         if self.kind in FACTORED:
             return True
-        if self.kind not in ROW_KERNELS:
+        if self.kind not in ROW_KERNELS or caching:
             return False
         per_row = x[0].numel() // self.in_features  # tokens per row
         return max(len(rows) for _, rows in groups) * per_row <= SMALL_ROWS
@@ -822,6 +881,10 @@ class MoergeForCausalLM(PreTrainedModel, GenerationMixin):
         for module in self.modules():
             if isinstance(module, RoutedLinear):
                 module.clear_cache()
+
+    def route_cache_bytes(self) -> int:
+        """Bytes held by the routed linears' caches (effective weights, deltas, kernel indices)."""
+        return sum(m.cache_bytes() for m in self.modules() if isinstance(m, RoutedLinear))
 
     def last_routes(self) -> torch.Tensor | dict[str, torch.Tensor] | None:
         """(B, E) at sequence level, {unit: (B, T, E)} at token level, from the last forward."""
