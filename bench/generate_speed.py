@@ -10,8 +10,9 @@ sequence-level top-1 routing with prototypes calibrated on 32 ``make_task_data``
 mergekit-moe builds a Mixtral (``gate_mode`` hidden by default, experts_per_token 1 and 2) of the same 4 full
 experts with 8 positive prompts each, run as its own process.
 
-Reference row "base, moerge kernel": the same dense base with every linear applied by moerge's cached-weight kernel
-(`blocks_linear`); the routed rows over this row isolate what routing costs from what the kernel choice gains.
+Reference row "base, moerge kernel": the same dense base with its MLP linears (the routed ones) applied by moerge's
+cached-weight kernel (`blocks_linear`); the routed rows over this row isolate what routing costs from what the
+kernel choice gains.
 
 Prompts: chat-templated ``make_task_data`` prompts (seed 1, not the calibration ones).  Batch 1: one prompt per
 rep, rotating over the 4 tasks (every route is timed).  Batch 8: 2 prompts of each task, left-padded, so the
@@ -180,8 +181,9 @@ def load(path: Path):
 
 
 def load_kernel_reference(path: Path):
-    """The dense base with every ``nn.Linear`` applied through moerge's `blocks_linear` (the cached-weight kernel
-    of routed linears): separates what the kernel choice gains from what routing costs."""
+    """The dense base with its MLP linears (the ones the routed builds route) applied through moerge's
+    `blocks_linear`, the kernel of cached effective weights: separates what that kernel gains from what routing
+    costs."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -189,8 +191,8 @@ def load_kernel_reference(path: Path):
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None
-    for mod in model.modules():
-        if isinstance(mod, torch.nn.Linear):
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and ".mlp." in f".{name}.":
             blocks = weight_blocks(mod.weight.detach())
             mod.forward = lambda x, blocks=blocks, bias=mod.bias: blocks_linear(x, blocks, bias)
     return model, ""
@@ -360,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_kernel_reference:
         name = "base, moerge kernel (reference)"
         results.append(time_pair(name, Path(models["base"]), base, tok, singles, batch, args, load_kernel_reference))
-        notes[name] = ("the dense base with every linear applied by moerge's `blocks_linear` (the kernel of "
+        notes[name] = ("the dense base with its MLP linears applied by moerge's `blocks_linear` (the kernel of "
                        "cached effective weights); routed rows / this row = the cost of routing itself")
     for name, note in notes.items():
         if name not in paths and not any(r.name == name for r in results):
