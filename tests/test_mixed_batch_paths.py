@@ -118,3 +118,7 @@ def test_blocks_linear_equals_linear(in_f, rows, with_bias):
     assert (got.double() - want).abs().max() <= 1e-4
     with torch.autocast("cpu", dtype=torch.bfloat16):  # same output dtype as F.linear under autocast
         assert blocks_linear(x, blocks, b).dtype == torch.nn.functional.linear(x, w, b).dtype
+    wb = w.bfloat16()  # half precision keeps one block and F.linear
+    assert len(weight_blocks(wb)) == 1
+    got = blocks_linear(x.bfloat16(), weight_blocks(wb), None if b is None else b.bfloat16())
+    assert torch.equal(got, torch.nn.functional.linear(x.bfloat16(), wb, None if b is None else b.bfloat16()))

@@ -151,18 +151,30 @@ def sparse_apply(x: torch.Tensor, csr: torch.Tensor) -> torch.Tensor:
     return (csr @ x.float().T).T
 
 
-# Cached effective weights on CPU are kept as contiguous column blocks of at most BLOCK_COLS inputs, and a product
-# with at most SMALL_M rows is computed as Σ_j W_j @ x_j^T (rows padded to 2).  On one core of an AVX-512 x86 with
-# the MKL BLAS of the torch wheel, that form streams a weight once at 1-4 rows while ``F.linear`` / ``x @ W^T``
-# re-read it per row at 2-4 rows (e.g. 768x3072 fp32, 25 weights, 2 rows: 12 ms vs 25 ms, reading them once:
-# 11 ms); it is what keeps the decode steps of a mixed-route batch (a few rows per route) near memory speed.
+# Cached float32 effective weights on CPU are kept as contiguous column blocks of at most BLOCK_COLS inputs, and a
+# product with at most SMALL_M rows is computed as Σ_j W_j @ x_j^T (rows padded to 2).  On one core of an AVX-512
+# x86 with the MKL BLAS of the torch wheel, that form streams a weight once at 1-4 rows while ``F.linear`` /
+# ``x @ W^T`` re-read it per row at 2-4 rows (e.g. 768x3072 fp32, 25 weights, 2 rows: 12 ms vs 25 ms, reading them
+# once: 11 ms); it is what keeps the decode steps of a mixed-route batch (a few rows per route) near memory speed.
+# bf16 / fp16 (no MKL GEMM: 1.1-2.7x slower that way) and autocast keep ``F.linear``.
 BLOCK_COLS = 1024
 SMALL_M = 4
 
 
+def _cpu_fp32(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype == torch.float32
+
+
+def _autocast_cpu() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
+
+
 def weight_blocks(w: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(O, I) -> contiguous (O, I_j) column blocks, I_j <= BLOCK_COLS (just (w,) off CPU or when I <= BLOCK_COLS)."""
-    if w.device.type != "cpu" or w.shape[1] <= BLOCK_COLS:
+    """(O, I) -> contiguous (O, I_j) column blocks, I_j <= BLOCK_COLS, for a float32 CPU weight; else (w,)."""
+    if not _cpu_fp32(w) or w.shape[1] <= BLOCK_COLS:
         return (w,)
     n = -(-w.shape[1] // BLOCK_COLS)
     return tuple(b.contiguous() for b in torch.tensor_split(w, n, dim=1))
@@ -170,19 +182,22 @@ def weight_blocks(w: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 def blocks_linear(x: torch.Tensor, blocks: tuple[torch.Tensor, ...], bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear(x, cat(blocks, 1), bias)`` for x (..., I) -> (..., O), without the concatenated weight."""
-    if len(blocks) == 1 and (blocks[0].device.type != "cpu" or x.numel() > SMALL_M * x.shape[-1]):
+    small = (
+        x.numel() <= SMALL_M * x.shape[-1] and _cpu_fp32(x) and _cpu_fp32(blocks[0]) and not _autocast_cpu()
+    )
+    if len(blocks) == 1 and not small:
         return F.linear(x, blocks[0], bias)
     out_features = blocks[0].shape[0]
     x2 = x.reshape(-1, x.shape[-1])  # (N, I)
     n = x2.shape[0]
-    if n <= SMALL_M and blocks[0].device.type == "cpu":
+    if small:
         if n == 1:
             x2 = torch.cat([x2, torch.zeros_like(x2)])  # N = 1 takes a slower GEMV path
         xt, k0, acc = x2.t(), 0, None  # xt (I, N): a transposed view, not a copy (the fast case)
         for blk in blocks:
             k1 = k0 + blk.shape[1]
-            if acc is not None:  # addmm, not addmm_: autocast may have lowered acc's dtype
-                acc = torch.addmm(acc, blk, xt[k0:k1])
+            if acc is not None:
+                acc = acc.addmm_(blk, xt[k0:k1])
             elif bias is not None:
                 acc = torch.addmm(bias[:, None].expand(-1, xt.shape[1]), blk, xt[k0:k1])
             else:
