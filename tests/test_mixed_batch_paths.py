@@ -116,8 +116,8 @@ def test_blocks_linear_equals_linear(in_f, rows, with_bias):
     want = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
     assert got.shape == (rows, 1, 40) and got.dtype == torch.float32
     assert (got.double() - want).abs().max() <= 1e-4
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # same output dtype as F.linear under autocast
-        assert blocks_linear(x, blocks, b).dtype == torch.nn.functional.linear(x, w, b).dtype
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the same bf16 product as F.linear under autocast
+        assert torch.equal(blocks_linear(x, blocks, b), torch.nn.functional.linear(x, w, b))
     wb = w.bfloat16()  # half precision keeps one block and F.linear
     assert len(weight_blocks(wb)) == 1
     got = blocks_linear(x.bfloat16(), weight_blocks(wb), None if b is None else b.bfloat16())

@@ -156,7 +156,8 @@ def sparse_apply(x: torch.Tensor, csr: torch.Tensor) -> torch.Tensor:
 # x86 with the MKL BLAS of the torch wheel, that form streams a weight once at 1-4 rows while ``F.linear`` /
 # ``x @ W^T`` re-read it per row at 2-4 rows (e.g. 768x3072 fp32, 25 weights, 2 rows: 12 ms vs 25 ms, reading them
 # once: 11 ms); it is what keeps the decode steps of a mixed-route batch (a few rows per route) near memory speed.
-# bf16 / fp16 (no MKL GEMM: 1.1-2.7x slower that way) and autocast keep ``F.linear``.
+# bf16 / fp16 (no MKL GEMM: 1.1-2.7x slower that way) and autocast keep ``F.linear`` (of the re-joined weight
+# under autocast, so that the output is rounded once, as without blocks).
 BLOCK_COLS = 1024
 SMALL_M = 4
 
@@ -187,6 +188,8 @@ def blocks_linear(x: torch.Tensor, blocks: tuple[torch.Tensor, ...], bias: torch
     )
     if len(blocks) == 1 and not small:
         return F.linear(x, blocks[0], bias)
+    if not small and _autocast_cpu():  # one low-precision product, as F.linear would (no sum of rounded parts)
+        return F.linear(x, torch.cat(blocks, 1), bias)
     out_features = blocks[0].shape[0]
     x2 = x.reshape(-1, x.shape[-1])  # (N, I)
     n = x2.shape[0]
