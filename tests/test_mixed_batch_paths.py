@@ -13,13 +13,13 @@ import torch
 from test_modeling import KINDS, build, left_pad, load, logits, point_prototypes_at, prompts3, save
 
 from moerge.modeling.modeling_moerge import (
-    DELTAS,
     BLOCK_COLS,
+    DELTAS,
     SMALL_M,
     RoutedLinear,
     bit1_apply,
-    blocks_linear,
     bit1_lookup_index,
+    blocks_linear,
     sparse_apply,
     sparse_rows,
 )

@@ -140,7 +140,8 @@ def run(cmd: list[str], log: Path, env: Env) -> None:
     with log.open("a") as f:
         f.write("$ " + " ".join(map(str, cmd)) + "\n")
         f.flush()
-        proc = subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, env=child_env, cwd=REPO)
+        proc = subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, env=child_env, cwd=REPO,
+                              check=False)
     if proc.returncode != 0:
         tail = log.read_text().splitlines()[-15:]
         raise RuntimeError(f"{cmd[0]} failed (exit {proc.returncode}):\n" + "\n".join(tail))
@@ -221,8 +222,8 @@ def load_static(merge: dict) -> Callable[[Env], Loaded]:
     def load(env: Env) -> Loaded:
         name = "static-" + digest(merge)
         folder, build_s = moerge_build(env, name, recipe_dict(env, merge, calibration=False))
-        return Loaded(lambda task, m=load_causal_lm(folder): m, folder_bytes(folder) / base_bytes(env), build_s,
-                      folder=folder)
+        model = load_causal_lm(folder)
+        return Loaded(lambda task: model, folder_bytes(folder) / base_bytes(env), build_s, folder=folder)
 
     return load
 
@@ -243,7 +244,8 @@ def load_mergekit_ties(env: Env) -> Loaded:
         cfg.unlink()
 
     folder, build_s = cached(env.work / "ckpt" / "mergekit-ties", config, make)
-    return Loaded(lambda task, m=load_causal_lm(folder): m, folder_bytes(folder) / base_bytes(env), build_s,
+    model = load_causal_lm(folder)
+    return Loaded(lambda task: model, folder_bytes(folder) / base_bytes(env), build_s,
                   folder=folder, note="mergekit-yaml over the 4 experts merged into full checkpoints")
 
 
@@ -481,8 +483,8 @@ def all_methods() -> list[Method]:
     ms.append(Method("recipe-real_pool", "recipes/real_pool.yaml (lora / all units / calibrated)", "moerge",
                      load_recipe_file, True, {"recipe": RECIPE.read_text(), "calib": RECIPE_CALIB.read_text()}))
     quick_routed = {("twin4", "all")}
-    for kind in KINDS:
-        for sel in SELECTIONS:
+    for kind, kind_params in KINDS.items():
+        for sel, sel_params in SELECTIONS.items():
             if kind == "lora" and sel == "budget1.3":
                 continue  # every lora unit fits in 1.3x: the same build as "all"
             if kind == "twin8" and sel != "all":
@@ -491,5 +493,5 @@ def all_methods() -> list[Method]:
                 label = f"moerge {kind} / {SELECTION_LABELS[sel]} / {'calibrated' if cal else 'prototype'}"
                 ms.append(Method(f"moerge-{kind}-{sel}{'-cal' if cal else ''}", label, "moerge",
                                  load_routed(kind, sel, cal), (kind, sel) in quick_routed,
-                                 {"kind": KINDS[kind], "sel": SELECTIONS[sel], "cal": cal}))
+                                 {"kind": kind_params, "sel": sel_params, "cal": cal}))
     return ms
