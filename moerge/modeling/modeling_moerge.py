@@ -183,12 +183,11 @@ def weight_blocks(w: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 def blocks_linear(x: torch.Tensor, blocks: tuple[torch.Tensor, ...], bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear(x, cat(blocks, 1), bias)`` for x (..., I) -> (..., O), without the concatenated weight."""
-    small = (
-        x.numel() <= SMALL_M * x.shape[-1] and _cpu_fp32(x) and _cpu_fp32(blocks[0]) and not _autocast_cpu()
-    )
+    autocast = _autocast_cpu()
+    small = x.numel() <= SMALL_M * x.shape[-1] and _cpu_fp32(x) and _cpu_fp32(blocks[0]) and not autocast
     if len(blocks) == 1 and not small:
         return F.linear(x, blocks[0], bias)
-    if not small and _autocast_cpu():  # one low-precision product, as F.linear would (no sum of rounded parts)
+    if autocast:  # one low-precision product, as F.linear would (no sum of rounded parts)
         return F.linear(x, torch.cat(blocks, 1), bias)
     out_features = blocks[0].shape[0]
     x2 = x.reshape(-1, x.shape[-1])  # (N, I)
@@ -231,9 +230,10 @@ class RouteSlot:
     token level).
 
     ``route`` is (B, E) (one route per row) or (B, T, E) (one per token).  For (B, E) routes ``groups`` lists
-    ``(key, rows)``: rows sharing a route (``rows`` None = all rows) and the route as a tuple of floats, so the
-    routed linears can materialise and cache one effective weight per group; ``groups`` is None when there are
-    too many distinct routes, and ``active`` lists the experts with a non-zero weight somewhere.
+    ``(key, span)``: the route as a tuple of floats and the ``[start, end)`` of its rows in ``order`` (the batch
+    rows sorted by route; ``span`` None = all rows, one group), so the routed linears can materialise and cache one
+    effective weight per group; ``groups`` is None when there are too many distinct routes, and ``active`` lists
+    the experts with a non-zero weight somewhere.
     """
 
     def __init__(self) -> None:
@@ -242,10 +242,9 @@ class RouteSlot:
 
     def clear(self) -> None:
         self.route: torch.Tensor | None = None
-        self.groups: list[tuple[tuple[float, ...], torch.Tensor | None]] | None = None
+        self.groups: list[tuple[tuple[float, ...], tuple[int, int] | None]] | None = None
         self.order: torch.Tensor | None = None  # (B,) rows sorted by group (several groups only)
         self.unorder: torch.Tensor | None = None  # (B,) its inverse permutation
-        self.spans: list[tuple[int, int]] = []  # each group's [start, end) in that order
         self.active: list[int] = []
         self.forced = False
         self.tokens = 1
@@ -265,11 +264,10 @@ class RouteSlot:
             self.groups = [(keys[0], None)]
         elif len(keys) <= max_groups:
             rows = [torch.nonzero(inverse == g).flatten() for g in range(len(keys))]
-            self.groups = list(zip(keys, rows))
             self.order = torch.cat(rows)
             self.unorder = torch.argsort(self.order)
             ends = list(itertools.accumulate(len(r) for r in rows))
-            self.spans = list(zip([0, *ends[:-1]], ends))
+            self.groups = list(zip(keys, zip([0, *ends[:-1]], ends)))
         else:
             self.groups = None
 
@@ -399,7 +397,7 @@ class RoutedLinear(nn.Module):
         self.experts = nn.ModuleList(ExpertTensors(shapes, dtype, device) for shapes in experts)
         self.slot = slot
         self.cache_size = cache_size
-        self._weights: OrderedDict[tuple[float, ...], tuple[torch.Tensor, torch.Tensor | None, bool]] = (
+        self._weights: OrderedDict[tuple[float, ...], tuple[tuple[torch.Tensor, ...], torch.Tensor | None]] = (
             OrderedDict()
         )
         self._deltas: dict[int, torch.Tensor] = {}
@@ -485,7 +483,9 @@ class RoutedLinear(nn.Module):
                 bias = bd.float() * r if bias is None else bias + r * bd.float()
         return acc.to(w_s.dtype), None if bias is None else bias.to(w_s.dtype)
 
-    def effective(self, key: tuple[float, ...], caching: bool) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
+    def effective(
+        self, key: tuple[float, ...], caching: bool
+    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
         """`combine` as (`weight_blocks` of the weight, bias), through the LRU cache when allowed (no autograd)."""
         if not caching:
             w, b = self.combine(key)
@@ -517,14 +517,14 @@ class RoutedLinear(nn.Module):
         if self._factored_groups(x, groups, caching):
             y = F.linear(x, self.weight, self.bias)  # (B, T, O): W_s for every row
             parts = []
-            for (key, _), (a, b) in zip(groups, slot.spans):
+            for key, (a, b) in groups:
                 d = xs.new_zeros(b - a, *y.shape[1:])  # (b, T, O)
                 for e, r in enumerate(key):
                     if r != 0.0:
                         d = d + r * self.apply_delta(e, xs[a:b], caching).to(d.dtype)
                 parts.append(d)
             return y + torch.cat(parts).index_select(0, slot.unorder).to(y.dtype)
-        ys = [self._linear_route(xs[a:b], key, caching) for (key, _), (a, b) in zip(groups, slot.spans)]
+        ys = [self._linear_route(xs[a:b], key, caching) for key, (a, b) in groups]
         return torch.cat(ys).index_select(0, slot.unorder)  # autocast may have changed the dtype
 
     def _factored_groups(self, x: torch.Tensor, groups: list, caching: bool) -> bool:
@@ -538,7 +538,7 @@ class RoutedLinear(nn.Module):
         if self.kind not in ROW_KERNELS or caching:
             return False
         per_row = x[0].numel() // self.in_features  # tokens per row
-        return max(len(rows) for _, rows in groups) * per_row <= SMALL_ROWS
+        return max(b - a for _, (a, b) in groups) * per_row <= SMALL_ROWS
 
     def _rows_delta(self, e: int, x: torch.Tensor, caching: bool) -> torch.Tensor:
         """bit1 / sparse: x @ Δ_e^T without a dense Δ (`bit1_apply`, `sparse_apply`). x (..., I) -> (..., O)."""
