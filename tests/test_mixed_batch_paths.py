@@ -22,6 +22,7 @@ from moerge.modeling.modeling_moerge import (
     blocks_linear,
     sparse_apply,
     sparse_rows,
+    weight_blocks,
 )
 
 
@@ -103,8 +104,6 @@ def test_mixed_route_batch_equals_rows_alone_every_kind(tmp_path, base_name, kin
 @pytest.mark.parametrize("rows", [1, 2, SMALL_M, SMALL_M + 1, 19])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_blocks_linear_equals_linear(in_f, rows, with_bias):
-    from moerge.modeling.modeling_moerge import weight_blocks
-
     torch.manual_seed(in_f + rows)
     w = torch.randn(40, in_f)
     b = torch.randn(40) if with_bias else None
