@@ -8,8 +8,9 @@ and peer rows and ``recipes/real_pool.yaml`` on the first ``--n`` dev prompts pe
 200; PEFT Arrow, evaluated in fp32, on at most 50), the moerge grid (kind x selection x router) on
 ``--screen`` prompts (20), then its best builds again on ``--n``.  Built checkpoints, evaluation results and
 per-(prompt, route) predictions are cached under ``bench/_work/real/`` (``$MOERGE_BENCH_WORK``); ``--fresh``
-re-evaluates (builds are reused while their recipe is unchanged); ``--table-only`` writes the table from whatever is cached.  The results go to ``bench/RESULTS.md`` under
-``## real benchmark (issue 6)`` (only that section is rewritten) and to ``bench/real/accuracy_vs_storage.png``.
+re-evaluates (builds are reused while their recipe is unchanged); ``--table-only`` writes the table from whatever
+is cached.  The results go to ``bench/RESULTS.md`` under ``## real benchmark (issue 6)`` (only that section is
+rewritten) and to ``bench/real/accuracy_vs_storage.png``.
 
 Per method: accuracy per task, mean normalized accuracy (accuracy / the expert's own accuracy on the same
 prompts, averaged over tasks), routing accuracy (moerge: share of dev prompts the router sends to their task's
