@@ -38,6 +38,8 @@ if __package__ in (None, ""):  # python bench/real/run.py
 
 import torch
 
+from bench._measure import cpu_model
+
 from . import evaluate as ev
 from .methods import WORK, Env, Loaded, Method, Skipped, all_methods, calibrate_available
 
@@ -315,14 +317,7 @@ def confusion(row: dict) -> list[str]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model(platform.processor() or "cpu")
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
     import peft
     import transformers
