@@ -139,7 +139,7 @@ class Result:
 
 def prompts(tok) -> tuple[list[str], list[str]]:
     """(4 single prompts, one per task; 8 batch prompts: 2 per task, tasks interleaved), chat-templated."""
-    from moerge.tiny import make_prompt
+    from moerge.testing.tiny import make_prompt
 
     per_task = {}
     for t in rm.TASKS:

@@ -79,7 +79,7 @@ def prepare_models(regen: bool = False) -> tuple[Path, list[Path]]:
             (p / "config.json").is_file() for p in [base, *experts]):
         return base, experts
     sys.path.insert(0, str(REPO))
-    from moerge.tiny import make_base, make_full_expert
+    from moerge.testing.tiny import make_base, make_full_expert
 
     for p in [base, *experts]:
         shutil.rmtree(p, ignore_errors=True)

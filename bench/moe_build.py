@@ -80,7 +80,7 @@ def prepare_models(regen: bool = False) -> tuple[Path, list[Path]]:
         return base, experts
     import torch
 
-    from moerge.tiny import make_base, make_full_expert
+    from moerge.testing.tiny import make_base, make_full_expert
 
     for p in [base, *experts]:
         shutil.rmtree(p, ignore_errors=True)
@@ -98,7 +98,7 @@ def prepare_models(regen: bool = False) -> tuple[Path, list[Path]]:
 def prompts() -> dict[str, list[str]]:
     import random
 
-    from moerge.tiny import make_prompt
+    from moerge.testing.tiny import make_prompt
 
     return {t: [make_prompt(t, random.Random(f"moe_build:{t}:{i}")) for i in range(N_PROMPTS)] for t in TASKS}
 

@@ -76,7 +76,7 @@ def prepare_110m() -> dict:
 
     base, experts = prepare_models()
     bstamp = base_stamp(base)
-    from moerge import tiny
+    from moerge.testing import tiny
 
     extra = [WORK / f"expert_{i}" for i in range(len(experts), N_EXPERTS)]
     for i, e in enumerate(extra, start=len(experts)):
@@ -129,7 +129,7 @@ def routed_recipe(models: dict, kind: str, dtype: str = "float32", sources: list
 def build_routed(models: dict, kind: str, dtype: str = "float32", calibrate: bool = True) -> Path:
     """The cached moerge build of ``kind`` at ``dtype`` (``routed/<kind>-<dtype>``; ``-uniform`` without the
     prototype calibration: same tensors and bytes, routers left uniform)."""
-    from moerge.build import build
+    from moerge import build
     from moerge.recipe import recipe_from_dict
 
     raw = routed_recipe(models, kind, dtype, calibrate=calibrate)
@@ -148,7 +148,7 @@ def build_routed(models: dict, kind: str, dtype: str = "float32", calibrate: boo
 
 def prepare_big() -> dict:
     """The ~350M base and its 4 full experts (for build_memory)."""
-    from moerge import tiny
+    from moerge.testing import tiny
 
     root = WORK / "big"
     base = root / "base"

@@ -12,20 +12,12 @@ load with ``AutoModelForCausalLM.from_pretrained(out)`` without ``trust_remote_c
 
 from __future__ import annotations
 
-from .build import build
 from .errors import MoergeError
+from .modeling import register
+from .pipeline import build
 from .recipe import Recipe, load_recipe
 
 __version__ = "0.1.0"
-__all__ = ["MoergeError", "Recipe", "__version__", "build", "load_recipe"]
+__all__ = ["MoergeError", "Recipe", "__version__", "build", "load_recipe", "register"]
 
-
-def _register() -> None:
-    try:
-        from .modeling import register
-    except ImportError:  # pragma: no cover - modeling is part of the package
-        return
-    register()
-
-
-_register()
+register()

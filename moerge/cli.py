@@ -23,27 +23,28 @@ def _recipe(args: argparse.Namespace) -> Recipe:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from .build import build
+    from .pipeline import build
 
     recipe = _recipe(args)
     recipe.allow_pickle = recipe.allow_pickle or args.allow_pickle
-    out = build(recipe, args.out, force=args.force, progress=not args.quiet, file=str(args.recipe))
+    out = build(recipe, args.out, force=args.force, progress=not args.quiet, file=str(args.recipe),
+                device=args.device)
     print(f"wrote {out}")
     return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .context import BuildContext
+    from .pipeline.context import BuildContext
 
     recipe = _recipe(args)
-    BuildContext.open(recipe, str(args.recipe))
+    BuildContext.open(recipe, str(args.recipe), "cpu")
     print(f"{args.recipe}: ok ({len(recipe.experts)} experts, merge {recipe.merge.method}"
           f"{', routed' if recipe.routing else ''})")
     return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .inspect import inspect_checkpoint
+    from .checkpoint.summary import inspect_checkpoint
 
     print(inspect_checkpoint(Path(args.checkpoint)))
     return 0
@@ -59,17 +60,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from .analysis.report import analyze_recipe
+    from .pipeline.analyze import analyze_recipe
 
     recipe = _recipe(args)
-    print(analyze_recipe(recipe, Path(args.out) if args.out else None, file=str(args.recipe), progress=not args.quiet))
+    print(analyze_recipe(recipe, Path(args.out) if args.out else None, file=str(args.recipe), progress=not args.quiet,
+                         device=args.device))
     return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .plan import plan_text
+    from .pipeline import plan_text
 
-    print(plan_text(_recipe(args), file=str(args.recipe)))
+    print(plan_text(_recipe(args), file=str(args.recipe), device=args.device))
     return 0
 
 
@@ -120,6 +122,8 @@ def parser() -> argparse.ArgumentParser:
         p.set_defaults(func=commands[name][0])
     for name in ("build", "validate", "analyze", "plan"):
         _recipe_args(ps[name])
+    for name in ("build", "analyze", "plan", "export"):
+        device_arg(ps[name])
     ps["build"].add_argument("out", help="output folder")
     ps["build"].add_argument("--force", action="store_true", help="replace a non-empty output folder")
     ps["build"].add_argument("--allow-pickle", action="store_true", help="read .bin checkpoints (weights_only)")
@@ -149,12 +153,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _register_late(sub: argparse._SubParsersAction) -> None:
-    """Subcommands that live in their own modules (calibration, export)."""
-    try:
-        from .routing.cli import add_commands
-    except ImportError:
-        return
+    """Subcommands that live in their own modules (calibration, add-expert)."""
+    from .routing.cli import add_commands
+
     add_commands(sub, _common)
+
+
+def device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="where to compute: auto (the first GPU if there is one), cpu, "
+                                                    "cuda or cuda:N")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,9 +13,10 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from . import tiny
-from .build import build
+from .checkpoint.summary import inspect_checkpoint
+from .pipeline import build
 from .recipe import load_recipe
+from .testing import tiny
 
 TASKS = {"sentiment": "sentiment", "topic": "topic", "math": "math"}
 
@@ -62,8 +63,6 @@ def run_demo(workdir: Path, force: bool = False) -> Path:
     out = workdir / "moe"
     build(load_recipe(recipe_path), out, force=True, file=str(recipe_path))
     print(f"built {out}")
-    from .inspect import inspect_checkpoint
-
     print(inspect_checkpoint(out))
     prompts = [tiny.make_prompt(t, __import__("random").Random(99)) for t in TASKS.values()]
     subprocess.run([sys.executable, "-c", LOAD_AND_GENERATE, str(out), *prompts], check=True)

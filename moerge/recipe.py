@@ -41,6 +41,7 @@ from .errors import RecipeError
 from .registry import did_you_mean
 
 DTYPES = ("float32", "float16", "bfloat16")
+ROUTER_SCALE = 20.0  # the cosine router's initial scale (logits = scale * cos + bias)
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -154,13 +155,14 @@ class ExpertKindSpec(Strict):
     kind: str = "dense"
     rank: int | None = Field(None, gt=0)
     density: float | None = Field(None, gt=0, le=1)
+    svd: Literal["auto", "exact", "randomized"] | None = None  # twin: exact or randomized SVD (None = auto)
 
 
 class RouterSpec(Strict):
     level: Literal["sequence", "token"] = "sequence"
     init: Literal["prototype", "uniform"] = "prototype"
     top_k: int | None = Field(None, gt=0)
-    scale: float = Field(20.0, gt=0)
+    scale: float = Field(ROUTER_SCALE, gt=0)
 
 
 class RoutingSpec(Strict):

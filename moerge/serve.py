@@ -7,23 +7,14 @@ from typing import Any
 
 import torch
 
+from .checkpoint import Checkpoint
 from .errors import CheckpointError
 
 
 def load_model(path: Path, dtype: torch.dtype | None = None) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from . import _register
-
-    _register()
-    if not (path / "config.json").is_file():
-        raise CheckpointError(path, None, "not a model folder (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
-    tok = AutoTokenizer.from_pretrained(path)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "left"
-    return model.eval(), tok
+    """The model (moerge's installed classes, never the folder's code) and a left-padding tokenizer."""
+    ckpt = Checkpoint.open(path)
+    return ckpt.load_model(dtype), ckpt.tokenizer(padding_side="left")
 
 
 def encode_prompts(tok: Any, prompts: list[str], chat: bool) -> dict[str, torch.Tensor]:

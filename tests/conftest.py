@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from moerge.tiny import make_pool
+from moerge.testing.tiny import make_pool
 
 
 @pytest.fixture(scope="session")

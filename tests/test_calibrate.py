@@ -23,7 +23,7 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import moerge
-from moerge import tiny
+from moerge.testing import tiny
 from moerge.errors import DataError, MoergeError, SourceError
 from moerge.recipe import recipe_from_dict
 from moerge.routing.add_expert import add_expert

@@ -25,7 +25,7 @@ from moerge.errors import CheckpointError, NotSupportedError, OutputError, Recip
 from moerge.io.writer import ShardedWriter
 from moerge.merge.methods import METHODS
 from moerge.recipe import ExpertSpec, MergeSpec, Recipe
-from moerge.tiny import make_base, make_lora_expert
+from moerge.testing.tiny import make_base, make_lora_expert
 
 Pool = dict[str, Any]
 

@@ -19,8 +19,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import moerge
-from moerge import tiny
+from moerge.testing import tiny
 from moerge.errors import MoergeError
+from moerge.io.writer import TensorSpec
 from moerge.recipe import recipe_from_dict
 
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -72,6 +73,14 @@ def _load(folder: Path) -> torch.nn.Module:
     return model.eval()
 
 
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a model folder, whatever its sharding."""
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
 def _ids() -> torch.Tensor:
     return torch.tensor([[5, 17, 42, 99, 7, 256, 3, 11]])
 
@@ -107,7 +116,7 @@ def test_loads_plainly_generates_and_matches_save_pretrained(pools: dict, fmt: s
     gen = model.generate(_ids(), max_new_tokens=4, do_sample=False)
     assert gen.shape == (1, 12)
     model.save_pretrained(tmp_path / "resaved")
-    ours, theirs = load_file(out / "model.safetensors"), load_file(tmp_path / "resaved" / "model.safetensors")
+    ours, theirs = _tensors(out), _tensors(tmp_path / "resaved")
     assert sorted(ours) == sorted(theirs)
     for name, t in ours.items():
         assert t.shape == theirs[name].shape and t.dtype == theirs[name].dtype, name
@@ -170,9 +179,9 @@ def test_calibrated_router_routes_held_out_prompts(pools: dict) -> None:
 
 
 def test_supervised_calibration_fits_native_gates(pools: dict) -> None:
-    from moerge.context import BuildContext
+    from moerge.pipeline.context import BuildContext
     from moerge.export import export_from_plan
-    from moerge.plan import make_plan
+    from moerge.pipeline.plan import make_plan
 
     recipe = recipe_from_dict(_recipe(pools, "llama", "qwen2_moe"))
     plan = make_plan(BuildContext.open(recipe), progress=False)
@@ -188,7 +197,7 @@ def test_no_calibration_data_warns_and_leaves_zero_gates(pools: dict) -> None:
     with pytest.warns(UserWarning, match="no calibration data"):
         moerge.build(recipe_from_dict(_recipe(pools, "llama", "mixtral", calib=False)), out, force=True,
                      progress=False)
-    gates = {k: v for k, v in load_file(out / "model.safetensors").items() if k.endswith(".gate.weight")}
+    gates = {k: v for k, v in _tensors(out).items() if k.endswith(".gate.weight")}
     assert len(gates) == 3 and all(not v.any() for v in gates.values())
 
 
@@ -244,15 +253,17 @@ def test_sequence_level_checkpoint_routes_from_recipe_data(pools: dict) -> None:
     raw["output"], raw["routing"]["router"] = {}, {"level": "sequence", "top_k": 1}
     src = _build(pools, raw, "seq_ckpt")
     out = export_checkpoint(src, "mixtral", pools["root"] / "seq_export", force=True, progress=False)
-    gates = {k: v for k, v in load_file(out / "model.safetensors").items() if k.endswith(".gate.weight")}
+    gates = {k: v for k, v in _tensors(out).items() if k.endswith(".gate.weight")}
     assert [k for k, v in sorted(gates.items()) if v.any()] == [
         "model.layers.0.block_sparse_moe.gate.weight", "model.layers.2.block_sparse_moe.gate.weight"]
     assert _self_routing(_load(out), AutoTokenizer.from_pretrained(out), 3) >= 0.7
 
 
-def test_prefetched_jobs_keep_order_and_raise() -> None:
-    from moerge.execute import Job
-    from moerge.export.jobs import prefetched
+def test_executor_keeps_order_and_raises(tmp_path: Path) -> None:
+    """Jobs computed ahead of the writer (several workers, a bounded queue each) are written in plan order,
+    and a failing job's error reaches the caller (the executor behind every build and export)."""
+    from moerge.io.writer import ShardedWriter
+    from moerge.pipeline.execute import Job, run_jobs
 
     def job(i: int, fail: bool = False) -> Job:
         def run() -> object:
@@ -260,11 +271,19 @@ def test_prefetched_jobs_keep_order_and_raise() -> None:
                 raise ValueError(f"job {i}")
             yield f"t{i}", torch.full((2,), float(i))
 
-        return Job(f"t{i}", [], run)
+        return Job(f"t{i}", [TensorSpec(f"t{i}", (2,), torch.float32)], run)
 
-    got = [name for j in prefetched([job(i) for i in range(5)]) for name, _ in j.run()]
+    got: list[str] = []
+
+    class Recorder(ShardedWriter):
+        def write(self, name: str, tensor: torch.Tensor) -> None:
+            got.append(name)
+
+    jobs = [job(i) for i in range(5)]
+    run_jobs(jobs, Recorder(tmp_path, [s for j in jobs for s in j.specs], 1 << 20), progress=False, workers=3)
     assert got == [f"t{i}" for i in range(5)]
-    jobs = prefetched([job(0), job(1, fail=True), job(2)])
-    assert [name for name, _ in jobs[0].run()] == ["t0"]
+    got.clear()
+    jobs = [job(0), job(1, fail=True), job(2)]
     with pytest.raises(ValueError, match="job 1"):
-        list(jobs[1].run())
+        run_jobs(jobs, Recorder(tmp_path, [s for j in jobs for s in j.specs], 1 << 20), progress=False, workers=2)
+    assert got == ["t0"]

@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from moerge.experts import KindConfig
-from moerge.experts.twin import Twin, svd_factors
+from moerge.kinds import KindConfig
+from moerge.kinds.twin import Twin, svd_factors
 from moerge.modeling.modeling_moerge import RoutedLinear, RouteSlot
 
 

@@ -22,7 +22,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moerge.build import build
+from moerge import build
 from moerge.merge.consensus import sign_mask
 from moerge.merge.methods import METHODS, MergeParams, merge_task_vectors, merge_tensor
 from moerge.merge.sparsify import (

@@ -18,8 +18,8 @@ from isolation import HIDE_MOERGE
 from transformers import AutoModelForCausalLM
 
 import moerge
-from moerge import tiny
-from moerge.experts.bit1 import unpack_signs
+from moerge.testing import tiny
+from moerge.kinds.bit1 import unpack_signs
 from moerge.recipe import recipe_from_dict
 
 KINDS = ["dense", "wemoe", "twin", "bit1", "lora", "sparse"]
@@ -163,7 +163,7 @@ def test_mixed_route_batch_equals_rows_alone(pool: dict) -> None:
 
 
 def test_selection_rules_and_plan(pool: dict) -> None:
-    from moerge.plan import plan_text
+    from moerge.pipeline import plan_text
 
     sources = [pool["full"][0], pool["full"][1]]
     raw = _recipe(pool, sources, "twin", rank=4)
@@ -188,8 +188,9 @@ def test_analysis_cache_reuses_and_invalidates(pool: dict, tmp_path: Path, monke
     routed units; changing an expert's file or the merge recomputes; MOERGE_NO_CACHE turns the cache off."""
     import shutil
 
-    import moerge.plan as plan_mod
-    from moerge.context import BuildContext
+    import moerge.pipeline.analyze as analyze_mod
+    import moerge.pipeline.plan as plan_mod
+    from moerge.pipeline.context import BuildContext
 
     monkeypatch.setenv("MOERGE_ANALYSIS_CACHE", str(tmp_path / "cache"))
     expert = tmp_path / "expert"
@@ -197,12 +198,12 @@ def test_analysis_cache_reuses_and_invalidates(pool: dict, tmp_path: Path, monke
     raw = _recipe(pool, [pool["full"][0], expert], "twin", rank=4)
     raw["routing"]["select"] = {"metric": "sign_conflict", "top_fraction": 0.5}
     calls: list[str] = []
-    real = plan_mod.unit_metrics
-    monkeypatch.setattr(plan_mod, "unit_metrics", lambda ctx, u, d: calls.append(u.path) or real(ctx, u, d))
+    real = analyze_mod.unit_metrics
+    monkeypatch.setattr(analyze_mod, "unit_metrics", lambda ctx, u, d: calls.append(u.path) or real(ctx, u, d))
 
     def plan(raw: dict) -> tuple[dict, list[str]]:
         p = plan_mod.make_plan(BuildContext.open(recipe_from_dict(raw)), progress=False)
-        return p.metrics, [u.path for u in p.routed]
+        return p.metrics, [ru.unit.path for ru in p.routed]
 
     first, routed = plan(raw)
     assert len(calls) == 4 and len(list((tmp_path / "cache").glob("*.json"))) == 1

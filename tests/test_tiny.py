@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moerge.tiny import (
+from moerge.testing.tiny import (
     FAMILIES,
     TASK_WORDS,
     TASKS,

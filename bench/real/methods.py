@@ -392,7 +392,7 @@ def build_key(recipe: Any) -> str:
 
 
 def load_moerge_checkpoint(folder: Path, key: str, build_s: float, calib_s: float | None) -> Loaded:
-    from moerge.inspect import storage_breakdown
+    from moerge.checkpoint.summary import storage_breakdown
     from moerge.io.index import CheckpointIndex
 
     config = json.loads((folder / "config.json").read_text())

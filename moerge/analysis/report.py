@@ -1,14 +1,11 @@
-"""``moerge analyze``: the conflict table, ``conflict.json`` and a heatmap PNG (layers x units, one panel
-per metric)."""
+"""What ``moerge analyze`` shows: the conflict table and a heatmap PNG (layers x units, one panel per metric).
+
+Pure rendering: metrics in, text or a PNG file out (the streaming pass is :mod:`moerge.pipeline.analyze`)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from ..arch import family_for
-from ..context import BuildContext
-from ..recipe import Recipe
 from .conflict import METRICS
 
 
@@ -43,21 +40,3 @@ def heatmap(metrics: dict[str, dict[str, float]], layer_group: dict[str, tuple[i
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
-
-
-def analyze_recipe(recipe: Recipe, out: Path | None = None, *, file: str | None = None, progress: bool = True) -> str:
-    from ..plan import analyze_units, candidate_units
-
-    ctx = BuildContext.open(recipe, file)
-    family = family_for(ctx.base.config, str(ctx.base.folder / "config.json"))
-    units = candidate_units(ctx, family, "both")
-    metrics = analyze_units(ctx, units, progress)
-    text = conflict_table(metrics)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        payload = {"metrics": list(METRICS), "experts": ctx.names, "merge": recipe.merge.method,
-                   "units": [{"unit": u.path, "layer": u.layer, "group": u.group, **metrics[u.path]} for u in units]}
-        (out / "conflict.json").write_text(json.dumps(payload, indent=2) + "\n")
-        png = heatmap(metrics, {u.path: (u.layer, u.group) for u in units}, out / "conflict.png")
-        text += f"\nwrote {out / 'conflict.json'} and {png}"
-    return text

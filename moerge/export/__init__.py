@@ -6,9 +6,10 @@ Two entry points, one pipeline:
 * :func:`export_from_plan` - ``moerge build`` of a recipe with ``output.format: mixtral | qwen2_moe | qwen3_moe``;
 * :func:`export_checkpoint` - ``moerge export CHECKPOINT --to FORMAT OUT`` of a built moerge checkpoint.
 
-Pipeline: jobs (:mod:`.jobs`) stream every tensor through the executor into an atomic output folder (peak memory:
-one MLP linear of all experts), then the router rows are measured at the router's true input and patched into
-the written gate tensors (:mod:`.gates`).  Tensor names and shapes are the ones ``save_pretrained`` writes
+Pipeline (the writer at the end of :mod:`moerge.pipeline` for native formats): jobs (:mod:`.jobs`) stream every
+weight through the executor into an atomic output folder (peak memory: one MLP linear of all experts); the router
+rows are then measured at the router's true input on those written weights (:mod:`.gates`) and written once, in
+the last shard; the index comes last.  Tensor names and shapes are the ones ``save_pretrained`` writes
 (:mod:`.formats`).
 
 Design choices:
@@ -41,36 +42,40 @@ from typing import Any
 
 import torch
 
+from .. import dtypes
+from ..checkpoint import names
+from ..checkpoint.index import write_index
 from ..errors import RecipeError
-from ..execute import execute
 from ..io.atomic import atomic_output, check_output
 from ..io.index import CheckpointIndex
 from ..io.loader import TensorLoader
+from ..io.writer import ShardedWriter
+from ..pipeline.execute import Job, run_jobs
+from ..pipeline.plan import Plan
 from .formats import FORMATS, NativeFormat, check_base, get_format, native_config
 from .gates import collect_stats, fit_rows, fit_temperature, prototype_rows, rows_from_prototypes
-from .jobs import export_jobs, patch_tensors, prefetched
-from .sources import CheckpointSource, PlanSource
+from .inputs import CheckpointInput, PlanInput
+from .jobs import export_jobs, gate_specs
 
 __all__ = ["FORMATS", "export_checkpoint", "export_from_plan"]
 
-_SKIP = {"config.json", "README.md", "model.safetensors.index.json", "configuration_moerge.py", "modeling_moerge.py",
-         "conflict.json"}
-_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-
-
-def export_from_plan(plan: Any, out: str | Path, *, force: bool = False, progress: bool = True,
+def export_from_plan(plan: Plan, out: str | Path, *, force: bool = False, progress: bool = True,
                      calibrate: bool = False) -> Path:
-    """Write the routed build ``plan`` (``moerge.plan.RoutedPlan``) in the recipe's native ``output.format``."""
+    """Write the routed build ``plan`` in the recipe's native ``output.format``."""
     recipe = plan.ctx.recipe
     file = plan.ctx.file
     fmt = get_format(recipe.output.format, file, "output.format")
-    if plan.kind.name != "dense":
+    if recipe.routing is None:
+        raise RecipeError(file, "output.format", f"format {recipe.output.format} needs a routing section")
+    kinds = sorted({ru.kind.name for ru in plan.routed} - {"dense"}) or ([] if plan.routed else [])
+    if kinds or recipe.routing.expert.kind != "dense":
+        kind = kinds[0] if kinds else recipe.routing.expert.kind
         raise RecipeError(file, "routing.expert.kind", f"format {fmt.name} stores full experts: the kind must be "
-                                                       f"dense, not {plan.kind.name}")
+                                                       f"dense, not {kind}")
     if recipe.routing.router.level != "token":
         warnings.warn(f"format {fmt.name} routes every token: the recipe's sequence-level router becomes token level",
                       stacklevel=2)
-    src = PlanSource(plan)
+    src = PlanInput(plan)
     card = _card(fmt, src.names, f"recipe `{file}`", top_k=recipe.output.experts_per_token)
     return _export(src, fmt, Path(out), top_k=recipe.output.experts_per_token, shard_size=recipe.output.shard_size,
                    force=force, progress=progress, calibrate=calibrate, card=card,
@@ -85,7 +90,7 @@ def export_checkpoint(checkpoint: str | Path, to: str, out: str | Path, *, force
     Router rows: the stored token-level prototypes converted to rows, or (sequence level, ``from_data`` or
     ``calibrate``) measured from the calibration data of the checkpoint's ``moerge_recipe.yaml``."""
     check_output(Path(out).absolute(), force)
-    src = CheckpointSource(checkpoint)
+    src = CheckpointInput(checkpoint)
     fmt = get_format(to, str(checkpoint), "--to")
     top_k = experts_per_token or src.stored_top_k() or 2
     card = _card(fmt, src.names, f"moerge checkpoint `{checkpoint}`", top_k=top_k)
@@ -100,31 +105,57 @@ def _export(src: Any, fmt: NativeFormat, out: Path, *, top_k: int, shard_size: i
     if top_k > n:
         warnings.warn(f"experts_per_token {top_k} > {n} experts: using {n}", stacklevel=3)
         top_k = n
-    dtype = str(src.out_dtype).replace("torch.", "")
-    config = native_config(fmt, src.base_cfg, n_experts=n, top_k=top_k, routed=src.routed, dtype=dtype)
+    config = native_config(fmt, src.base_cfg, n_experts=n, top_k=top_k, routed=src.routed,
+                           dtype=dtypes.name(src.out_dtype))
     with atomic_output(out, force) as tmp:
-        execute(prefetched(export_jobs(src, fmt, n)), tmp, shard_size, progress=progress, desc=f"export {fmt.name}")
+        files = write_tensors(src, fmt, tmp, shard_size, progress=progress, calibrate=calibrate, from_data=from_data)
+        write_index(tmp, files)
         _side_files(src.side_folder, tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "README.md").write_text(card)
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
-        rows = router_rows(src, fmt, tmp, calibrate=calibrate, from_data=from_data)
-        if rows:
-            patch_tensors(tmp, {fmt.router_name(i): r for i, r in rows.items()})
     return out
+
+
+def write_tensors(src: Any, fmt: NativeFormat, tmp: Path, shard_size: int, *, progress: bool, calibrate: bool,
+                  from_data: bool) -> list[Path]:
+    """The weights, then the gate rows measured on them (own shard): every tensor written once."""
+    n, hidden = len(src.names), int(src.base_cfg["hidden_size"])
+    jobs = export_jobs(src, fmt, n)
+    gates = gate_specs(fmt, fmt.moe_layers(int(src.base_cfg["num_hidden_layers"]), src.routed), n, hidden,
+                       src.out_dtype)
+    writer = ShardedWriter(tmp, [s for job in jobs for s in job.specs] + gates, shard_size, indexed=True,
+                           breaks=frozenset(g.name for g in gates[:1]))
+    run_jobs(jobs, writer, progress=progress, desc=f"export {fmt.name}")
+    reader = TensorLoader(CheckpointIndex.from_files(tmp, writer.closed_files()))
+    rows = router_rows(src, fmt, reader, calibrate=calibrate, from_data=from_data)
+    reader.close()
+    values = {g.name: rows[i] for i, g in _gate_layers(fmt, gates) if i in rows}
+
+    def run() -> Any:
+        for g in gates:
+            yield g.name, values.get(g.name, torch.zeros(g.shape)).to(g.dtype)
+
+    run_jobs([Job("gates", gates, run)], writer, progress=False, workers=1)
+    return writer.finish()
 
 
 def _side_files(src: Path, out: Path) -> None:
     """Tokenizer, generation config and the like (never weights, remote code or the source's card)."""
     for f in src.iterdir():
-        if f.is_file() and f.name not in _SKIP and not f.name.endswith(_WEIGHTS) and not f.name.startswith("."):
+        if f.is_file() and names.is_side_file(f.name):
             shutil.copy2(f, out / f.name)
 
 
-def router_rows(src: Any, fmt: NativeFormat, folder: Path, *, calibrate: bool = False,
+def _gate_layers(fmt: NativeFormat, gates: list[Any]) -> list[tuple[int, Any]]:
+    """(layer, spec) of every router-row spec (the shared-expert gates stay zero)."""
+    return [(int(g.name.split(".")[2]), g) for g in gates if g.name.endswith(".gate.weight")]
+
+
+def router_rows(src: Any, fmt: NativeFormat, loader: TensorLoader, *, calibrate: bool = False,
                 from_data: bool = False) -> dict[int, torch.Tensor]:
-    """Gate rows (E, C) per routed layer; {} leaves every gate at zero (uniform routing)."""
+    """Gate rows (E, C) per routed layer, measured on the written weights (``loader``); {} = uniform routing."""
     init = src.router_init()
     if init.uniform or not src.routed:
         return {}
@@ -138,17 +169,15 @@ def router_rows(src: Any, fmt: NativeFormat, folder: Path, *, calibrate: bool = 
 
     from ..routing.data import load_texts
 
-    tok = AutoTokenizer.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(src.side_folder, trust_remote_code=False)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     texts = [load_texts(ds, tok, file=f"experts[{e}].calibration") for e, ds in enumerate(init.calibration)]
-    loader = TensorLoader(CheckpointIndex.from_folder(folder))
     n_layers = int(src.base_cfg["num_hidden_layers"])
     embed = loader.get("model.embed_tokens.weight")  # the export's float dtype: the pass computes in it
     moe = set(fmt.moe_layers(n_layers, src.routed))
     weights = layer_weights(loader, fmt, moe, int(src.base_cfg["intermediate_size"]), embed.dtype)
     stats = collect_stats(src.base_cfg, embed, weights, texts, tok, moe, sorted(src.routed))
-    loader.close()
     rows = {}
     for i, st in stats.items():
         r = prototype_rows(st)

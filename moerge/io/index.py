@@ -97,6 +97,14 @@ class CheckpointIndex:
             return cls(folder, _from_pickle(bins), "pickle")
         raise CheckpointError(folder, None, f"no {prefix}.safetensors or {prefix}.safetensors.index.json found")
 
+    @classmethod
+    def from_files(cls, folder: str | Path, files: list[Path]) -> CheckpointIndex:
+        """The tensors of the given safetensors ``files`` (e.g. the shards a build has written so far)."""
+        tensors: dict[str, TensorInfo] = {}
+        for path in files:
+            tensors.update(read_safetensors_header(Path(path)))
+        return cls(Path(folder), tensors, "safetensors")
+
     def names(self) -> list[str]:
         return list(self.tensors)
 

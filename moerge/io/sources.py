@@ -82,13 +82,13 @@ class FullSource:
         info = self.model.index[tname]
         if tuple(info.shape) != tuple(base.shape):
             raise SourceError(info.file, tname, f"shape {list(info.shape)} does not match the base's {list(base.shape)}")
-        return check_finite(self.model.get(tname), info.file, tname)
+        return check_finite(self.model.get(tname), info.file, tname).to(base.device)
 
     def delta(self, tname: str, base: torch.Tensor) -> torch.Tensor | None:
         """Task vector (fp32)."""
         return self.weight(tname, base).float() - base.float()
 
-    def lora_factors(self, tname: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def lora_factors(self, tname: str, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
 
 
@@ -155,16 +155,17 @@ class LoraSource:
         alpha = float(_pattern_value(self.cfg.get("alpha_pattern") or {}, module, self.cfg.get("lora_alpha", r)))
         return r, alpha / (math.sqrt(r) if self.cfg.get("use_rslora") else r)
 
-    def _get(self, key: str) -> torch.Tensor:
-        return check_finite(self.loader.get(key), self.index[key].file, key).float()
+    def _get(self, key: str, device: torch.device | None = None) -> torch.Tensor:
+        t = check_finite(self.loader.get(key), self.index[key].file, key)
+        return (t if device is None else t.to(device)).float()
 
-    def lora_factors(self, tname: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def lora_factors(self, tname: str, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(A (r, in), B (out, r) * scaling)`` in the base weight's orientation, or None."""
         parts = self.modules.get(tname, {})
         if "A" not in parts or "B" not in parts:
             return None
         _, scale = self._scaling(tname.rsplit(".", 1)[0])
-        A, B = self._get(parts["A"]), self._get(parts["B"]) * scale  # (r, in), (out, r)
+        A, B = self._get(parts["A"], device), self._get(parts["B"], device) * scale  # (r, in), (out, r)
         if self.cfg.get("fan_in_fan_out"):
             A, B = B.T.contiguous(), A.T.contiguous()  # base weight is stored (in, out)
         return A, B
@@ -173,19 +174,25 @@ class LoraSource:
         parts = self.modules.get(tname)
         if not parts:
             return None
+        dev = base.device
         if "full" in parts:
-            return self._checked(tname, self._get(parts["full"]), base) - base.float()
+            return self._checked(tname, self._get(parts["full"], dev), base) - base.float()
         if "bias" in parts:
             _, scale = self._scaling(tname.rsplit(".", 1)[0])
-            return self._checked(tname, self._get(parts["bias"]) * scale, base)
+            return self._checked(tname, self._get(parts["bias"], dev) * scale, base)
         if "EA" in parts:  # embedding LoRA: A (r, vocab), B (dim, r) -> (vocab, dim)
             _, scale = self._scaling(tname.rsplit(".", 1)[0])
-            return self._checked(tname, (self._get(parts["EB"]) @ self._get(parts["EA"])).T * scale, base)
-        factors = self.lora_factors(tname)
+            return self._checked(tname, (self._get(parts["EB"], dev) @ self._get(parts["EA"], dev)).T * scale, base)
+        factors = self.lora_factors(tname, dev)
         if factors is None:
             raise SourceError(self.path, tname, "LoRA module has lora_A or lora_B but not both")
         A, B = factors
         return self._checked(tname, B @ A, base)  # (out, r) @ (r, in) -> (out, in)
+
+    def weight(self, tname: str, base: torch.Tensor) -> torch.Tensor:
+        """The expert's own fp32 tensor: base + its delta (the base where the adapter leaves it alone)."""
+        delta = self.delta(tname, base)
+        return base.float() if delta is None else base.float() + delta
 
     def _checked(self, tname: str, delta: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         if tuple(delta.shape) != tuple(base.shape):

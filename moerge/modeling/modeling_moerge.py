@@ -297,6 +297,15 @@ class RouteSlot:
         return r[:, None, :].expand(-1, self.tokens, -1)
 
 
+def router_logits(
+    x: torch.Tensor, prototypes: torch.Tensor, center: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """(..., C) -> (..., E) float32: ``scale * cos(x - center, prototypes[e]) + bias[e]``."""
+    x = x.float() - center.float()  # (..., C)
+    cos = F.normalize(x, dim=-1) @ F.normalize(prototypes.float(), dim=-1).T  # (..., E)
+    return scale.float() * cos + bias.float()
+
+
 class MoergeRouter(nn.Module):
     """logits = scale * cos(x - center, prototypes[e]) + bias[e]; probabilities = softmax (in float32).
 
@@ -313,9 +322,7 @@ class MoergeRouter(nn.Module):
 
     def probs(self, x: torch.Tensor) -> torch.Tensor:
         """(..., C) -> (..., E) float32."""
-        x = x.float() - self.center.float()  # (..., C)
-        cos = F.normalize(x, dim=-1) @ F.normalize(self.prototypes.float(), dim=-1).T  # (..., E)
-        return torch.softmax(self.scale.float() * cos + self.bias.float(), dim=-1)
+        return torch.softmax(router_logits(x, self.prototypes, self.center, self.scale, self.bias), dim=-1)
 
     def reset(self) -> None:
         _init_(self.prototypes, torch.zeros_like)

@@ -28,25 +28,20 @@ from typing import Any, Literal
 
 import torch
 
-from ..errors import CheckpointError, DataError
+from ..checkpoint import Checkpoint, Fallback, Manifest, RouterTensors, names
+from ..recipe import ROUTER_SCALE
+from ..checkpoint.routers import write_router_shard
+from ..errors import DataError
 from ..io.atomic import atomic_output, check_output
 from . import parallel
 from .commit import Staged, link_copy
 from .dataset import Defaults, Examples, holdout_split, load_examples, require_experts
 from .diagnostics import confusion_png, format_metrics, routing_metrics
 from .features import pooled_inputs, token_inputs
-from .fit import (
-    RouterTensors,
-    fallback_threshold,
-    fit_supervised,
-    fit_temperature,
-    standardiser,
-    uniform_router,
-)
-from .prototype import ROUTER_FILE, router_prefixes, write_router_tensors
+from .fit import fallback_threshold, fit_supervised, fit_temperature, standardiser
 
-REPORT_FILE = "calibration.json"
-CONFUSION_FILE = "calibration_confusion.png"
+REPORT_FILE = names.REPORT
+CONFUSION_FILE = names.CONFUSION
 DEFAULT_STEPS = {"supervised": 300, "entropy": 50}
 DEFAULT_LR = {"supervised": 0.02, "entropy": 0.05}
 
@@ -97,74 +92,21 @@ class Features:
 
 # ---------------------------------------------------------------- checkpoint and model
 
-def read_config(folder: Path) -> dict[str, Any]:
-    """config.json of a routed moerge checkpoint."""
-    path = folder / "config.json"
-    if not path.is_file():
-        raise CheckpointError(folder, None, "not a model folder (no config.json)")
-    config = json.loads(path.read_text())
-    plan = config.get("moerge") or {}
-    if config.get("model_type") != "moerge" or not plan.get("units"):
-        raise CheckpointError(path, "moerge.units", "not a routed moerge checkpoint (nothing to calibrate)")
-    if not (folder / ROUTER_FILE).is_file():
-        raise CheckpointError(folder / ROUTER_FILE, None, "router shard missing")
-    return config
-
-
-def load_tokenizer(folder: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(folder)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def load_model(folder: Path, dtype: str | None) -> Any:
+def load_model(ckpt: Checkpoint, dtype: str | None) -> Any:
     """The checkpoint on this process's device (one process: ``device_map="auto"``, which spreads a large
     model over the available GPUs and CPU memory)."""
-    from transformers import AutoModelForCausalLM
-
-    from ..modeling import register
-
-    register()
     st = parallel.state()
     device_map: Any = {"": st.device} if st.num_processes > 1 else "auto"
-    torch_dtype = getattr(torch, dtype) if dtype else "auto"
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, device_map=device_map).eval()
-
-
-def stored_routers(folder: Path, config: dict[str, Any]) -> dict[str, RouterTensors]:
-    """The checkpoint's routers (uniform when it is not initialised)."""
-    from safetensors.torch import load_file
-
-    hidden = int(config["base_config"]["hidden_size"])
-    n_exp = len(config["moerge"]["experts"])
-    tensors = load_file(folder / ROUTER_FILE)
-    out = {}
-    for prefix in router_prefixes(config):
-        if not config["moerge"].get("initialized", True):
-            out[prefix] = uniform_router(n_exp, hidden)
-            continue
-        own = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-        out[prefix] = RouterTensors.from_dict(own, hidden)
-    return out
-
-
-def router_dtype(folder: Path) -> torch.dtype:
-    from safetensors import safe_open
-
-    with safe_open(str(folder / ROUTER_FILE), framework="pt") as f:
-        return f.get_tensor(next(iter(f.keys()))).dtype
+    return ckpt.load_model(getattr(torch, dtype) if dtype else "auto", device_map)
 
 
 # ---------------------------------------------------------------- features
 
-def extract(model: Any, tok: Any, examples: Examples, config: dict[str, Any], opts: CalibrateOptions) -> Features:
+def extract(model: Any, tok: Any, examples: Examples, manifest: Manifest, opts: CalibrateOptions) -> Features:
     """Features of every example (sharded across processes), gathered in example order."""
-    prefixes = router_prefixes(config)
+    prefixes = manifest.router_prefixes()
     units = list(dict.fromkeys(prefixes.values()))
-    if config["moerge"]["level"] == "sequence":
+    if manifest.level == "sequence":
         def fn(idx: list[int]) -> list[dict[str, torch.Tensor]]:
             feats = pooled_inputs(model, tok, [examples.texts[i] for i in idx], units, batch_size=opts.batch_size)
             return [{p: feats[u][j:j + 1] for p, u in prefixes.items()} for j in range(len(idx))]
@@ -264,38 +206,37 @@ def entropy_routers(model: Any, tok: Any, feats: Features, examples: Examples, t
                             batch_size=opts.batch_size, seed=opts.seed)
 
 
-def choose_fallback(probs: torch.Tensor, y: torch.Tensor, config: dict[str, Any],
-                    opts: CalibrateOptions) -> dict[str, Any] | None:
-    """The ``fallback`` config block (sequence level only; token level ignores fallback)."""
-    if config["moerge"]["level"] != "sequence" or opts.fallback == "none":
+def choose_fallback(probs: torch.Tensor, y: torch.Tensor, manifest: Manifest,
+                    opts: CalibrateOptions) -> Fallback | None:
+    """The manifest's ``fallback`` (sequence level only; token level ignores fallback)."""
+    if manifest.level != "sequence" or opts.fallback == "none":
         return None
     threshold = opts.threshold
     if threshold is None:
         if probs.shape[0] == 0 or bool((y < 0).any()):
-            return config["moerge"].get("fallback")  # nothing labelled to choose on: keep what is there
+            return manifest.fallback  # nothing labelled to choose on: keep what is there
         top = probs.max(-1)
         threshold = fallback_threshold(top.values, top.indices == y, probs.shape[1])
-    return {"threshold": round(float(threshold), 6), "mode": opts.fallback}
+    return Fallback(round(float(threshold), 6), opts.fallback)
 
 
 # ---------------------------------------------------------------- the command
 
 def prepare(checkpoint: str | Path, data: str | Path | dict[str, Any], out: str | Path | None, force: bool,
-            opts: CalibrateOptions, examples: Examples | None) -> tuple[dict[str, Any], Examples]:
+            opts: CalibrateOptions, examples: Examples | None) -> tuple[Checkpoint, Examples]:
     """Everything that can fail on user input, before any model is loaded: options, checkpoint, output
     folder, DATA (every row), the per-expert counts."""
     opts.check()
-    folder = Path(checkpoint)
-    config = read_config(folder)
-    if out is not None and Path(out).resolve() != folder.resolve():
+    ckpt = Checkpoint.open(checkpoint, routed=True)
+    if out is not None and Path(out).resolve() != ckpt.folder.resolve():
         check_output(Path(out).absolute(), force)
-    experts = list(config["moerge"]["experts"])
+    experts = list(ckpt.require_routed().experts)
     if examples is None:
-        examples = load_examples(data, experts, load_tokenizer(folder), opts.defaults,
+        examples = load_examples(data, experts, ckpt.tokenizer(), opts.defaults,
                                  require_labels=opts.method == "supervised")
     if opts.method == "supervised":
         require_experts(examples, experts, str(data) if not isinstance(data, dict) else "data")
-    return config, examples
+    return ckpt, examples
 
 
 def calibrate(checkpoint: str | Path, data: str | Path | dict[str, Any], *, out: str | Path | None = None,
@@ -308,23 +249,22 @@ def calibrate(checkpoint: str | Path, data: str | Path | dict[str, Any], *, out:
     and checked by the caller)."""
     clock = Clock()
     opts = options or CalibrateOptions()
-    folder = Path(checkpoint)
-    config, examples = prepare(folder, data, out, force, opts, examples)
+    ckpt, examples = prepare(checkpoint, data, out, force, opts, examples)
     train, held = holdout_split(examples.labels, opts.holdout, opts.seed)
     clock.lap("data_s")
-    model, tok = load_model(folder, opts.dtype), load_tokenizer(folder)
+    model, tok = load_model(ckpt, opts.dtype), ckpt.tokenizer()
     clock.lap("load_s")
-    feats = extract(model, tok, examples, config, opts)
+    feats = extract(model, tok, examples, ckpt.require_routed(), opts)
     clock.lap("features_s")
     if not parallel.is_main():
         return None
-    result = fit_and_report(model, tok, folder, config, examples, feats, train, held, opts)
+    result = fit_and_report(model, tok, ckpt, examples, feats, train, held, opts)
     clock.lap("fit_s")
     del model
     report = result["report"]
     report.update(timing=clock.laps, processes=parallel.state().num_processes, data=examples.spec)
     report["timing"]["total_s"] = clock.total()  # up to the write
-    target = write_result(folder, None if out is None else Path(out), force, config, result)
+    target = write_result(ckpt, None if out is None else Path(out), force, result)
     report["checkpoint"] = str(target)
     return report
 
@@ -344,13 +284,15 @@ class Clock:
         return time.perf_counter() - self.start
 
 
-def fit_and_report(model: Any, tok: Any, folder: Path, config: dict[str, Any], examples: Examples,
-                   feats: Features, train: list[int], held: list[int], opts: CalibrateOptions) -> dict[str, Any]:
+def fit_and_report(model: Any, tok: Any, ckpt: Checkpoint, examples: Examples, feats: Features, train: list[int],
+                   held: list[int], opts: CalibrateOptions) -> dict[str, Any]:
     """New routers, the fallback block and the report (no I/O besides reading the stored routers)."""
-    old = stored_routers(folder, config)
-    initialized = bool(config["moerge"].get("initialized", True))
-    init_scale = _recipe_scale(folder)
-    dtype = router_dtype(folder)
+    manifest = ckpt.require_routed()
+    old = ckpt.routers()
+    initialized = manifest.initialized
+    recipe = ckpt.recipe()
+    init_scale = recipe.routing.router.scale if recipe and recipe.routing else ROUTER_SCALE
+    dtype = ckpt.router_dtype()
     temps: dict[str, float] = {}
     if opts.method == "supervised":
         new = fit_routers(feats, examples, train, opts, init_scale)
@@ -362,18 +304,18 @@ def fit_and_report(model: Any, tok: Any, folder: Path, config: dict[str, Any], e
     eval_idx = held or train
     y_eval = labels_of(examples, eval_idx)
     probs = example_probs(new, feats, eval_idx)
-    fallback = choose_fallback(probs, y_eval, config, opts)
-    threshold = fallback["threshold"] if fallback else None
-    old_fb = config["moerge"].get("fallback") if config["moerge"]["level"] == "sequence" else None
+    fallback = choose_fallback(probs, y_eval, manifest, opts)
+    threshold = fallback.threshold if fallback else None
+    old_fb = manifest.fallback if manifest.level == "sequence" else None
     report = {
-        "method": opts.method, "level": config["moerge"]["level"], "experts": examples.experts,
+        "method": opts.method, "level": manifest.level, "experts": examples.experts,
         "seed": opts.seed, "holdout": opts.holdout, "evaluated_on": "heldout" if held else "train",
         "n_train": _count(examples, train), "n_heldout": _count(examples, held),
         "steps": opts.steps or DEFAULT_STEPS[opts.method], "lr": opts.lr or DEFAULT_LR[opts.method],
-        "temperature": temps, "fallback": fallback,
+        "temperature": temps, "fallback": None if fallback is None else fallback.to_dict(),
         "heldout": routing_metrics(probs, y_eval, examples.experts, threshold),
         "before": routing_metrics(example_probs(old, feats, eval_idx), y_eval, examples.experts,
-                                  old_fb["threshold"] if old_fb else None),
+                                  old_fb.threshold if old_fb else None),
         "train_accuracy": routing_metrics(example_probs(new, feats, train), labels_of(examples, train),
                                           examples.experts).get("accuracy"),
     }
@@ -388,42 +330,28 @@ def _count(examples: Examples, idx: list[int]) -> dict[str, int]:
     return {**counts, "(unlabelled)": unlabelled} if unlabelled else counts
 
 
-def _recipe_scale(folder: Path) -> float:
-    """The recipe's router scale (the initial scale of a fit), default 20."""
-    import yaml
-
-    path = folder / "moerge_recipe.yaml"
-    try:
-        raw = yaml.safe_load(path.read_text()) if path.is_file() else {}
-        return float(((raw.get("routing") or {}).get("router") or {}).get("scale", 20.0))
-    except (yaml.YAMLError, AttributeError, TypeError, ValueError):
-        return 20.0
-
-
 # ---------------------------------------------------------------- writing
 
-def write_result(folder: Path, out: Path | None, force: bool, config: dict[str, Any],
-                 result: dict[str, Any]) -> Path:
+def write_result(ckpt: Checkpoint, out: Path | None, force: bool, result: dict[str, Any]) -> Path:
     """Write in place, or into a hard-linked copy at ``out`` that replaces ``out`` only when complete."""
+    folder = ckpt.folder
     if out is None or out.resolve() == folder.resolve():
-        stage_and_commit(folder, config, result)
+        stage_and_commit(folder, ckpt, result)
         return folder
     with atomic_output(out, force) as tmp:
         link_copy(folder, tmp)
-        stage_and_commit(tmp, config, result)
+        stage_and_commit(tmp, ckpt, result)
     return out
 
 
-def stage_and_commit(folder: Path, config: dict[str, Any], result: dict[str, Any]) -> None:
+def stage_and_commit(folder: Path, ckpt: Checkpoint, result: dict[str, Any]) -> None:
     """Router shard, config.json, calibration.json and the confusion PNG, swapped in together."""
     staged = Staged(folder)
     try:
-        updates = {f"{p}.{k}": v for p, r in result["routers"].items() for k, v in r.as_dict().items()}
-        write_router_tensors(folder, updates, dest=staged.path(ROUTER_FILE))
-        new_config = json.loads(json.dumps(config))
-        new_config["moerge"]["initialized"] = True
-        new_config["moerge"]["fallback"] = result["fallback"]
-        staged.write_text("config.json", json.dumps(new_config, indent=2) + "\n")
+        write_router_shard(staged.path(names.ROUTER_SHARD), result["routers"], ckpt.router_dtype())
+        config = dict(ckpt.config)
+        config["moerge"] = ckpt.require_routed().calibrated(result["fallback"]).to_dict()
+        staged.write_text(names.CONFIG, json.dumps(config, indent=2) + "\n")
         report = result["report"]
         conf = report["heldout"].get("confusion")
         if conf is not None:

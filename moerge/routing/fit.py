@@ -16,51 +16,15 @@ Pure tensor functions (features in, router tensors out; no I/O).  The router is 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint.routers import RouterTensors, uniform_router
+from ..recipe import ROUTER_SCALE
 
-@dataclass
-class RouterTensors:
-    """One router: prototypes (E, C), center (C,), scale (), bias (E,), all float32."""
-
-    prototypes: torch.Tensor
-    center: torch.Tensor
-    scale: torch.Tensor
-    bias: torch.Tensor
-
-    @classmethod
-    def from_dict(cls, tensors: dict[str, torch.Tensor], hidden: int) -> RouterTensors:
-        """From ``{"prototypes", "scale", "bias"[, "center"]}`` (a missing center is 0)."""
-        center = tensors.get("center")
-        return cls(tensors["prototypes"].float(), torch.zeros(hidden) if center is None else center.float(),
-                   tensors["scale"].float().reshape(()), tensors["bias"].float())
-
-    def as_dict(self) -> dict[str, torch.Tensor]:
-        return {"prototypes": self.prototypes, "center": self.center, "scale": self.scale, "bias": self.bias}
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C) -> (N, E), the modeling file's formula in float32."""
-        cos = F.normalize(x.float() - self.center, dim=-1) @ F.normalize(self.prototypes, dim=-1).T  # (N, E)
-        return self.scale * cos + self.bias
-
-    def probs(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.logits(x), dim=-1)  # (N, E)
-
-    def tempered(self, temperature: float) -> RouterTensors:
-        """Logits divided by T: scale / T and bias / T."""
-        return RouterTensors(self.prototypes, self.center, self.scale / temperature, self.bias / temperature)
-
-    def cast(self, dtype: torch.dtype) -> RouterTensors:
-        """Round-trip through the checkpoint's dtype (what inference will see)."""
-        return RouterTensors(*(t.to(dtype).float() for t in (self.prototypes, self.center, self.scale, self.bias)))
-
-
-def uniform_router(n_experts: int, hidden: int) -> RouterTensors:
-    """An uninitialised router: zero prototypes give cos 0, so the route is uniform."""
-    return RouterTensors(torch.zeros(n_experts, hidden), torch.zeros(hidden), torch.ones(()), torch.zeros(n_experts))
+__all__ = ["RouterTensors", "entropy", "fallback_threshold", "fit_supervised", "fit_temperature", "prototype_init",
+           "standardiser", "uniform_router"]
 
 
 def standardiser(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +48,7 @@ def prototype_init(x: torch.Tensor, y: torch.Tensor, n_experts: int, scale: floa
 
 
 def fit_supervised(x: torch.Tensor, y: torch.Tensor, n_experts: int, *, steps: int = 300, lr: float = 0.02,
-                   init_scale: float = 20.0) -> RouterTensors:
+                   init_scale: float = ROUTER_SCALE) -> RouterTensors:
     """Train prototypes, center, scale and bias with task-id cross-entropy.  x (N, C), y (N,) expert ids."""
     mu, s = standardiser(x.float())
     z = (x.float() - mu) / s  # (N, C)

@@ -1,59 +1,100 @@
 """Training-free router initialisation from calibration prompts (prototype routing).
 
-Each expert's prototype is the mean pooled feature of its calibration prompts at the router's input,
-after subtracting ``center`` (the mean over experts' prototypes), so that scores
+Each expert's prototype is the mean pooled feature of its calibration prompts at the router's input, after
+subtracting ``center`` (the mean over experts' prototypes), so that scores
 ``scale * cos(x - center, prototype_e) + bias_e`` compare what distinguishes the tasks rather than what all
-prompts share.  Token-level routers get one prototype per unit, measured with the route forced to the
-expert (the path its prompts take when routing is right).
+prompts share.
+
+Computed from the build's weight shards before any router or config is written:
+
+* sequence level: the router reads the input of the first routed unit, which only the static (unrouted)
+  layers before it shape; those layers are the base architecture's, so a base model truncated after the
+  router's layer, loaded from the shards, gives the features (memory: those layers only);
+* token level: every unit's router reads its own input with the route forced to the expert (the path its
+  prompts take when routing is right), so the whole moerge model is loaded from the shards.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import warnings
+import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
 
-from ..recipe import Recipe
+from ..checkpoint.manifest import Manifest
+from ..checkpoint.routers import RouterTensors
+from ..recipe import DataSource
 from .data import load_texts
 from .features import pooled_inputs
 
-ROUTER_FILE = "moerge_router.safetensors"
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
-def load_moe(folder: Path, dtype: torch.dtype | None = None) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..modeling import register
-
-    register()
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(folder)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return model, tok
-
-
-def router_prefixes(config: dict) -> dict[str, str]:
-    """Router tensor prefix -> the unit whose input feeds it."""
-    m = config["moerge"]
-    if m["level"] == "sequence":
-        return {"moerge_router": m["router_input"]}
-    return {f"{u}.moerge_router": u for u in m["units"]}
+def read_state(files: Iterable[Path], keep: set[str] | None = None, dtype: torch.dtype = torch.float32) -> dict:
+    """Tensors of the safetensors ``files`` (only ``keep`` when given), as ``dtype`` when floating."""
+    state = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                if keep is None or key in keep:
+                    t = f.get_tensor(key)
+                    state[key] = t.to(dtype) if t.is_floating_point() else t
+    return state
 
 
-def expert_features(model: Any, tok: Any, texts: list[str], e: int, config: dict) -> dict[str, torch.Tensor]:
-    """Per router prefix: (N, C) features of one expert's prompts, routed to that expert."""
-    prefixes = router_prefixes(config)
-    model.force_route(config["moerge"]["experts"][e])
+def truncated_base(base_config: dict[str, Any], files: list[Path], last_layer: int) -> Any:
+    """The base architecture with layers ``0..last_layer`` only, its weights read from ``files`` (float32)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = {k: v for k, v in base_config.items() if k not in ("model_type", "transformers_version")}
+    n_layers = int(fields["num_hidden_layers"])
+    for key, value in fields.items():  # per-layer lists (layer_types, ...) keep their first layers
+        if isinstance(value, list) and len(value) == n_layers:
+            fields[key] = value[: last_layer + 1]
+    fields["num_hidden_layers"] = last_layer + 1
+    config = AutoConfig.for_model(base_config["model_type"], **fields)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    wanted = set(model.state_dict())
+    state = read_state(files, wanted)
+    missing = {k for k in wanted - set(state) if not k.startswith("lm_head.")}
+    if missing:
+        raise RuntimeError(f"internal: the build's shards lack {sorted(missing)[:3]}")
+    model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    return model.eval()
+
+
+def moerge_model(config: dict[str, Any], files: list[Path]) -> Any:
+    """The whole moerge model of ``config`` (a config.json dict), its weights read from ``files`` (float32)."""
+    from ..modeling import MoergeConfig, MoergeForCausalLM
+
+    cfg = MoergeConfig(**{k: v for k, v in config.items() if k not in ("model_type", "auto_map")})
+    return MoergeForCausalLM.from_pretrained(None, config=cfg, state_dict=read_state(files),
+                                             dtype=torch.float32).eval()
+
+
+def feature_model(config: dict[str, Any], manifest: Manifest, files: list[Path]) -> Any:
+    """What the routers' features are read from (see the module docstring)."""
+    if manifest.level == "sequence":
+        m = _LAYER.match(manifest.router_input or "")
+        if m is not None:
+            return truncated_base(config["base_config"], files, int(m.group(1)))
+    return moerge_model(config, files)
+
+
+def expert_features(model: Any, tok: Any, texts: list[str], name: str, prefixes: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Per router prefix: (N, C) features of one expert's prompts, routed to that expert (when routable)."""
+    forced = hasattr(model, "force_route")
+    if forced:
+        model.force_route(name)
     try:
         feats = pooled_inputs(model, tok, texts, list(dict.fromkeys(prefixes.values())))
     finally:
-        model.force_route(None)
+        if forced:
+            model.force_route(None)
     return {prefix: feats[unit] for prefix, unit in prefixes.items()}
 
 
@@ -64,49 +105,17 @@ def prototypes_from_features(per_expert: list[torch.Tensor]) -> tuple[torch.Tens
     return means - center, center
 
 
-def write_router_tensors(folder: Path, updates: dict[str, torch.Tensor], *, dest: Path | None = None,
-                         resize: bool = False) -> None:
-    """Replace router tensors in the router shard (atomic file replace), keeping dtypes.
-
-    ``dest``: write the new shard there instead (the caller swaps it in); ``resize``: the new values may
-    change shape (a grown router)."""
-    path = folder / ROUTER_FILE
-    tensors = load_file(path)
-    for name, value in updates.items():
-        shape = value.shape if resize else tensors[name].shape
-        tensors[name] = value.to(tensors[name].dtype).reshape(shape).contiguous()
-    tmp = dest if dest is not None else path.with_suffix(".tmp")
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    if dest is None:
-        os.replace(tmp, path)
-
-
-def set_initialized(folder: Path, value: bool = True) -> None:
-    cfg_path = folder / "config.json"
-    config = json.loads(cfg_path.read_text())
-    config["moerge"]["initialized"] = value
-    cfg_path.write_text(json.dumps(config, indent=2) + "\n")
-
-
-def init_prototypes(folder: Path, recipe: Recipe, *, progress: bool = True) -> bool:
-    """Compute and store prototypes from the recipe's calibration blocks; False (uniform route) if any
-    expert lacks calibration data."""
-    missing = [e.name for e in recipe.experts if e.calibration is None]
-    if missing:
-        warnings.warn(f"experts {', '.join(missing)} have no calibration data: the router stays uniform",
-                      stacklevel=2)
-        return False
-    config = json.loads((folder / "config.json").read_text())
-    model, tok = load_moe(folder)
-    feats: dict[str, list[torch.Tensor]] = {p: [] for p in router_prefixes(config)}
-    for e, spec in enumerate(recipe.experts):
-        texts = load_texts(spec.calibration, tok, file=f"experts[{e}].calibration")  # type: ignore[arg-type]
-        for prefix, f in expert_features(model, tok, texts, e, config).items():
+def prototype_routers(model: Any, tok: Any, manifest: Manifest, calibration: list[DataSource],
+                      scale: float) -> dict[str, RouterTensors]:
+    """One router per prefix: centred prototypes of each expert's calibration prompts, bias 0."""
+    prefixes = manifest.router_prefixes()
+    feats: dict[str, list[torch.Tensor]] = {p: [] for p in prefixes}
+    for e, (name, source) in enumerate(zip(manifest.experts, calibration)):
+        texts = load_texts(source, tok, file=f"experts[{e}].calibration")
+        for prefix, f in expert_features(model, tok, texts, name, prefixes).items():
             feats[prefix].append(f)
-    updates = {}
+    out = {}
     for prefix, per_expert in feats.items():
         protos, center = prototypes_from_features(per_expert)
-        updates[f"{prefix}.prototypes"], updates[f"{prefix}.center"] = protos, center
-    write_router_tensors(folder, updates)
-    set_initialized(folder)
-    return True
+        out[prefix] = RouterTensors(protos, center, torch.tensor(float(scale)), torch.zeros(len(manifest.experts)))
+    return out

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import torch
 
-from . import KINDS, KindConfig
+from . import ExpertKind, KindConfig, Shapes, register
 
 
-class WEMoE:
-    name, exact, needs_lora = "wemoe", True, False
+@register
+class WEMoE(ExpertKind):
+    name = "wemoe"
 
-    def shapes(self, out: int, in_: int, cfg: KindConfig, lora_rank: int | None) -> dict:
-        return {"delta": ((out, in_), "float")}
+    def shapes(self, out: int, in_: int, cfg: KindConfig, lora_rank: int | None) -> Shapes:
+        return {"delta": ((out, in_), None)}
 
     def build(self, w_s: torch.Tensor, w_e: torch.Tensor, factors: object, cfg: KindConfig) -> dict[str, torch.Tensor]:
         return {"delta": w_e - w_s}  # (out, in)
-
-
-KINDS.add("wemoe", WEMoE())

@@ -1,20 +1,23 @@
 """Everything a build reads, opened once and validated before any heavy work starts.
 
 :class:`BuildContext` opens the base and every expert source lazily (headers only), checks that they agree
-(architecture, shapes, tensors present), resolves the static merge's parameters and the output dtype.
+(architecture, shapes, tensors present), resolves the static merge's parameters, the output dtype, the
+architecture family and the compute device.  It also gives the per-tensor inputs every later stage needs:
+the base tensor, the experts' task vectors, the static merge, each expert's own weight.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from .errors import RecipeError, SourceError
-from .io.sources import FullSource, LoraSource, ModelFolder, open_source
-from .merge.methods import METHODS, MergeMethod, MergeParams, merge_tensor
-from .recipe import Recipe
+from .. import device as devices
+from ..arch import Family, family_for
+from ..errors import RecipeError, SourceError
+from ..io.sources import FullSource, LoraSource, ModelFolder, open_source
+from ..merge.methods import METHODS, MergeMethod, MergeParams, merge_tensor
+from ..recipe import Recipe
 
 Source = FullSource | LoraSource
 
@@ -53,16 +56,19 @@ class BuildContext:
     method: MergeMethod
     params: MergeParams
     out_dtype: torch.dtype
+    family: Family
     file: str = "recipe"
+    device: torch.device = torch.device("cpu")
 
     @classmethod
-    def open(cls, recipe: Recipe, file: str | None = None) -> BuildContext:
+    def open(cls, recipe: Recipe, file: str | None = None, device: str | torch.device | None = "cpu") -> BuildContext:
         file = file or recipe.file
         method, params = resolve_merge(recipe, file)
         base = ModelFolder(recipe.base, allow_pickle=recipe.allow_pickle, what="base")
+        family = family_for(base.config, str(base.folder / "config.json"))
         sources = [open_source(e.name, e.source, base, allow_pickle=recipe.allow_pickle) for e in recipe.experts]
         ctx = cls(recipe, base, sources, method, params,
-                  getattr(torch, recipe.dtype) if recipe.dtype else base.dtype, file)
+                  getattr(torch, recipe.dtype) if recipe.dtype else base.dtype, family, file, devices.resolve(device))
         ctx.check_tensors()
         return ctx
 
@@ -83,13 +89,23 @@ class BuildContext:
     def names(self) -> list[str]:
         return [e.name for e in self.recipe.experts]
 
+    @property
+    def n_layers(self) -> int:
+        return int(self.base.config.get("num_hidden_layers", 0))
+
+    def load(self, name: str) -> torch.Tensor:
+        """The base tensor ``name`` on the compute device (its stored dtype)."""
+        return self.base.get(name).to(self.device)
+
     def deltas(self, name: str, base: torch.Tensor) -> list[torch.Tensor | None]:
-        """Every expert's fp32 task vector for one tensor (None = zero)."""
+        """Every expert's fp32 task vector for one tensor, on ``base``'s device (None = zero)."""
         return [src.delta(name, base) for src in self.sources]
 
     def merged(self, name: str, base: torch.Tensor, taus: list[torch.Tensor | None]) -> torch.Tensor:
         return merge_tensor(self.method, base, taus, self.params, name)
 
-    @property
-    def base_path(self) -> Path:
-        return self.base.folder
+    def expert_weights(self, name: str, base: torch.Tensor, taus: list[torch.Tensor | None]) -> list[torch.Tensor]:
+        """Every expert's own fp32 tensor (a full checkpoint's stored weight, else base + task vector)."""
+        base32 = base.float()
+        return [src.weight(name, base).float() if isinstance(src, FullSource) else
+                (base32 + t if t is not None else base32) for src, t in zip(self.sources, taus)]

@@ -6,26 +6,25 @@ from __future__ import annotations
 import torch
 
 from ..merge.sparsify import keep_count
-from . import KINDS, KindConfig
+from . import ExpertKind, KindConfig, Shapes, register
 
 DEFAULT_DENSITY = 0.1
 
 
-class Sparse:
-    name, exact, needs_lora = "sparse", False, False
+@register
+class Sparse(ExpertKind):
+    name = "sparse"
+    params = ("density",)
 
     @staticmethod
     def nnz(out: int, in_: int, cfg: KindConfig) -> int:
         return keep_count(out * in_, cfg.density or DEFAULT_DENSITY)
 
-    def shapes(self, out: int, in_: int, cfg: KindConfig, lora_rank: int | None) -> dict:
+    def shapes(self, out: int, in_: int, cfg: KindConfig, lora_rank: int | None) -> Shapes:
         k = self.nnz(out, in_, cfg)
-        return {"indices": ((k,), "int32"), "values": ((k,), "float")}
+        return {"indices": ((k,), torch.int32), "values": ((k,), None)}
 
     def build(self, w_s: torch.Tensor, w_e: torch.Tensor, factors: object, cfg: KindConfig) -> dict[str, torch.Tensor]:
         flat = (w_e - w_s).reshape(-1)  # (out * in,)
         idx = torch.topk(flat.abs(), self.nnz(*w_s.shape, cfg), sorted=False).indices.sort().values  # (k,)
         return {"indices": idx.to(torch.int32), "values": flat[idx]}
-
-
-KINDS.add("sparse", Sparse())

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import torch
 
-from . import KINDS, KindConfig
+from . import ExpertKind, KindConfig, Shapes, register
 
 
-class Dense:
-    name, exact, needs_lora = "dense", True, False
+@register
+class Dense(ExpertKind):
+    name = "dense"
 
-    def shapes(self, out: int, in_: int, cfg: KindConfig, lora_rank: int | None) -> dict:
-        return {"weight": ((out, in_), "float")}
+    def shapes(self, out: int, in_: int, cfg: KindConfig, lora_rank: int | None) -> Shapes:
+        return {"weight": ((out, in_), None)}
 
     def build(self, w_s: torch.Tensor, w_e: torch.Tensor, factors: object, cfg: KindConfig) -> dict[str, torch.Tensor]:
         return {"weight": w_e}
-
-
-KINDS.add("dense", Dense())

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import KINDS, KindConfig
+from . import ExpertKind, KindConfig, Shapes, register
 
 DEFAULT_RANK = 16
 
@@ -43,16 +43,18 @@ def factors_match(delta: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor
     return bool(err <= tol)
 
 
-class Twin:
-    name, exact, needs_lora = "twin", False, False
+@register
+class Twin(ExpertKind):
+    name = "twin"
+    params = ("rank",)
 
     @staticmethod
     def rank(out: int, in_: int, cfg: KindConfig) -> int:
         return min(cfg.rank or DEFAULT_RANK, out, in_)
 
-    def shapes(self, out: int, in_: int, cfg: KindConfig, lora_rank: int | None) -> dict:
+    def shapes(self, out: int, in_: int, cfg: KindConfig, lora_rank: int | None) -> Shapes:
         r = self.rank(out, in_, cfg)
-        return {"U": ((out, r), "float"), "V": ((r, in_), "float")}
+        return {"U": ((out, r), None), "V": ((r, in_), None)}
 
     def build(self, w_s: torch.Tensor, w_e: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor] | None,
               cfg: KindConfig) -> dict[str, torch.Tensor]:
@@ -67,5 +69,3 @@ class Twin:
             U, V = svd_factors(delta, rank)
         return {"U": U, "V": V}
 
-
-KINDS.add("twin", Twin())

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import torch
 
-from . import KINDS, KindConfig
+from . import ExpertKind, KindConfig, Shapes, register
 
 
-class Lora:
-    name, exact, needs_lora = "lora", True, True
+@register
+class Lora(ExpertKind):
+    name = "lora"
+    needs_lora = True
 
-    def shapes(self, out: int, in_: int, cfg: KindConfig, lora_rank: int | None) -> dict:
+    def shapes(self, out: int, in_: int, cfg: KindConfig, lora_rank: int | None) -> Shapes:
         r = lora_rank or 0
-        return {"A": ((r, in_), "float"), "B": ((out, r), "float")}
+        return {"A": ((r, in_), None), "B": ((out, r), None)}
 
     def build(self, w_s: torch.Tensor, w_e: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor] | None,
               cfg: KindConfig) -> dict[str, torch.Tensor]:
@@ -21,6 +23,3 @@ class Lora:
             return {"A": w_s.new_zeros(0, w_s.shape[1]), "B": w_s.new_zeros(w_s.shape[0], 0)}
         A, B = factors  # (r, in), (out, r) with scaling folded into B
         return {"A": A, "B": B}
-
-
-KINDS.add("lora", Lora())

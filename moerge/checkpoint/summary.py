@@ -6,8 +6,10 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from .io.index import CheckpointIndex
-from .io.sources import read_json
+from ..io.index import CheckpointIndex
+from . import names
+from .folder import Checkpoint
+from .manifest import Manifest
 
 
 def human(n: float) -> str:
@@ -18,34 +20,33 @@ def human(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-def storage_breakdown(index: CheckpointIndex, config: dict) -> dict[str, int]:
+def storage_breakdown(index: CheckpointIndex, manifest: Manifest | dict | None) -> dict[str, int]:
     """Bytes per category: shared (base-shaped tensors), ``experts:<kind>``, routers."""
-    units = (config.get("moerge") or {}).get("units", {})
+    if isinstance(manifest, dict):  # a config.json dict
+        block = manifest.get("moerge")
+        manifest = Manifest.from_dict(block, "config.json") if block else None
+    units = manifest.units if manifest is not None else {}
     out: dict[str, int] = defaultdict(int)
     for name, info in index.tensors.items():
-        if ".moerge_router." in name or name.startswith("moerge_router."):
+        if names.is_router(name):
             out["routers"] += info.nbytes
         elif ".experts." in name:
             unit = name.rsplit(".experts.", 1)[0].rsplit(".", 1)[0]
-            out[f"experts:{units.get(unit, {}).get('kind', '?')}"] += info.nbytes
+            out[f"experts:{units[unit].kind if unit in units else '?'}"] += info.nbytes
         else:
             out["shared"] += info.nbytes
     return dict(out)
 
 
-def base_bytes(config: dict, index: CheckpointIndex) -> int:
-    """Bytes of the dense base at the checkpoint's dtype: the shared tensors are exactly base-shaped."""
-    return storage_breakdown(index, config).get("shared", index.total_bytes)
-
-
 def inspect_checkpoint(path: Path) -> str:
-    config = read_json(path / "config.json")
-    index = CheckpointIndex.from_folder(path)
-    lines = [f"{path}: model_type {config.get('model_type')}, {len(index.tensors)} tensors, {human(index.total_bytes)}"]
-    if config.get("model_type") == "moerge":
-        m = config["moerge"]
-        lines.append(f"experts: {', '.join(m['experts'])}; level {m['level']}; {len(m['units'])} routed units")
-        parts = storage_breakdown(index, config)
+    ckpt = Checkpoint.open(path)
+    index = ckpt.index()
+    lines = [f"{path}: model_type {ckpt.config.get('model_type')}, {len(index.tensors)} tensors, "
+             f"{human(index.total_bytes)}"]
+    m = ckpt.manifest
+    if m is not None:
+        lines.append(f"experts: {', '.join(m.experts)}; level {m.level}; {len(m.units)} routed units")
+        parts = storage_breakdown(index, m)
         base = parts.get("shared", 0)
         for key, n in sorted(parts.items()):
             lines.append(f"  {key:<16} {human(n):>10}  {n / max(base, 1):.3f}x base")
@@ -55,7 +56,7 @@ def inspect_checkpoint(path: Path) -> str:
         for info in index.tensors.values():
             dtypes[info.dtype] += info.nbytes
         lines += [f"  {k}: {human(v)}" for k, v in dtypes.items()]
-    if (path / "calibration.json").is_file():
-        cal = json.loads((path / "calibration.json").read_text())
+    if (path / names.REPORT).is_file():
+        cal = json.loads((path / names.REPORT).read_text())
         lines.append(f"calibration: held-out accuracy {cal.get('accuracy')}")
     return "\n".join(lines)

@@ -1,0 +1,58 @@
+"""The build pipeline, one way through:
+
+    recipe -> context (inputs opened, checked) -> analysis (when the selection needs it) -> plan (what every
+    output tensor is, with its bytes) -> jobs -> executor -> writer -> finish (routers, index, config, files)
+
+``context`` opens the inputs (:mod:`.context`), ``analyze`` streams the conflict metrics (:mod:`.analyze`),
+``plan`` decides merge or route per unit (:mod:`.plan`), ``jobs`` compute tensors (:mod:`.jobs`), ``execute``
+runs them into the sharded writer (:mod:`.execute`); the output format picks the writer at the end: a moerge
+folder, static or routed (:mod:`.output`), or a native MoE (:mod:`moerge.export`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import RecipeError
+from ..io.atomic import atomic_output, check_output
+from ..recipe import Recipe
+from .context import BuildContext
+from .plan import Plan, describe, make_plan, static_plan
+
+
+def plan_for(recipe: Recipe, file: str | None = None, *, progress: bool = True,
+             device: str | torch.device | None = "auto") -> Plan:
+    """Open the recipe's inputs and plan the build (the conflict analysis runs here when needed)."""
+    ctx = BuildContext.open(recipe, file, device)
+    if recipe.routing is None:
+        if recipe.output.format != "moerge":
+            raise RecipeError(ctx.file, "output.format", f"format {recipe.output.format} needs a routing section")
+        return static_plan(ctx)
+    return make_plan(ctx, progress)
+
+
+def build(recipe: Recipe, out: str | Path, *, force: bool = False, progress: bool = True, file: str | None = None,
+          device: str | torch.device | None = "auto") -> Path:
+    """Build the checkpoint described by ``recipe`` into ``out`` (atomically); returns ``out``."""
+    out = Path(out)
+    check_output(out.absolute(), force)
+    plan = plan_for(recipe, file, progress=progress, device=device)
+    if recipe.output.format != "moerge":
+        from ..export import export_from_plan
+
+        return export_from_plan(plan, out, force=force, progress=progress)
+    from .output import write_moerge
+
+    with atomic_output(out, force) as tmp:
+        write_moerge(plan, tmp, progress=progress)
+    return out
+
+
+def plan_text(recipe: Recipe, file: str | None = None, device: str | torch.device | None = "auto") -> str:
+    """What ``moerge plan`` prints."""
+    return describe(plan_for(recipe, file, progress=False, device=device))
+
+
+__all__ = ["BuildContext", "Plan", "build", "make_plan", "plan_for", "plan_text"]

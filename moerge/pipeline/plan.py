@@ -1,0 +1,195 @@
+"""The plan of a build: for every tensor of the output, what is computed (copy, merge, route) and its bytes.
+
+:func:`make_plan` reads headers only (plus the conflict analysis when the selection needs metrics) and
+decides which units are routed, with which storage kind and parameters per unit.  A :class:`Plan` is data:
+the output tensors in write order with their shapes and dtypes (so the writer lays out the shards before any
+work), the bytes of the result, a peak-memory estimate, and the checkpoint's :class:`Manifest`.  Jobs
+(:mod:`.jobs`) are made from it; nothing here computes a tensor.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import dtypes
+from ..analysis.conflict import METRICS
+from ..analysis.select import needs_metrics, select_units
+from ..checkpoint.manifest import LinearSpec, Manifest, UnitSpec
+from ..errors import RecipeError
+from ..io.sources import FullSource, LoraSource
+from ..io.writer import TensorSpec
+from ..kinds import KINDS, ExpertKind, KindConfig
+from .analyze import analyze_units
+from .context import BuildContext
+from .units import Linear, Unit, candidate_units
+
+
+@dataclass(frozen=True)
+class RoutedUnit:
+    """A unit that becomes routed, with its storage kind and the kind's parameters."""
+
+    unit: Unit
+    kind: ExpertKind
+    cfg: KindConfig
+
+
+@dataclass
+class Plan:
+    ctx: BuildContext
+    units: list[Unit]  # the candidates
+    routed: list[RoutedUnit]
+    shared_is_base: bool
+    metrics: dict[str, dict[str, float]] | None
+    _lora_ranks: dict[tuple[int, str], int] = field(default_factory=dict, repr=False)
+
+    @property
+    def float_dtype(self) -> torch.dtype:
+        return self.ctx.out_dtype
+
+    # ---- per tensor
+    def lora_rank(self, e: int, lin: Linear) -> int | None:
+        """Expert e's LoRA rank on ``lin`` (0: the adapter leaves it alone; None: a full checkpoint)."""
+        src = self.ctx.sources[e]
+        if not isinstance(src, LoraSource):
+            return None
+        parts = src.modules.get(lin.weight, {})
+        return src.index[parts["A"]].shape[0] if "A" in parts else 0
+
+    def expert_shapes(self, ru: RoutedUnit, e: int, lin: Linear) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Expert e's stored tensors in routed linear ``lin`` -> (shape, dtype)."""
+        out, in_ = lin.shape
+        raw = ru.kind.shapes(out, in_, ru.cfg, self.lora_rank(e, lin))
+        shapes = {k: (tuple(s), d or self.float_dtype) for k, (s, d) in raw.items()}
+        if lin.bias:
+            shapes["bias_delta"] = ((out,), self.float_dtype)
+        return shapes
+
+    def routed_linears(self) -> dict[str, tuple[RoutedUnit, Linear]]:
+        """Weight name of every routed linear -> (its unit, the linear)."""
+        return {lin.weight: (ru, lin) for ru in self.routed for lin in ru.unit.linears}
+
+    def outputs(self) -> list[TensorSpec]:
+        """Every weight tensor of the output, in write order (routers are not weights: see :mod:`.routers`)."""
+        routed, skip = self.routed_linears(), {lin.bias_name for ru in self.routed for lin in ru.unit.linears}
+        specs = []
+        for name in self.ctx.base.names:
+            if name in routed:
+                specs += routed_specs(self, *routed[name])
+            elif name not in skip:
+                specs.append(TensorSpec(name, tuple(self.ctx.base.index[name].shape), static_dtype(self.ctx, name)))
+        return specs
+
+    # ---- bytes
+    def unit_extra_bytes(self, ru: RoutedUnit) -> int:
+        return sum(dtypes.nbytes(s, d) for lin in ru.unit.linears for e in range(len(self.ctx.sources))
+                   for s, d in self.expert_shapes(ru, e, lin).values())
+
+    def base_bytes(self) -> int:
+        """The dense base at the output dtype."""
+        return sum(dtypes.nbytes(tuple(i.shape), self.ctx.out_dtype) for i in self.ctx.base.index.tensors.values())
+
+    def extra_bytes(self) -> int:
+        return sum(self.unit_extra_bytes(ru) for ru in self.routed)
+
+    # ---- the checkpoint's description
+    def manifest(self, initialized: bool) -> Manifest:
+        routing = self.ctx.recipe.routing
+        assert routing is not None
+        router = routing.router
+        units = {ru.unit.path: UnitSpec(ru.kind.name, {lin.name: LinearSpec(lin.bias, tuple(
+            {k: s for k, (s, _) in self.expert_shapes(ru, e, lin).items()} for e in range(len(self.ctx.sources))))
+            for lin in ru.unit.linears}) for ru in self.routed}
+        return Manifest(tuple(self.ctx.names), router.level,
+                        router.top_k if router.top_k is not None else (1 if router.level == "sequence" else None),
+                        self.routed[0].unit.path if self.routed else None, initialized, None,
+                        "base" if self.shared_is_base else "merge", units)
+
+
+def static_dtype(ctx: BuildContext, name: str) -> torch.dtype:
+    """Floating tensors take the output dtype; the others (int, bool, fp8) keep the base's."""
+    code = ctx.base.index[name].dtype
+    return ctx.out_dtype if code in dtypes.FLOAT_CODES else dtypes.from_st(code)
+
+
+def routed_specs(plan: Plan, ru: RoutedUnit, lin: Linear) -> list[TensorSpec]:
+    """Shared weight (+ bias), then every expert's tensors of one routed linear."""
+    dt = plan.float_dtype
+    specs = [TensorSpec(lin.weight, lin.shape, dt)]
+    if lin.bias:
+        specs.append(TensorSpec(lin.bias_name, (lin.shape[0],), dt))
+    for e in range(len(plan.ctx.sources)):
+        specs += [TensorSpec(f"{lin.path}.experts.{e}.{k}", s, d) for k, (s, d) in plan.expert_shapes(ru, e, lin).items()]
+    return specs
+
+
+# ---------------------------------------------------------------- making the plan
+
+def kind_of(ctx: BuildContext) -> tuple[ExpertKind, KindConfig]:
+    """The recipe's kind and its parameters, checked against the experts."""
+    routing = ctx.recipe.routing
+    assert routing is not None
+    spec = routing.expert
+    kind = KINDS.get(spec.kind, file=ctx.file, field="routing.expert.kind")
+    cfg = KindConfig(spec.rank, spec.density, spec.svd)
+    kind.check(cfg, ctx.file)
+    full = [s.name for s in ctx.sources if isinstance(s, FullSource)]
+    if kind.needs_lora and full:
+        raise RecipeError(ctx.file, "routing.expert.kind", f"kind 'lora' needs LoRA experts; {', '.join(full)} "
+                                                           "are full checkpoints (use twin for a low-rank version)")
+    return kind, cfg
+
+
+def make_plan(ctx: BuildContext, progress: bool = True, metrics: dict | None = None) -> Plan:
+    """Which units are routed (the recipe's selection rule) and how."""
+    routing = ctx.recipe.routing
+    assert routing is not None
+    kind, cfg = kind_of(ctx)
+    units = candidate_units(ctx.base.index, ctx.n_layers, ctx.family, routing.modules)
+    shared_is_base = routing.shared == "base" or (routing.shared is None and kind.needs_lora)
+    plan = Plan(ctx, units, [], shared_is_base, metrics)
+    if needs_metrics(routing.select) and plan.metrics is None:
+        plan.metrics = analyze_units(ctx, units, progress)
+    every = {u.path: RoutedUnit(u, kind, cfg) for u in units}
+    chosen = select_units(list(every), routing.select, plan.metrics, lambda p: every[p].unit.layer,
+                          lambda p: plan.unit_extra_bytes(every[p]), plan.base_bytes(), ctx.file)
+    plan.routed = [every[p] for p in chosen]
+    if not plan.routed:
+        warnings.warn("no unit was selected for routing: the result is a static merge with routers on nothing",
+                      stacklevel=2)
+    return plan
+
+
+def static_plan(ctx: BuildContext) -> Plan:
+    """The plan of a static merge: every tensor merged."""
+    return Plan(ctx, [], [], False, None)
+
+
+# ---------------------------------------------------------------- the printed plan
+
+def plan_table(plan: Plan) -> list[str]:
+    routed = {ru.unit.path: ru for ru in plan.routed}
+    lines = [f"{'unit':<28} {'decision':<8} {'kind':<7} {'bytes':>12}" +
+             ("  " + " ".join(f"{m:>13}" for m in METRICS) if plan.metrics else "")]
+    for u in plan.units:
+        ru = routed.get(u.path)
+        row = f"{u.path:<28} {'routed' if ru else 'merged':<8} {ru.kind.name if ru else '-':<7} " \
+              f"{plan.unit_extra_bytes(ru) if ru else 0:>12,}"
+        if plan.metrics:
+            row += "  " + " ".join(f"{plan.metrics[u.path][m]:>13.4f}" for m in METRICS)
+        lines.append(row)
+    return lines
+
+
+def describe(plan: Plan) -> str:
+    """What ``moerge plan`` prints: the unit table (routed builds) and the totals."""
+    base, extra = plan.base_bytes(), plan.extra_bytes()
+    dt = dtypes.name(plan.float_dtype)
+    if plan.ctx.recipe.routing is None:
+        head = [f"static merge ({plan.ctx.recipe.merge.method}) of {len(plan.ctx.sources)} experts: every tensor merged"]
+    else:
+        head = plan_table(plan) + [f"{len(plan.routed)}/{len(plan.units)} units routed; {extra:,} extra bytes; "
+                                   f"{(base + extra) / base:.3f}x the base ({base:,} bytes at {dt})"]
+    return "\n".join(head)
