@@ -16,7 +16,11 @@ Structure:
   ``KIND_IMPLS`` by ``@expert_kind(name)`` where it is defined and chosen once per routed linear (``impl``);
   adding a kind is one class;
 * routes come from forward pre-hooks on the routed units (and on ``router_input`` at sequence level) and are
-  kept in :class:`RouteSlot` objects that the routed linears read.
+  kept in :class:`RouteSlot` objects that the routed linears read;
+* device maps (accelerate): a decoder layer with its routed linears and token-level routers stays on one device;
+  routers and expert tensors are reached through module calls so that offloading hooks load them; the sequence
+  router runs on its own device and a route is copied once per device (:meth:`RouteSlot.on`); offloaded routed
+  linears cache nothing.
 
 Shapes in comments: B batch, T tokens, C hidden size, E experts, O/I a linear's out/in features.
 """
@@ -202,7 +206,7 @@ class Dense(ExpertKind):
         """Σ_e r_e W_e when Σ r = 1, so that forcing expert t gives exactly W_t; else W_s + Σ_e r_e Δ_e."""
         if abs(sum(key) - 1.0) >= 1e-6:
             return super().combine(lin, key)
-        return sum(r * lin.experts[e].weight.float() for e, r in enumerate(key) if r != 0.0)
+        return sum(r * lin.expert(e)["weight"].float() for e, r in enumerate(key) if r != 0.0)
 
     @classmethod
     def mix_tokens(
@@ -212,7 +216,7 @@ class Dense(ExpertKind):
         y = F.linear(x, lin.weight, lin.bias)  # (B, T, O)
         y = y * (1 - r.sum(-1, keepdim=True))
         for e in active:
-            t = lin.experts[e].tensors()
+            t = lin.expert(e)
             y_e = F.linear(x, t["weight"], lin.bias)
             if "bias_delta" in t:
                 y_e = y_e + t["bias_delta"]
@@ -443,6 +447,7 @@ class RouteSlot:
         self.clear()
 
     def clear(self) -> None:
+        self._moved: dict[torch.device, tuple] = {}  # device -> (route, order, unorder) there
         self.route: torch.Tensor | None = None
         self.groups: list[tuple[tuple[float, ...], tuple[int, int] | None]] | None = None
         self.order: torch.Tensor | None = None  # (B,) rows sorted by group (several groups only)
@@ -455,7 +460,7 @@ class RouteSlot:
         """Route (B, E), one per row; groups rows that share a route (one host sync).  A route that requires
         grad (router parameters being trained) is not grouped: the routed linears then take the per-row
         tensor path, through which gradients reach the router."""
-        self.route, self.forced = route, False
+        self.route, self.forced, self._moved = route, False, {}
         if route.requires_grad:
             self.groups, self.active = None, list(range(route.shape[-1]))
             return
@@ -478,18 +483,29 @@ class RouteSlot:
         batch = x.shape[0]
         self.tokens = x.shape[1] if x.dim() > 2 else 1
         r = self.route
-        if self.forced and r is not None and r.shape[0] == batch and r.device == x.device:
+        if self.forced and r is not None and r.shape[0] == batch:  # units on other devices: `on`
             return
-        self.route = weights.to(x.device).expand(batch, -1)  # (B, E)
+        self.route, self._moved = weights.to(x.device).expand(batch, -1), {}  # (B, E)
         self.groups, self.forced = [(key, None)], True
         self.active = [e for e, w in enumerate(key) if w != 0.0]
 
     def set_tokens(self, route: torch.Tensor) -> None:
         """Route (B, T, E), one per token."""
-        self.route, self.groups, self.forced = route, None, False
+        self.route, self.groups, self.forced, self._moved = route, None, False, {}
         self.tokens = route.shape[1]
         used = route.flatten(0, -2).ne(0).any(0)  # (E,)
         self.active = torch.nonzero(used).flatten().tolist()
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(route, order, unorder) on ``device``: the units of one route may sit on several devices (a device
+        map); each device gets one copy per route, not one per routed linear."""
+        if self.route.device == device:
+            return self.route, self.order, self.unorder
+        moved = self._moved.get(device)
+        if moved is None:
+            parts = (self.route, self.order, self.unorder)
+            moved = self._moved[device] = tuple(None if t is None else t.to(device) for t in parts)
+        return moved
 
     def as_tokens(self) -> torch.Tensor | None:
         """The route as (B, T, E) (row routes are repeated over the T tokens of the last forward)."""
@@ -512,6 +528,10 @@ class MoergeRouter(nn.Module):
         self.center = nn.Parameter(torch.zeros(hidden, dtype=dtype, device=device))  # (C,)
         self.scale = nn.Parameter(torch.ones((), dtype=dtype, device=device))  # ()
         self.bias = nn.Parameter(torch.zeros(num_experts, dtype=dtype, device=device))  # (E,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`probs`, through the module call so that device-map hooks (accelerate) place and load the router."""
+        return self.probs(x)
 
     def probs(self, x: torch.Tensor) -> torch.Tensor:
         """(..., C) -> (..., E) float32."""
@@ -540,7 +560,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     x = x.float()
     if mask is None or mask.dim() != 2 or mask.shape[0] != x.shape[0]:
         return x.mean(1)
-    keep = mask[:, -x.shape[1] :].bool().unsqueeze(-1)  # (B, T, 1)
+    keep = mask[:, -x.shape[1] :].to(x.device).bool().unsqueeze(-1)  # (B, T, 1)
     total = torch.where(keep, x, 0.0).sum(1)  # (B, C); `where` so that NaN at padded positions stays out
     return total / keep.sum(1).clamp_min(1)
 
@@ -576,6 +596,10 @@ class ExpertTensors(nn.Module):
             self.register_buffer(name, torch.zeros(tuple(shape), dtype=buf_dtype, device=device))
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self._buffers)
+
+    def forward(self) -> dict[str, torch.Tensor]:
+        """The tensors, through the module call: an offloading hook (accelerate) loads them for the caller."""
         return dict(self._buffers)
 
 
@@ -649,10 +673,14 @@ class RoutedLinear(nn.Module):
         return ts + [b for ex in self.experts for b in ex._buffers.values()]
 
     def _caching(self) -> bool:
-        """Whether cached weights may be used; drops them when any tensor moved or changed in place."""
+        """Whether cached weights may be used (not with autograd, nor where accelerate offloads the weights: the
+        cache would keep in memory what offloading keeps out); drops them when any tensor moved or changed in
+        place."""
         if torch.is_grad_enabled() and any(
             p.requires_grad for p in self._parameters.values() if p is not None
         ):
+            return False
+        if _offloaded(self):
             return False
         if self.slot.decode and self._signature:  # checked at this generation's prefill: skip the cost per step
             return True
@@ -669,7 +697,11 @@ class RoutedLinear(nn.Module):
     # ---- effective weights (row routes) ------------------------------------------------------------------------
     def delta(self, e: int) -> torch.Tensor:
         """Δ_e (O, I) in the expert's dtype."""
-        return self.impl.delta(self.experts[e].tensors(), self.weight)
+        return self.impl.delta(self.expert(e), self.weight)
+
+    def expert(self, e: int) -> dict[str, torch.Tensor]:
+        """Expert e's stored tensors by name (loaded first where accelerate offloads them)."""
+        return self.experts[e]()
 
     def combine(self, key: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Route weights r (E floats) -> (the kind's W_s + Σ r_e Δ_e (O, I), b_s + Σ r_e bias_delta_e (O,)), in
@@ -677,7 +709,7 @@ class RoutedLinear(nn.Module):
         acc = self.impl.combine(self, key)
         bias = None if self.bias is None else self.bias.float()
         for e, r in enumerate(key):
-            bd = self.experts[e]._buffers.get("bias_delta") if r != 0.0 else None
+            bd = self.expert(e).get("bias_delta") if r != 0.0 else None
             if bd is not None:
                 bias = bd.float() * r if bias is None else bias + r * bd.float()
         return acc.to(self.weight.dtype), None if bias is None else bias.to(self.weight.dtype)
@@ -709,8 +741,8 @@ class RoutedLinear(nn.Module):
         group is a slice, and the outputs are put back with one gather (``slot.unorder``)."""
         if len(groups) == 1:
             return self._linear_route(x, groups[0][0], caching)
-        slot = self.slot
-        xs = x.index_select(0, slot.order)  # (B, T, I), groups contiguous
+        _, order, unorder = self.slot.on(x.device)
+        xs = x.index_select(0, order)  # (B, T, I), groups contiguous
         if self._factored_groups(x, groups, caching):
             y = F.linear(x, self.weight, self.bias)  # (B, T, O): W_s for every row
             parts = []
@@ -720,9 +752,9 @@ class RoutedLinear(nn.Module):
                     if r != 0.0:
                         d = d + r * self.apply_delta(e, xs[a:b], caching).to(d.dtype)
                 parts.append(d)
-            return y + torch.cat(parts).index_select(0, slot.unorder).to(y.dtype)
+            return y + torch.cat(parts).index_select(0, unorder).to(y.dtype)
         ys = [self._linear_route(xs[a:b], key, caching) for key, (a, b) in groups]
-        return torch.cat(ys).index_select(0, slot.unorder)  # autocast may have changed the dtype
+        return torch.cat(ys).index_select(0, unorder)  # autocast may have changed the dtype
 
     def _factored_groups(self, x: torch.Tensor, groups: list, caching: bool) -> bool:
         """Mixed-route batch: whether to run `W_s` for all rows + each group's `x @ Δ_e^T` rather than one
@@ -733,7 +765,7 @@ class RoutedLinear(nn.Module):
     # ---- token routes ----------------------------------------------------------------------------------------
     def apply_delta(self, e: int, x: torch.Tensor, caching: bool) -> torch.Tensor:
         """x @ Δ_e^T + bias_delta_e. x (..., I) -> (..., O)."""
-        t = self.experts[e].tensors()
+        t = self.expert(e)
         y = self.impl.apply(t, x, self.weight, self._kind_cache.setdefault(e, {}) if caching else None)
         bd = t.get("bias_delta")
         return y if bd is None else y + bd
@@ -758,7 +790,32 @@ class RoutedLinear(nn.Module):
         caching = self._caching()
         if slot.route.dim() == 2 and slot.groups is not None:
             return self._forward_groups(x, slot.groups, caching)
-        return self._forward_tokens(x, slot.route, slot.active, caching)
+        return self._forward_tokens(x, slot.on(x.device)[0], slot.active, caching)
+
+
+def _offloaded(module: nn.Module) -> bool:
+    """Whether an accelerate hook loads the module's weights at each call (CPU or disk offload of a device map)."""
+    hook = getattr(module, "_hf_hook", None)
+    return any(getattr(h, "offload", False) for h in getattr(hook, "hooks", (hook,)))
+
+
+def _offload_gaps(module: nn.Module, seen: dict[int, frozenset[str]]) -> list[str]:
+    """Names of the module's own tensors that an offloading accelerate hook would reload but cannot find (``seen``:
+    the keys of each weights loader, read once)."""
+    gaps = []
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", (hook,)):
+        weights = getattr(h, "weights_map", None)
+        if not getattr(h, "offload", False) or weights is None:
+            continue
+        names = [n for n, p in module._parameters.items() if p is not None]
+        names += list(module._buffers) if h.offload_buffers else []
+        loader, prefix = getattr(weights, "dataset", weights), getattr(weights, "prefix", "")
+        keys = seen.get(id(loader))
+        if keys is None:
+            keys = seen[id(loader)] = frozenset(loader)
+        gaps += [n for n in names if prefix + n not in keys]
+    return gaps
 
 
 def _init_(t: torch.Tensor, make: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -835,7 +892,10 @@ class RoutingState:
     def sequence_route(self, router: MoergeRouter, x: torch.Tensor) -> torch.Tensor:
         """Router input (B, T, C) -> route (B, E): mask-aware mean, softmax, top-k, fallback."""
         mask = self.mask if self.phase == "prefill" else None
-        probs = router.probs(masked_mean(x, mask))  # (B, E)
+        pooled = masked_mean(x, mask)  # (B, C), on x's device
+        if router.prototypes.device.type != "meta":  # else offloaded: its hook brings it and the input together
+            pooled = pooled.to(router.prototypes.device)
+        probs = router(pooled)  # (B, E), on the router's device
         route = top_k_route(probs, self.top_k)
         if self.fallback:
             low = probs.max(-1).values < float(self.fallback.get("threshold", 0.0))  # (B,)
@@ -878,7 +938,7 @@ class UnitHook:
         if pinned is not None:
             slot.set_forced(*pinned, x)
         elif st.level == "token":
-            slot.set_tokens(top_k_route(self.router.probs(x), st.top_k))  # (B, T, E)
+            slot.set_tokens(top_k_route(self.router(x), st.top_k))  # (B, T, E)
         elif slot.route is None or slot.route.shape[0] != x.shape[0]:
             raise RuntimeError(
                 f"moerge: no sequence route for unit {self.unit!r}; router_input must run before every routed unit"
@@ -907,6 +967,9 @@ class MoergeForCausalLM(PreTrainedModel, GenerationMixin):
     base_model_prefix = "model"
     # replaced in __init__ by the base causal LM class's own mapping (v5 format: {target: source})
     _tied_weights_keys: ClassVar[dict[str, str]] = {"lm_head.weight": "model.embed_tokens.weight"}
+    # device maps: a routed linear's weight and expert buffers stay together (the base's decoder layer class,
+    # added in __init__, keeps a layer's routed linears and token-level routers on one device)
+    _no_split_modules: ClassVar[set[str]] = {"RoutedLinear", "MoergeRouter"}
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
@@ -1115,7 +1178,24 @@ class MoergeForCausalLM(PreTrainedModel, GenerationMixin):
             if getattr(self.generation_config, name, None) is None and getattr(text, name, None) is not None:
                 setattr(self.generation_config, name, getattr(text, name))
 
-    # ---- saving ----------------------------------------------------------------------------------------------
+    # ---- loading and saving ----------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' from_pretrained; with a device map that offloads, checks first that accelerate can reload
+        every offloaded tensor (it reloads them from the checkpoint only)."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        seen: dict[int, frozenset[str]] = {}
+        gaps = [f"{name}.{t}" if name else t for name, m in model.named_modules() for t in _offload_gaps(m, seen)]
+        if gaps:
+            raise ValueError(
+                f"moerge: the device map offloads {len(gaps)} tensor(s) that the checkpoint does not hold, e.g. "
+                f"{gaps[:3]} (an omitted router `center`, or routers left out at `initialized: false`); accelerate "
+                "reloads offloaded tensors from the checkpoint only.  Keep those modules on a device in the device "
+                "map, or load once without offloading and save_pretrained the model (it writes every tensor)."
+            )
+        return loaded
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' save_pretrained, plus the remote code files and the auto_map."""
         self.config.auto_map = dict(AUTO_MAP)
