@@ -14,22 +14,28 @@ import os
 from .configuration_moerge import AUTO_MAP, MoergeConfig
 from .modeling_moerge import (
     DELTAS,
+    KIND_IMPLS,
     REMOTE_CODE_FILES,
+    ExpertKind,
     MoergeForCausalLM,
     MoergeRouter,
     RoutedLinear,
     copy_remote_code,
+    expert_kind,
     unpack_bits,
 )
 
 __all__ = [
     "DELTAS",
+    "KIND_IMPLS",
     "REMOTE_CODE_FILES",
+    "ExpertKind",
     "MoergeConfig",
     "MoergeForCausalLM",
     "MoergeRouter",
     "RoutedLinear",
     "auto_map",
+    "expert_kind",
     "register",
     "unpack_bits",
     "write_remote_code",

@@ -9,9 +9,18 @@ Structure:
   ``lm_head``, ...) are registered on the wrapper under the same names, so tensor names on disk equal the base's;
   ``forward`` delegates to the (unregistered) inner causal LM so family specifics stay right;
 * every routed linear of ``config.moerge["units"]`` is replaced by a :class:`RoutedLinear` holding the shared
-  weight ``W_s`` and per-expert buffers ``experts.{e}.<name>``;
+  weight ``W_s`` and per-expert buffers ``experts.{e}.<name>``; it keeps what every kind shares (route groups,
+  the LRU cache of effective weights and its signature, the per-token path);
+* what an expert kind stores and how its Δ_e is formed and applied is one :class:`ExpertKind` class per kind
+  (:class:`Dense`, :class:`WEMoE`, :class:`Twin`, :class:`Bit1`, :class:`LoRA`, :class:`Sparse`), registered in
+  ``KIND_IMPLS`` by ``@expert_kind(name)`` where it is defined and chosen once per routed linear (``impl``);
+  adding a kind is one class;
 * routes come from forward pre-hooks on the routed units (and on ``router_input`` at sequence level) and are
-  kept in :class:`RouteSlot` objects that the routed linears read.
+  kept in :class:`RouteSlot` objects that the routed linears read;
+* device maps (accelerate): a decoder layer with its routed linears and token-level routers stays on one device;
+  routers and expert tensors are reached through module calls so that offloading hooks load them; the sequence
+  router runs on its own device and a route is copied once per device (:meth:`RouteSlot.on`); offloaded routed
+  linears cache nothing.
 
 Shapes in comments: B batch, T tokens, C hidden size, E experts, O/I a linear's out/in features.
 """
@@ -38,7 +47,7 @@ REMOTE_CODE_FILES = ("configuration_moerge.py", "modeling_moerge.py")
 
 
 # --------------------------------------------------------------------------------------------------------------
-# per-kind deltas: Δ_e (O, I) from expert e's stored tensors (see FORMAT.md)
+# kernels: Δ_e of a bit1 / sparse expert applied without forming it (see FORMAT.md for the stored layout)
 # --------------------------------------------------------------------------------------------------------------
 def unpack_bits(signs: torch.Tensor, in_features: int) -> torch.Tensor:
     """(O, ceil(I/8)) uint8 -> (O, I) {0, 1}; bit j of byte k is column 8k+j (little-endian bit order)."""
@@ -47,53 +56,7 @@ def unpack_bits(signs: torch.Tensor, in_features: int) -> torch.Tensor:
     return bits.flatten(-2)[..., :in_features]  # (O, I)
 
 
-def _delta_dense(t: dict[str, torch.Tensor], w: torch.Tensor) -> torch.Tensor:
-    return t["weight"] - w
-
-
-def _delta_wemoe(t: dict[str, torch.Tensor], w: torch.Tensor) -> torch.Tensor:
-    return t["delta"]
-
-
-def _delta_twin(t: dict[str, torch.Tensor], w: torch.Tensor) -> torch.Tensor:
-    return t["U"] @ t["V"]  # (O, r) @ (r, I)
-
-
-def _delta_bit1(t: dict[str, torch.Tensor], w: torch.Tensor) -> torch.Tensor:
-    signs = unpack_bits(t["signs"], w.shape[1]).to(t["scale"].dtype) * 2 - 1  # (O, I) in {-1, 1}
-    return t["scale"][:, None] * signs
-
-
-def _delta_lora(t: dict[str, torch.Tensor], w: torch.Tensor) -> torch.Tensor:
-    return t["B"] @ t["A"]  # (O, r) @ (r, I); r may be 0
-
-
-def _delta_sparse(t: dict[str, torch.Tensor], w: torch.Tensor) -> torch.Tensor:
-    flat = torch.zeros(w.numel(), dtype=t["values"].dtype, device=w.device)
-    flat[t["indices"].long()] = t["values"]
-    return flat.view(w.shape)
-
-
-DELTAS: dict[str, Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]] = {
-    "dense": _delta_dense,
-    "wemoe": _delta_wemoe,
-    "twin": _delta_twin,
-    "bit1": _delta_bit1,
-    "lora": _delta_lora,
-    "sparse": _delta_sparse,
-}
-
-# factorised x @ Δ_e^T for token routes (no dense Δ materialised)
-FACTORED: dict[str, Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]] = {
-    "twin": lambda t, x: (x @ t["V"].T) @ t["U"].T,  # (B, T, I) -> (B, T, r) -> (B, T, O)
-    "lora": lambda t, x: (x @ t["A"].T) @ t["B"].T,
-}
-# kinds whose dense Δ is worth caching for token routes (wemoe stores Δ, dense stores W_e)
-CACHED_DELTA = ("bit1", "sparse")
-STORED_DTYPES = {"signs": torch.uint8, "indices": torch.int32}
-# kinds with a kernel for x @ Δ_e^T that never forms the dense Δ (`bit1_apply`, `sparse_apply`); used when x has
-# at most SMALL_ROWS rows (tokens): token routes, and mixed-route batches without the weight cache
-ROW_KERNELS = ("bit1", "sparse")
+# at most this many tokens (rows of x), x @ Δ_e^T of bit1 / sparse takes its kernel rather than the dense Δ_e
 SMALL_ROWS = 32
 
 
@@ -151,6 +114,249 @@ def sparse_apply(x: torch.Tensor, csr: torch.Tensor) -> torch.Tensor:
     return (csr @ x.float().T).T
 
 
+# --------------------------------------------------------------------------------------------------------------
+# expert kinds: one class each, registered where it is defined, chosen once per routed linear
+# --------------------------------------------------------------------------------------------------------------
+KIND_IMPLS: dict[str, type[ExpertKind]] = {}
+
+
+def expert_kind(name: str) -> Callable[[type[ExpertKind]], type[ExpertKind]]:
+    """Class decorator: register an :class:`ExpertKind` under ``name`` (the ``kind`` of a unit in config.json)."""
+
+    def register(cls: type[ExpertKind]) -> type[ExpertKind]:
+        cls.name = name
+        KIND_IMPLS[name] = cls
+        return cls
+
+    return register
+
+
+def _cached(cache: dict[str, torch.Tensor] | None, name: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``make()``, kept in ``cache[name]`` (built without autograd) when there is a cache."""
+    if cache is None:
+        return make()
+    if name not in cache:
+        with torch.no_grad():
+            cache[name] = make()
+    return cache[name]
+
+
+class ExpertKind:
+    """How one kind of expert is stored and applied (docs/FORMAT.md, "Per kind").  Stateless: a
+    :class:`RoutedLinear` picks its kind's class once (``self.impl``) and calls it with its tensors.
+
+    A kind states: ``dtypes`` (stored tensors whose dtype is fixed; the others take W_s's), ``delta`` (Δ_e),
+    ``apply`` (x @ Δ_e^T, without a dense Δ where it can), ``shared_plus_deltas`` (whether a mixed-route batch
+    runs ``x W_s^T`` once plus each route's deltas instead of one effective weight per route), and may override
+    ``combine`` (the effective weight of a route) and ``mix_tokens`` (the output under per-token routes).
+    ``t`` is an expert's stored tensors by name, ``w`` the shared weight W_s (O, I).
+    """
+
+    name: ClassVar[str] = ""
+    dtypes: ClassVar[dict[str, torch.dtype]] = {}
+
+    @staticmethod
+    def delta(t: dict[str, torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+        """Δ_e (O, I) in the expert's dtype."""
+        raise NotImplementedError
+
+    @classmethod
+    def apply(
+        cls, t: dict[str, torch.Tensor], x: torch.Tensor, w: torch.Tensor, cache: dict | None
+    ) -> torch.Tensor:
+        """x (..., I) @ Δ_e^T -> (..., O); ``cache`` (per expert, None with autograd) may keep what it builds."""
+        return F.linear(x, cls.delta(t, w))
+
+    @classmethod
+    def shared_plus_deltas(cls, rows: int, caching: bool) -> bool:
+        """Mixed-route batch with at most ``rows`` tokens per route: `W_s` for all rows + each route's deltas?"""
+        return False
+
+    @classmethod
+    def combine(cls, lin: RoutedLinear, key: tuple[float, ...]) -> torch.Tensor:
+        """Route weights r -> W_s + Σ_e r_e Δ_e (O, I) in float32 (no detach: gradients reach W_s)."""
+        acc = lin.weight.float()
+        for e, r in enumerate(key):
+            if r != 0.0:
+                acc = acc + r * lin.delta(e).float()
+        return acc
+
+    @classmethod
+    def mix_tokens(
+        cls, lin: RoutedLinear, x: torch.Tensor, r: torch.Tensor, active: list[int], caching: bool
+    ) -> torch.Tensor:
+        """x (B, T, I), r (B, T, E) or (B, 1, E) -> x W_s^T + b_s + Σ_e r_e (x Δ_e^T + bias_delta_e) (B, T, O)."""
+        y = F.linear(x, lin.weight, lin.bias)  # (B, T, O)
+        for e in active:
+            y = y + r[..., e : e + 1] * lin.apply_delta(e, x, caching)  # (B, T, 1) * (B, T, O)
+        return y
+
+
+@expert_kind("dense")
+class Dense(ExpertKind):
+    """Full expert weights ``weight`` = W_e (Δ_e = W_e - W_s); a route applies Σ_e r_e W_e directly (upcycled
+    experts, https://arxiv.org/abs/2212.05055)."""
+
+    @staticmethod
+    def delta(t: dict[str, torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+        return t["weight"] - w
+
+    @classmethod
+    def combine(cls, lin: RoutedLinear, key: tuple[float, ...]) -> torch.Tensor:
+        """Σ_e r_e W_e when Σ r = 1, so that forcing expert t gives exactly W_t; else W_s + Σ_e r_e Δ_e."""
+        if abs(sum(key) - 1.0) >= 1e-6:
+            return super().combine(lin, key)
+        return sum(r * lin.expert(e)["weight"].float() for e, r in enumerate(key) if r != 0.0)
+
+    @classmethod
+    def mix_tokens(
+        cls, lin: RoutedLinear, x: torch.Tensor, r: torch.Tensor, active: list[int], caching: bool
+    ) -> torch.Tensor:
+        """(1 - Σ r) (x W_s^T + b_s) + Σ_e r_e (x W_e^T + b_s + bias_delta_e): each expert applied in full."""
+        y = F.linear(x, lin.weight, lin.bias)  # (B, T, O)
+        y = y * (1 - r.sum(-1, keepdim=True))
+        for e in active:
+            t = lin.expert(e)
+            y_e = F.linear(x, t["weight"], lin.bias)
+            if "bias_delta" in t:
+                y_e = y_e + t["bias_delta"]
+            y = y + r[..., e : e + 1] * y_e
+        return y
+
+
+@expert_kind("wemoe")
+class WEMoE(ExpertKind):
+    """The dense delta ``delta`` = Δ_e (WEMoE, https://arxiv.org/abs/2402.00433)."""
+
+    @staticmethod
+    def delta(t: dict[str, torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+        return t["delta"]
+
+
+class Factored(ExpertKind):
+    """Δ_e = L @ R with L (O, r), R (r, I): x @ Δ_e^T is (x @ R^T) @ L^T, never the dense Δ.  The factors are small,
+    so a mixed-route batch always runs W_s once plus each route's factors."""
+
+    left: ClassVar[str] = ""
+    right: ClassVar[str] = ""
+
+    @classmethod
+    def delta(cls, t: dict[str, torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+        return t[cls.left] @ t[cls.right]  # (O, r) @ (r, I)
+
+    @classmethod
+    def apply(
+        cls, t: dict[str, torch.Tensor], x: torch.Tensor, w: torch.Tensor, cache: dict | None
+    ) -> torch.Tensor:
+        return (x @ t[cls.right].T) @ t[cls.left].T  # (..., I) -> (..., r) -> (..., O)
+
+    @classmethod
+    def shared_plus_deltas(cls, rows: int, caching: bool) -> bool:
+        return True
+
+
+@expert_kind("twin")
+class Twin(Factored):
+    """Rank-r SVD factors of Δ_e: ``U`` (O, r), ``V`` (r, I) (Twin-Merging, https://arxiv.org/abs/2406.15479)."""
+
+    left, right = "U", "V"
+
+
+@expert_kind("lora")
+class LoRA(Factored):
+    """LoRA factors ``A`` (r, I), ``B`` (O, r), scaling folded into B, r may be 0 (https://arxiv.org/abs/2106.09685)."""
+
+    left, right = "B", "A"
+
+
+class RowKernel(ExpertKind):
+    """A kind with a kernel for x @ Δ_e^T that never forms Δ_e, used for at most SMALL_ROWS tokens (``prepare``
+    builds what the kernel reads, once per expert); more tokens use the dense Δ_e, kept in the cache.  A cached
+    effective weight beats the gather-bound kernels, so a mixed-route batch uses the kernels only when nothing is
+    cached and the routes are small (batch 8 in 4 routes, ~110M llama, all MLPs routed, tokens/s over the base,
+    1 / 2 CPU threads: bit1 0.50 -> 0.72 / 0.83, sparse 0.70 -> 0.68 / 0.89)."""
+
+    @staticmethod
+    def prepare(t: dict[str, torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def rows(x: torch.Tensor, t: dict[str, torch.Tensor], prepared: torch.Tensor) -> torch.Tensor:
+        """x (n, I) @ Δ_e^T -> (n, O) float32."""
+        raise NotImplementedError
+
+    @classmethod
+    def apply(
+        cls, t: dict[str, torch.Tensor], x: torch.Tensor, w: torch.Tensor, cache: dict | None
+    ) -> torch.Tensor:
+        out_features, in_features = w.shape
+        if x.numel() > SMALL_ROWS * in_features:
+            return F.linear(x, _cached(cache, "delta", lambda: cls.delta(t, w)))
+
+        def prepare() -> torch.Tensor:
+            with torch.no_grad():
+                return cls.prepare(t, w)
+
+        y = cls.rows(x.reshape(-1, in_features), t, _cached(cache, "rows", prepare))  # (n, O)
+        return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
+
+    @classmethod
+    def shared_plus_deltas(cls, rows: int, caching: bool) -> bool:
+        return not caching and rows <= SMALL_ROWS
+
+
+@expert_kind("bit1")
+class Bit1(RowKernel):
+    """1-bit deltas: ``signs`` uint8 (O, ceil(I/8)) little-endian bits, ``scale`` (O,); Δ_e = scale (2 bit - 1)
+    (BitDelta, https://arxiv.org/abs/2402.10193).  Kernel: `bit1_apply` (a byte lookup table)."""
+
+    dtypes: ClassVar[dict[str, torch.dtype]] = {"signs": torch.uint8}
+
+    @staticmethod
+    def delta(t: dict[str, torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+        signs = unpack_bits(t["signs"], w.shape[1]).to(t["scale"].dtype) * 2 - 1  # (O, I) in {-1, 1}
+        return t["scale"][:, None] * signs
+
+    @staticmethod
+    def prepare(t: dict[str, torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+        return bit1_lookup_index(t["signs"])  # (O, nb) int32
+
+    @staticmethod
+    def rows(x: torch.Tensor, t: dict[str, torch.Tensor], prepared: torch.Tensor) -> torch.Tensor:
+        return bit1_apply(x, prepared, t["scale"])
+
+
+@expert_kind("sparse")
+class Sparse(RowKernel):
+    """A sparse residual: ``indices`` int32 (nnz,) into the flattened (O, I) Δ_e, ``values`` (nnz,) (as in
+    Mediator, https://arxiv.org/abs/2502.04411).  Kernel: `sparse_apply` (a CSR product)."""
+
+    dtypes: ClassVar[dict[str, torch.dtype]] = {"indices": torch.int32}
+
+    @staticmethod
+    def delta(t: dict[str, torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+        flat = torch.zeros(w.numel(), dtype=t["values"].dtype, device=w.device)
+        flat[t["indices"].long()] = t["values"]
+        return flat.view(w.shape)
+
+    @staticmethod
+    def prepare(t: dict[str, torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+        return sparse_rows(t["indices"], t["values"], tuple(w.shape))[0]  # (O, I) CSR
+
+    @staticmethod
+    def rows(x: torch.Tensor, t: dict[str, torch.Tensor], prepared: torch.Tensor) -> torch.Tensor:
+        return sparse_apply(x, prepared)
+
+
+# compatibility: kind name -> Δ_e function (build-side callers); KIND_IMPLS[kind].delta is the same
+DELTAS: dict[str, Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]] = {
+    name: impl.delta for name, impl in KIND_IMPLS.items()
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# cached effective weights: column blocks on CPU
+# --------------------------------------------------------------------------------------------------------------
 # Cached float32 effective weights on CPU are kept as contiguous column blocks of at most BLOCK_COLS inputs, and a
 # product with at most SMALL_M rows is computed as Σ_j W_j @ x_j^T (rows padded to 2).  On one core of an AVX-512
 # x86 with the MKL BLAS of the torch wheel, that form streams a weight once at 1-4 rows while ``F.linear`` /
@@ -241,6 +447,7 @@ class RouteSlot:
         self.clear()
 
     def clear(self) -> None:
+        self._moved: dict[torch.device, tuple] = {}  # device -> (route, order, unorder) there
         self.route: torch.Tensor | None = None
         self.groups: list[tuple[tuple[float, ...], tuple[int, int] | None]] | None = None
         self.order: torch.Tensor | None = None  # (B,) rows sorted by group (several groups only)
@@ -253,7 +460,7 @@ class RouteSlot:
         """Route (B, E), one per row; groups rows that share a route (one host sync).  A route that requires
         grad (router parameters being trained) is not grouped: the routed linears then take the per-row
         tensor path, through which gradients reach the router."""
-        self.route, self.forced = route, False
+        self.route, self.forced, self._moved = route, False, {}
         if route.requires_grad:
             self.groups, self.active = None, list(range(route.shape[-1]))
             return
@@ -276,18 +483,29 @@ class RouteSlot:
         batch = x.shape[0]
         self.tokens = x.shape[1] if x.dim() > 2 else 1
         r = self.route
-        if self.forced and r is not None and r.shape[0] == batch and r.device == x.device:
+        if self.forced and r is not None and r.shape[0] == batch:  # units on other devices: `on`
             return
-        self.route = weights.to(x.device).expand(batch, -1)  # (B, E)
+        self.route, self._moved = weights.to(x.device).expand(batch, -1), {}  # (B, E)
         self.groups, self.forced = [(key, None)], True
         self.active = [e for e, w in enumerate(key) if w != 0.0]
 
     def set_tokens(self, route: torch.Tensor) -> None:
         """Route (B, T, E), one per token."""
-        self.route, self.groups, self.forced = route, None, False
+        self.route, self.groups, self.forced, self._moved = route, None, False, {}
         self.tokens = route.shape[1]
         used = route.flatten(0, -2).ne(0).any(0)  # (E,)
         self.active = torch.nonzero(used).flatten().tolist()
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(route, order, unorder) on ``device``: the units of one route may sit on several devices (a device
+        map); each device gets one copy per route, not one per routed linear."""
+        if self.route.device == device:
+            return self.route, self.order, self.unorder
+        moved = self._moved.get(device)
+        if moved is None:
+            parts = (self.route, self.order, self.unorder)
+            moved = self._moved[device] = tuple(None if t is None else t.to(device) for t in parts)
+        return moved
 
     def as_tokens(self) -> torch.Tensor | None:
         """The route as (B, T, E) (row routes are repeated over the T tokens of the last forward)."""
@@ -320,6 +538,10 @@ class MoergeRouter(nn.Module):
         self.scale = nn.Parameter(torch.ones((), dtype=dtype, device=device))  # ()
         self.bias = nn.Parameter(torch.zeros(num_experts, dtype=dtype, device=device))  # (E,)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`probs`, through the module call so that device-map hooks (accelerate) place and load the router."""
+        return self.probs(x)
+
     def probs(self, x: torch.Tensor) -> torch.Tensor:
         """(..., C) -> (..., E) float32."""
         return torch.softmax(router_logits(x, self.prototypes, self.center, self.scale, self.bias), dim=-1)
@@ -345,7 +567,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     x = x.float()
     if mask is None or mask.dim() != 2 or mask.shape[0] != x.shape[0]:
         return x.mean(1)
-    keep = mask[:, -x.shape[1] :].bool().unsqueeze(-1)  # (B, T, 1)
+    keep = mask[:, -x.shape[1] :].to(x.device).bool().unsqueeze(-1)  # (B, T, 1)
     total = torch.where(keep, x, 0.0).sum(1)  # (B, C); `where` so that NaN at padded positions stays out
     return total / keep.sum(1).clamp_min(1)
 
@@ -361,28 +583,42 @@ def hidden_states_of(args: tuple, kwargs: dict) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------
 # routed linear
 # --------------------------------------------------------------------------------------------------------------
-class ExpertTensors(nn.Module):
-    """The stored tensors of one expert of one routed linear, as persistent buffers."""
+Effective = tuple[tuple[torch.Tensor, ...], torch.Tensor | None]  # (`weight_blocks` of a weight (O, I), bias (O,))
 
-    def __init__(self, shapes: dict[str, list[int]], dtype: torch.dtype, device: torch.device | None) -> None:
+
+class ExpertTensors(nn.Module):
+    """The stored tensors of one expert of one routed linear, as persistent buffers (a kind's ``dtypes`` fix
+    some; the others take the shared weight's dtype)."""
+
+    def __init__(
+        self,
+        shapes: dict[str, list[int]],
+        dtype: torch.dtype,
+        device: torch.device | None,
+        fixed: dict[str, torch.dtype],
+    ) -> None:
         super().__init__()
         for name, shape in shapes.items():
-            buf_dtype = STORED_DTYPES.get(name, dtype)
+            buf_dtype = fixed.get(name, dtype)
             self.register_buffer(name, torch.zeros(tuple(shape), dtype=buf_dtype, device=device))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return dict(self._buffers)
 
+    def forward(self) -> dict[str, torch.Tensor]:
+        """The tensors, through the module call: an offloading hook (accelerate) loads them for the caller."""
+        return dict(self._buffers)
+
 
 class RoutedLinear(nn.Module):
-    """A linear layer whose weight is ``W_s + Σ_e r_e Δ_e`` for the current route r (read from ``slot``).
+    """A linear layer whose weight is ``W_s + Σ_e r_e Δ_e`` for the current route r (read from ``slot``); what a
+    kind stores and how Δ_e is applied is its :class:`ExpertKind` (``self.impl``).
 
     (B, E) routes: rows are grouped by route, each group's effective weight is materialised once and kept in a
     small LRU cache (as CPU-friendly column blocks, see `blocks_linear`), so a decode step costs one dense
-    matmul per group.  A mixed-route batch of twin/lora (and of bit1/sparse when the cache is off, e.g. with
-    autograd, and the groups are small) instead runs ``x @ W_s^T`` once for all rows plus each group's
-    ``x @ Δ_e^T`` (factorised / `bit1_apply` / `sparse_apply`), reading W_s once rather than one full effective
-    weight per route.  (B, T, E) routes: ``x @ W_s^T + Σ_e r_e (x @ Δ_e^T)``, factorised for twin/lora.
+    matmul per group.  A mixed-route batch of a kind whose ``shared_plus_deltas`` says so instead runs
+    ``x @ W_s^T`` once for all rows plus each group's ``x @ Δ_e^T``, reading W_s once rather than one full
+    effective weight per route.  (B, T, E) routes: the kind's ``mix_tokens``, ``x @ W_s^T + Σ_e r_e (x @ Δ_e^T)``.
     """
 
     def __init__(
@@ -394,21 +630,18 @@ class RoutedLinear(nn.Module):
         cache_size: int = 4,
     ) -> None:
         super().__init__()
-        if kind not in DELTAS:
-            raise ValueError(f"moerge: unknown expert kind {kind!r}; one of {sorted(DELTAS)}")
+        if kind not in KIND_IMPLS:
+            raise ValueError(f"moerge: unknown expert kind {kind!r}; one of {sorted(KIND_IMPLS)}")
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.kind = kind
+        self.kind, self.impl = kind, KIND_IMPLS[kind]
         self.weight = linear.weight  # (O, I) shared W_s (the base layer's own Parameter)
         self.register_parameter("bias", linear.bias)  # (O,) b_s, or None
         dtype, device = self.weight.dtype, self.weight.device
-        self.experts = nn.ModuleList(ExpertTensors(shapes, dtype, device) for shapes in experts)
+        self.experts = nn.ModuleList(ExpertTensors(s, dtype, device, self.impl.dtypes) for s in experts)
         self.slot = slot
         self.cache_size = cache_size
-        self._weights: OrderedDict[tuple[float, ...], tuple[tuple[torch.Tensor, ...], torch.Tensor | None]] = (
-            OrderedDict()
-        )
-        self._deltas: dict[int, torch.Tensor] = {}
-        self._rows_aux: dict[int, tuple[torch.Tensor, ...]] = {}  # bit1 lookup index / sparse CSR, per expert
+        self._weights: OrderedDict[tuple[float, ...], Effective] = OrderedDict()  # LRU: route key -> weight
+        self._kind_cache: dict[int, dict[str, torch.Tensor]] = {}  # per expert: what its kind keeps (Δ_e, ...)
         self._signature: tuple = ()
 
     def extra_repr(self) -> str:
@@ -428,18 +661,18 @@ class RoutedLinear(nn.Module):
 
     def clear_cache(self) -> None:
         self._weights.clear()
-        self._deltas.clear()
-        self._rows_aux.clear()
+        self._kind_cache.clear()
         self._signature = ()
 
     def cache_bytes(self) -> int:
-        """Bytes of the cached effective weights, deltas and bit1 / sparse kernel indices."""
-        tensors = [*self._deltas.values()]
+        """Bytes of the cached effective weights and of what the kinds keep (deltas, kernel indices)."""
+        tensors = []
         for blocks, bias in self._weights.values():
             tensors += [*blocks, *([] if bias is None else [bias])]
-        for aux in self._rows_aux.values():
-            for t in aux:  # a sparse CSR tensor counts its three parts
-                tensors += [t.crow_indices(), t.col_indices(), t.values()] if t.layout == torch.sparse_csr else [t]
+        for kept in self._kind_cache.values():
+            for t in kept.values():  # a sparse CSR tensor counts its three parts
+                csr = t.layout == torch.sparse_csr
+                tensors += [t.crow_indices(), t.col_indices(), t.values()] if csr else [t]
         return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
 
     def _all_tensors(self) -> list[torch.Tensor]:
@@ -447,12 +680,16 @@ class RoutedLinear(nn.Module):
         return ts + [b for ex in self.experts for b in ex._buffers.values()]
 
     def _caching(self) -> bool:
-        """Whether cached weights may be used; drops them when any tensor moved or changed in place."""
+        """Whether cached weights may be used (not with autograd, nor where accelerate offloads the weights: the
+        cache would keep in memory what offloading keeps out); drops them when any tensor moved or changed in
+        place."""
         if torch.is_grad_enabled() and any(
             p.requires_grad for p in self._parameters.values() if p is not None
         ):
             return False
-        if self.slot.decode and self._signature:  # checked at this generation's prefill: skip the per-step cost
+        if _offloaded(self):
+            return False
+        if self.slot.decode and self._signature:  # checked at this generation's prefill: skip the cost per step
             return True
         sig = tuple((t.data_ptr(), _version(t)) for t in self._all_tensors())
         if sig != self._signature:
@@ -467,32 +704,26 @@ class RoutedLinear(nn.Module):
     # ---- effective weights (row routes) ------------------------------------------------------------------------
     def delta(self, e: int) -> torch.Tensor:
         """Δ_e (O, I) in the expert's dtype."""
-        return DELTAS[self.kind](self.experts[e].tensors(), self.weight)
+        return self.impl.delta(self.expert(e), self.weight)
 
-    def _bias_delta(self, e: int) -> torch.Tensor | None:
-        return self.experts[e]._buffers.get("bias_delta")
+    def expert(self, e: int) -> dict[str, torch.Tensor]:
+        """Expert e's stored tensors by name: through the module call where accelerate hooks it (an offloading
+        hook loads them), else directly (a call costs ~1 us more, and a decode step makes hundreds)."""
+        ex = self.experts[e]
+        return ex() if "_hf_hook" in ex.__dict__ else ex.tensors()
 
     def combine(self, key: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Route weights r (E floats) -> (W_s + Σ r_e Δ_e (O, I), b_s + Σ r_e bias_delta_e (O,)), in float32
-        then cast; `dense` with Σ r = 1 uses Σ r_e W_e, so forcing expert t gives exactly W_t."""
-        w_s = self.weight  # no detach: without the cache (autograd on) gradients reach W_s
-        used = [(e, r) for e, r in enumerate(key) if r != 0.0]
-        if self.kind == "dense" and abs(sum(key) - 1.0) < 1e-6:
-            acc = sum(r * self.experts[e].tensors()["weight"].float() for e, r in used)
-        else:
-            acc = w_s.float()
-            for e, r in used:
-                acc = acc + r * self.delta(e).float()
+        """Route weights r (E floats) -> (the kind's W_s + Σ r_e Δ_e (O, I), b_s + Σ r_e bias_delta_e (O,)), in
+        float32 then cast."""
+        acc = self.impl.combine(self, key)
         bias = None if self.bias is None else self.bias.float()
-        for e, r in used:
-            bd = self._bias_delta(e)
+        for e, r in enumerate(key):
+            bd = self.expert(e).get("bias_delta") if r != 0.0 else None
             if bd is not None:
                 bias = bd.float() * r if bias is None else bias + r * bd.float()
-        return acc.to(w_s.dtype), None if bias is None else bias.to(w_s.dtype)
+        return acc.to(self.weight.dtype), None if bias is None else bias.to(self.weight.dtype)
 
-    def effective(
-        self, key: tuple[float, ...], caching: bool
-    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
+    def effective(self, key: tuple[float, ...], caching: bool) -> Effective:
         """`combine` as (`weight_blocks` of the weight, bias), through the LRU cache when allowed (no autograd)."""
         if not caching:
             w, b = self.combine(key)
@@ -515,74 +746,36 @@ class RoutedLinear(nn.Module):
 
     def _forward_groups(self, x: torch.Tensor, groups: list, caching: bool) -> torch.Tensor:
         """One matmul per group of rows sharing a route, or (`_factored_groups`) one shared matmul plus each
-        group's factorised deltas. x (B, T, I) -> (B, T, O).  Rows are gathered once into route order
-        (``slot.order``), each group is a slice, and the outputs are put back with one gather (``slot.unorder``)."""
+        group's deltas. x (B, T, I) -> (B, T, O).  Rows are gathered once into route order (``slot.order``), each
+        group is a slice, and the outputs are put back with one gather (``slot.unorder``)."""
         if len(groups) == 1:
             return self._linear_route(x, groups[0][0], caching)
-        slot = self.slot
-        xs = x.index_select(0, slot.order)  # (B, T, I), groups contiguous
+        _, order, unorder = self.slot.on(x.device)
+        xs = x.index_select(0, order)  # (B, T, I), groups contiguous
         if self._factored_groups(x, groups, caching):
             y = F.linear(x, self.weight, self.bias)  # (B, T, O): W_s for every row
             parts = []
             for key, (a, b) in groups:
-                d = xs.new_zeros(b - a, *y.shape[1:])  # (b, T, O)
+                d = xs.new_zeros(b - a, *y.shape[1:])  # (b - a, T, O)
                 for e, r in enumerate(key):
                     if r != 0.0:
                         d = d + r * self.apply_delta(e, xs[a:b], caching).to(d.dtype)
                 parts.append(d)
-            return y + torch.cat(parts).index_select(0, slot.unorder).to(y.dtype)
+            return y + torch.cat(parts).index_select(0, unorder).to(y.dtype)
         ys = [self._linear_route(xs[a:b], key, caching) for key, (a, b) in groups]
-        return torch.cat(ys).index_select(0, slot.unorder)  # autocast may have changed the dtype
+        return torch.cat(ys).index_select(0, unorder)  # autocast may have changed the dtype
 
     def _factored_groups(self, x: torch.Tensor, groups: list, caching: bool) -> bool:
         """Mixed-route batch: whether to run `W_s` for all rows + each group's `x @ Δ_e^T` rather than one
-        effective weight per group: twin / lora always (their factors are small); bit1 / sparse for small
-        groups when nothing is cached (a cached effective weight beats their gather-bound kernels; batch 8 in
-        4 routes, ~110M llama, all MLPs routed, tokens/s over the base, 1 / 2 CPU threads: bit1 0.50 -> 0.72 / 0.83,
-        sparse 0.70 -> 0.68 / 0.89); dense / wemoe never (their Δ_e is as large as a weight)."""
-        if self.kind in FACTORED:
-            return True
-        if self.kind not in ROW_KERNELS or caching:
-            return False
+        effective weight per group (the kind's ``shared_plus_deltas``, given the tokens of the largest group)."""
         per_row = x[0].numel() // self.in_features  # tokens per row
-        return max(b - a for _, (a, b) in groups) * per_row <= SMALL_ROWS
-
-    def _rows_delta(self, e: int, x: torch.Tensor, caching: bool) -> torch.Tensor:
-        """bit1 / sparse: x @ Δ_e^T without a dense Δ (`bit1_apply`, `sparse_apply`). x (..., I) -> (..., O)."""
-        t = self.experts[e].tensors()
-        aux = self._rows_aux.get(e) if caching else None
-        if aux is None:
-            with torch.no_grad():
-                if self.kind == "bit1":
-                    aux = (bit1_lookup_index(t["signs"]),)
-                else:
-                    aux = sparse_rows(t["indices"], t["values"], (self.out_features, self.in_features))
-            if caching:
-                self._rows_aux[e] = aux
-        x2 = x.reshape(-1, self.in_features)
-        y = bit1_apply(x2, aux[0], t["scale"]) if self.kind == "bit1" else sparse_apply(x2, *aux)
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return self.impl.shared_plus_deltas(max(b - a for _, (a, b) in groups) * per_row, caching)
 
     # ---- token routes ----------------------------------------------------------------------------------------
-    def _dense_delta(self, e: int, caching: bool) -> torch.Tensor:
-        if not caching:
-            return self.delta(e)
-        if e not in self._deltas:
-            with torch.no_grad():
-                self._deltas[e] = self.delta(e)
-        return self._deltas[e]
-
     def apply_delta(self, e: int, x: torch.Tensor, caching: bool) -> torch.Tensor:
         """x @ Δ_e^T + bias_delta_e. x (..., I) -> (..., O)."""
-        t = self.experts[e].tensors()
-        if self.kind in FACTORED:
-            y = FACTORED[self.kind](t, x)
-        elif self.kind == "wemoe":
-            y = F.linear(x, t["delta"])
-        elif self.kind in ROW_KERNELS and x.numel() <= SMALL_ROWS * self.in_features:
-            y = self._rows_delta(e, x, caching)
-        else:
-            y = F.linear(x, self._dense_delta(e, caching and self.kind in CACHED_DELTA))
+        t = self.expert(e)
+        y = self.impl.apply(t, x, self.weight, self._kind_cache.setdefault(e, {}) if caching else None)
         bd = t.get("bias_delta")
         return y if bd is None else y + bd
 
@@ -591,21 +784,7 @@ class RoutedLinear(nn.Module):
         r = route.to(x.dtype)
         if r.dim() < x.dim():  # (B, E) -> (B, 1, E)
             r = r.view(r.shape[0], *([1] * (x.dim() - 2)), r.shape[-1])
-        y = F.linear(x, self.weight, self.bias)  # (B, T, O)
-        if self.kind == "dense":  # (1 - Σr) (x W_s + b_s) + Σ r_e (x W_e + b_e)
-            y = y * (1 - r.sum(-1, keepdim=True))
-            for e in active:
-                y = y + r[..., e : e + 1] * self._expert_linear(e, x)
-            return y
-        for e in active:
-            y = y + r[..., e : e + 1] * self.apply_delta(e, x, caching)  # (B, T, 1) * (B, T, O)
-        return y
-
-    def _expert_linear(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Dense expert e applied in full: x @ W_e^T + b_s + bias_delta_e."""
-        y = F.linear(x, self.experts[e].tensors()["weight"], self.bias)
-        bd = self._bias_delta(e)
-        return y if bd is None else y + bd
+        return self.impl.mix_tokens(self, x, r, active, caching)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         slot = self.slot
@@ -620,7 +799,32 @@ class RoutedLinear(nn.Module):
         caching = self._caching()
         if slot.route.dim() == 2 and slot.groups is not None:
             return self._forward_groups(x, slot.groups, caching)
-        return self._forward_tokens(x, slot.route, slot.active, caching)
+        return self._forward_tokens(x, slot.on(x.device)[0], slot.active, caching)
+
+
+def _offloaded(module: nn.Module) -> bool:
+    """Whether an accelerate hook loads the module's weights at each call (CPU or disk offload of a device map)."""
+    hook = getattr(module, "_hf_hook", None)
+    return any(getattr(h, "offload", False) for h in getattr(hook, "hooks", (hook,)))
+
+
+def _offload_gaps(module: nn.Module, seen: dict[int, frozenset[str]]) -> list[str]:
+    """Names of the module's own tensors that an offloading accelerate hook would reload but cannot find (``seen``:
+    the keys of each weights loader, read once)."""
+    gaps = []
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", (hook,)):
+        weights = getattr(h, "weights_map", None)
+        if not getattr(h, "offload", False) or weights is None:
+            continue
+        names = [n for n, p in module._parameters.items() if p is not None]
+        names += list(module._buffers) if h.offload_buffers else []
+        loader, prefix = getattr(weights, "dataset", weights), getattr(weights, "prefix", "")
+        keys = seen.get(id(loader))
+        if keys is None:
+            keys = seen[id(loader)] = frozenset(loader)
+        gaps += [n for n in names if prefix + n not in keys]
+    return gaps
 
 
 def _init_(t: torch.Tensor, make: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -697,7 +901,10 @@ class RoutingState:
     def sequence_route(self, router: MoergeRouter, x: torch.Tensor) -> torch.Tensor:
         """Router input (B, T, C) -> route (B, E): mask-aware mean, softmax, top-k, fallback."""
         mask = self.mask if self.phase == "prefill" else None
-        probs = router.probs(masked_mean(x, mask))  # (B, E)
+        pooled = masked_mean(x, mask)  # (B, C), on x's device
+        if router.prototypes.device.type != "meta":  # else offloaded: its hook brings it and the input together
+            pooled = pooled.to(router.prototypes.device)
+        probs = router(pooled)  # (B, E), on the router's device
         route = top_k_route(probs, self.top_k)
         if self.fallback:
             low = probs.max(-1).values < float(self.fallback.get("threshold", 0.0))  # (B,)
@@ -740,7 +947,7 @@ class UnitHook:
         if pinned is not None:
             slot.set_forced(*pinned, x)
         elif st.level == "token":
-            slot.set_tokens(top_k_route(self.router.probs(x), st.top_k))  # (B, T, E)
+            slot.set_tokens(top_k_route(self.router(x), st.top_k))  # (B, T, E)
         elif slot.route is None or slot.route.shape[0] != x.shape[0]:
             raise RuntimeError(
                 f"moerge: no sequence route for unit {self.unit!r}; router_input must run before every routed unit"
@@ -769,6 +976,9 @@ class MoergeForCausalLM(PreTrainedModel, GenerationMixin):
     base_model_prefix = "model"
     # replaced in __init__ by the base causal LM class's own mapping (v5 format: {target: source})
     _tied_weights_keys: ClassVar[dict[str, str]] = {"lm_head.weight": "model.embed_tokens.weight"}
+    # device maps: a routed linear's weight and expert buffers stay together (the base's decoder layer class,
+    # added in __init__, keeps a layer's routed linears and token-level routers on one device)
+    _no_split_modules: ClassVar[set[str]] = {"RoutedLinear", "MoergeRouter"}
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
@@ -977,7 +1187,24 @@ class MoergeForCausalLM(PreTrainedModel, GenerationMixin):
             if getattr(self.generation_config, name, None) is None and getattr(text, name, None) is not None:
                 setattr(self.generation_config, name, getattr(text, name))
 
-    # ---- saving ----------------------------------------------------------------------------------------------
+    # ---- loading and saving ----------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' from_pretrained; with a device map that offloads, checks first that accelerate can reload
+        every offloaded tensor (it reloads them from the checkpoint only)."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        seen: dict[int, frozenset[str]] = {}
+        gaps = [f"{name}.{t}" if name else t for name, m in model.named_modules() for t in _offload_gaps(m, seen)]
+        if gaps:
+            raise ValueError(
+                f"moerge: the device map offloads {len(gaps)} tensor(s) that the checkpoint does not hold, e.g. "
+                f"{gaps[:3]} (an omitted router `center`, or routers left out at `initialized: false`); accelerate "
+                "reloads offloaded tensors from the checkpoint only.  Keep those modules on a device in the device "
+                "map, or load once without offloading and save_pretrained the model (it writes every tensor)."
+            )
+        return loaded
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' save_pretrained, plus the remote code files and the auto_map."""
         self.config.auto_map = dict(AUTO_MAP)
@@ -999,4 +1226,15 @@ def copy_remote_code(out_dir: str | os.PathLike) -> list[str]:
     return written
 
 
-__all__ = ["MoergeForCausalLM", "MoergeRouter", "RouteSlot", "RoutedLinear", "copy_remote_code"]
+__all__ = [
+    "DELTAS",
+    "KIND_IMPLS",
+    "ExpertKind",
+    "MoergeForCausalLM",
+    "MoergeRouter",
+    "RouteSlot",
+    "RoutedLinear",
+    "copy_remote_code",
+    "expert_kind",
+    "unpack_bits",
+]
