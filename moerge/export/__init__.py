@@ -23,6 +23,12 @@ Design choices:
   of twice the intermediate size (``gate/up = [W_e; W_s]``, ``down = [D_e, -0.5 D_s]``).  With
   ``norm_topk_prob: true`` the block outputs ``sum_k r_k MLP_k(x)`` exactly: identical experts give the base,
   forced routing gives fine-tune t's MLP.  The price is ``moe_intermediate_size = 2 * intermediate_size``.
+* **Always untied.**  A tied base's embedding is written again as ``lm_head.weight`` and the config says
+  ``tie_word_embeddings: false``: SGLang's Mixtral / Qwen2-MoE / Qwen3-MoE classes never tie the head (vLLM's
+  do), so a tied export would serve an uninitialised head there (``tests/serving_engines.py`` has the rules).
+* **Engines.**  The names and shapes are checked against vLLM's and SGLang's loaders for these classes
+  (``tests/test_serving_names.py``).  SGLang's Qwen3-MoE ignores ``mlp_only_layers`` (every layer is MoE), so a
+  Qwen3-MoE export with dense layers warns: route every layer to serve it there.
 * **Top-k** is ``output.experts_per_token`` (clamped to the number of experts); top-k weights are renormalised
   (Mixtral always, Qwen via ``norm_topk_prob``), so top-1 of identical experts is the MLP itself.
 * **Router rows** (:mod:`.gates`): prototype directions (the expert's mean minus the mean over experts, projected
@@ -36,13 +42,15 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import RecipeError
-from ..execute import execute
+from ..execute import Job, execute
 from ..io.atomic import atomic_output, check_output
 from ..io.index import CheckpointIndex
 from ..io.loader import TensorLoader
@@ -102,8 +110,11 @@ def _export(src: Any, fmt: NativeFormat, out: Path, *, top_k: int, shard_size: i
         top_k = n
     dtype = str(src.out_dtype).replace("torch.", "")
     config = native_config(fmt, src.base_cfg, n_experts=n, top_k=top_k, routed=src.routed, dtype=dtype)
+    _warn_engines(fmt, config)
+    jobs = export_jobs(src, fmt, n)
+    jobs += untied_head(jobs)
     with atomic_output(out, force) as tmp:
-        execute(prefetched(export_jobs(src, fmt, n)), tmp, shard_size, progress=progress, desc=f"export {fmt.name}")
+        execute(prefetched(jobs), tmp, shard_size, progress=progress, desc=f"export {fmt.name}")
         _side_files(src.side_folder, tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "README.md").write_text(card)
@@ -113,6 +124,34 @@ def _export(src: Any, fmt: NativeFormat, out: Path, *, top_k: int, shard_size: i
         if rows:
             patch_tensors(tmp, {fmt.router_name(i): r for i, r in rows.items()})
     return out
+
+
+def untied_head(jobs: list[Job]) -> list[Job]:
+    """A tied base's ``lm_head.weight``: the exported embedding written a second time (the config says untied),
+    because SGLang's Mixtral / Qwen2-MoE / Qwen3-MoE classes never tie it and would leave it uninitialised."""
+    if any(job.label == "lm_head.weight" for job in jobs):
+        return []
+    embed = next(job for job in jobs if job.label == "model.embed_tokens.weight")
+    spec = replace(embed.specs[0], name="lm_head.weight")  # (V, C)
+
+    def run() -> Iterator[tuple[str, torch.Tensor]]:
+        for _, tensor in embed.run():
+            yield spec.name, tensor
+
+    return [Job(spec.name, [spec], run)]
+
+
+def _warn_engines(fmt: NativeFormat, config: dict[str, Any]) -> None:
+    """Exports transformers loads but a serving engine would load wrongly (``tests/serving_engines.py``)."""
+    head_dim, hidden, heads = config.get("head_dim"), config["hidden_size"], config["num_attention_heads"]
+    if head_dim and head_dim * heads != hidden and fmt.name in ("mixtral", "qwen2_moe"):
+        engines = "SGLang's Mixtral" if fmt.name == "mixtral" else "vLLM's and SGLang's Qwen2-MoE"
+        warnings.warn(f"{fmt.name} export with head_dim {head_dim} != hidden_size / num_attention_heads: {engines} "
+                      "compute head_dim from the hidden size and cannot load this attention", stacklevel=3)
+    if fmt.name == "qwen3_moe" and config["mlp_only_layers"]:
+        warnings.warn(f"qwen3_moe export with dense layers {config['mlp_only_layers']} (mlp_only_layers): vLLM and "
+                      "transformers serve it, SGLang's Qwen3-MoE makes every layer MoE and would leave them "
+                      "uninitialised; route every layer to serve it with SGLang", stacklevel=3)
 
 
 def _side_files(src: Path, out: Path) -> None:
@@ -182,6 +221,7 @@ def _card(fmt: NativeFormat, names: list[str], origin: str, top_k: int) -> str:
     lines += [f"- {e}: `{n}`" for e, n in enumerate(names)]
     lines += ["", f"- {top_k} experts per token; routed MLP layers hold every expert's own MLP.",
               "- **Attention is the static merge of the experts** (a native MoE has one attention per layer).",
+              "- `lm_head.weight` is always written (`tie_word_embeddings: false`): SGLang never ties it here.",
               "- Unrouted layers hold the static merge "
               + ("(every expert of a Mixtral layer, with zero gate rows)." if fmt.every_layer_moe
                  else "as a dense MLP (`mlp_only_layers`)."),
