@@ -42,7 +42,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -57,9 +57,11 @@ from ..io.loader import TensorLoader
 from .formats import FORMATS, NativeFormat, check_base, get_format, native_config
 from .gates import collect_stats, fit_rows, fit_temperature, prototype_rows, rows_from_prototypes
 from .jobs import export_jobs, patch_tensors, prefetched
+from .materialize import MaterializedSource
+from .report import REPORT_FILE, logit_report
 from .sources import CheckpointSource, PlanSource
 
-__all__ = ["FORMATS", "export_checkpoint", "export_from_plan"]
+__all__ = ["FORMATS", "REPORT_FILE", "export_checkpoint", "export_from_plan"]
 
 _SKIP = {"config.json", "README.md", "model.safetensors.index.json", "configuration_moerge.py", "modeling_moerge.py",
          "conflict.json"}
@@ -87,22 +89,36 @@ def export_from_plan(plan: Any, out: str | Path, *, force: bool = False, progres
 
 def export_checkpoint(checkpoint: str | Path, to: str, out: str | Path, *, force: bool = False,
                       progress: bool = True, experts_per_token: int | None = None, calibrate: bool = False,
-                      from_data: bool = False, shard_size: int = 10**9) -> Path:
-    """Write a built moerge checkpoint (dense MLP experts only) as a native ``to`` checkpoint in ``out``.
+                      from_data: bool = False, shard_size: int = 10**9, materialize: bool = False,
+                      report: bool = True) -> Path:
+    """Write a built moerge checkpoint as a native ``to`` checkpoint in ``out``.
 
-    Router rows: the stored token-level prototypes converted to rows, or (sequence level, ``from_data`` or
-    ``calibrate``) measured from the calibration data of the checkpoint's ``moerge_recipe.yaml``."""
+    Routed units must be MLPs without bias deltas; their experts must be dense unless ``materialize`` (then every
+    kind is written as the dense ``W_s + Δ_e``, :mod:`.materialize`).  Router rows: the stored token-level
+    prototypes converted to rows, or (sequence level, ``from_data`` or ``calibrate``) measured from the calibration
+    data of the checkpoint's ``moerge_recipe.yaml``.  ``report``: compare the export with the checkpoint, expert by
+    expert, and write ``export_report.json`` (:mod:`.report`)."""
     check_output(Path(out).absolute(), force)
-    src = CheckpointSource(checkpoint)
+    src = MaterializedSource(checkpoint) if materialize else CheckpointSource(checkpoint)
     fmt = get_format(to, str(checkpoint), "--to")
     top_k = experts_per_token or src.stored_top_k() or 2
-    card = _card(fmt, src.names, f"moerge checkpoint `{checkpoint}`", top_k=top_k)
+    kinds = {unit: spec["kind"] for unit, spec in src.units.items()}
+    card = _card(fmt, src.names, f"moerge checkpoint `{checkpoint}`", top_k=top_k, kinds=kinds)
+    info = {"checkpoint": str(checkpoint), "format": fmt.name, "materialized": materialize, "kinds": kinds,
+            "stored_dtype": str(src.out_dtype).replace("torch.", "")}
+    vocab = int(src.base_cfg["vocab_size"])
+
+    def finish(tmp: Path) -> None:
+        rep = logit_report(Path(checkpoint), tmp, src.names, vocab, info, progress=progress)
+        (tmp / REPORT_FILE).write_text(json.dumps(rep, indent=2) + "\n")
+
     return _export(src, fmt, Path(out), top_k=top_k, shard_size=shard_size, force=force, progress=progress,
-                   calibrate=calibrate, from_data=from_data, card=card)
+                   calibrate=calibrate, from_data=from_data, card=card, finish=finish if report else None)
 
 
 def _export(src: Any, fmt: NativeFormat, out: Path, *, top_k: int, shard_size: int, force: bool, progress: bool,
-            calibrate: bool, card: str, from_data: bool = False, extra: dict[str, str] | None = None) -> Path:
+            calibrate: bool, card: str, from_data: bool = False, extra: dict[str, str] | None = None,
+            finish: Callable[[Path], None] | None = None) -> Path:
     check_base(fmt, src.base_cfg, src.base_names, src.file)
     n = len(src.names)
     if top_k > n:
@@ -123,6 +139,8 @@ def _export(src: Any, fmt: NativeFormat, out: Path, *, top_k: int, shard_size: i
         rows = router_rows(src, fmt, tmp, calibrate=calibrate, from_data=from_data)
         if rows:
             patch_tensors(tmp, {fmt.router_name(i): r for i, r in rows.items()})
+        if finish is not None:
+            finish(tmp)
     return out
 
 
@@ -216,9 +234,13 @@ def layer_weights(loader: TensorLoader, fmt: NativeFormat, moe: set[int], inter:
     return get
 
 
-def _card(fmt: NativeFormat, names: list[str], origin: str, top_k: int) -> str:
+def _card(fmt: NativeFormat, names: list[str], origin: str, top_k: int, kinds: dict[str, str] | None = None) -> str:
     lines = [f"# {fmt.architecture} exported by moerge", "", f"Built from {origin}.", "", "Experts (index: name):"]
     lines += [f"- {e}: `{n}`" for e, n in enumerate(names)]
+    lossy = sorted({k for k in (kinds or {}).values() if k != "dense"})
+    if lossy:
+        lines += ["", (f"Experts of kind {', '.join(lossy)} are materialized as dense `W_s + delta_e` (the moerge "
+                      f"model's own delta math); `{REPORT_FILE}` gives the logit difference to the checkpoint.")]
     lines += ["", f"- {top_k} experts per token; routed MLP layers hold every expert's own MLP.",
               "- **Attention is the static merge of the experts** (a native MoE has one attention per layer).",
               "- `lm_head.weight` is always written (`tie_word_embeddings: false`): SGLang never ties it here.",

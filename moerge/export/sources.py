@@ -100,6 +100,8 @@ class PlanSource:
 class CheckpointSource:
     """Tensors of a built moerge checkpoint whose routed units are all dense MLP experts."""
 
+    kinds: tuple[str, ...] = ("dense",)  # expert kinds read as stored (``.materialize``: every kind)
+
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
         cfg_path = self.folder / "config.json"
@@ -125,9 +127,10 @@ class CheckpointSource:
             if not _MLP_UNIT.fullmatch(unit):
                 raise NotSupportedError(self.file, f"moerge.units.{unit}", "routed attention (or any non-MLP unit) "
                                         "has no place in a native MoE format, which keeps one attention per layer")
-            if spec.get("kind") != "dense":
+            if spec.get("kind") not in self.kinds:
                 raise NotSupportedError(self.file, f"moerge.units.{unit}", f"kind '{spec.get('kind')}' experts cannot "
-                                        "be exported; native formats store full (dense) experts")
+                                        "be exported as stored; native formats store full (dense) experts "
+                                        "(--materialize writes W_s + delta_e)")
             for lin, lspec in spec.get("linears", {}).items():
                 if lspec.get("bias"):
                     raise NotSupportedError(self.file, f"moerge.units.{unit}.linears.{lin}", "MLP biases have no place "
