@@ -36,10 +36,14 @@ are the logical ones at tensor-parallel size 1 (vocabulary padding is the loader
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from safetensors import safe_open
 
 QKV = (("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"), ("qkv_proj", "v_proj", "v"))
 GATE_UP = (("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1))
@@ -305,3 +309,16 @@ LAYER = re.compile(r"model\.layers\.(\d+)\.")
 def layers_of(labels: list[str] | dict[str, str]) -> set[int]:
     """Layer indices named in a report's labels (``model.layers.{i}.``)."""
     return {int(m.group(1)) for lab in labels if (m := LAYER.match(lab))}
+
+
+def checkpoint_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} of every safetensors file in ``folder`` (headers only)."""
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, "pt") as h:
+            out.update({k: tuple(h.get_slice(k).get_shape()) for k in h.keys()})  # noqa: SIM118
+    return out
+
+
+def checkpoint_config(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / "config.json").read_text())

@@ -9,15 +9,15 @@ transposed or dropped tensor, or a head_dim the engine recomputes, is caught.
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 from serving_engines import ENGINES, check, layers_of
+from serving_engines import checkpoint_config as config
+from serving_engines import checkpoint_shapes as shapes
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import moerge
@@ -51,19 +51,6 @@ def _export(base: Path, experts: list[Path], fmt: str, layers: list[int] | None,
            "output": {"format": fmt, "experts_per_token": 2}}
     moerge.build(recipe_from_dict(raw), out, force=True, progress=False)
     return out
-
-
-def shapes(folder: Path) -> dict[str, tuple[int, ...]]:
-    """{tensor name: shape} of every safetensors file in ``folder`` (headers only)."""
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(f, "pt") as h:
-            out.update({k: tuple(h.get_slice(k).get_shape()) for k in h.keys()})  # noqa: SIM118
-    return out
-
-
-def config(folder: Path) -> dict:
-    return json.loads((folder / "config.json").read_text())
 
 
 @pytest.fixture(scope="module")
