@@ -4,7 +4,9 @@ knows the architecture.
 Two entry points, one pipeline:
 
 * :func:`export_from_plan` - ``moerge build`` of a recipe with ``output.format: mixtral | qwen2_moe | qwen3_moe``;
-* :func:`export_checkpoint` - ``moerge export CHECKPOINT --to FORMAT OUT`` of a built moerge checkpoint.
+* :func:`export_checkpoint` - ``moerge export CHECKPOINT --to FORMAT OUT`` of a built moerge checkpoint (dense
+  experts; with ``--materialize`` any kind, written as ``W_s + Δ_e``, :mod:`.materialize`), followed by the
+  logit comparison with the checkpoint, ``export_report.json`` (:mod:`.report`).
 
 Pipeline: jobs (:mod:`.jobs`) stream every tensor through the executor into an atomic output folder (peak memory:
 one MLP linear of all experts), then the router rows are measured at the router's true input and patched into
