@@ -3,8 +3,9 @@
 For each expert e, on a few fixed prompts: the moerge model with ``force_route(e)`` against the native model with
 every expert slot of every MoE layer holding expert e's weights (so the router cannot matter; top-k weights are
 renormalised, and a Qwen2-MoE residual expert plus the half-gated shared expert is exactly ``MLP_e``).  Both run
-in float32, one model in memory at a time; reported per expert: the largest absolute logit difference and the
-mean KL(moerge || native) of the next-token distributions over every position.
+in float32, one model (and a copy of its expert stacks) in memory at a time; reported per expert: the largest
+absolute logit difference and the mean KL(moerge || native) of the next-token distributions over every position
+(computed in float64).
 
 What to expect: dense experts are written as stored, so the difference is float32 summation-order noise
 (~1e-6); materialized experts (``W_s + Δ_e``) add the rounding of ``W_e`` to the checkpoint's dtype, nothing in
