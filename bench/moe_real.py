@@ -117,8 +117,8 @@ def write_configs(base: Path, full: list[Path], prompts: dict[str, list[str]]) -
 
 
 def build_all(recipe: dict, mk_config: Path, calibrated: bool) -> dict[str, tuple[Path, float]]:
-    from moerge.pipeline.context import BuildContext
     from moerge.export import export_from_plan
+    from moerge.pipeline.context import BuildContext
     from moerge.pipeline.plan import make_plan
     from moerge.recipe import recipe_from_dict
 

@@ -7,6 +7,7 @@ unless ``--debug``), 1 unexpected failure.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import traceback
 from collections.abc import Callable
@@ -76,12 +77,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_checkpoint
+    from .export import REPORT_FILE, export_checkpoint
+    from .export.report import report_lines
     from .recipe import parse_size
 
     out = export_checkpoint(Path(args.checkpoint), args.to, Path(args.out), force=args.force, progress=not args.quiet,
                             experts_per_token=args.experts_per_token, calibrate=args.calibrate,
-                            from_data=args.from_data, shard_size=parse_size(args.shard_size))
+                            from_data=args.from_data, shard_size=parse_size(args.shard_size),
+                            materialize=args.materialize, report=not args.no_report)
+    if (out / REPORT_FILE).is_file():
+        print("\n".join(report_lines(json.loads((out / REPORT_FILE).read_text()))))
     print(f"wrote {out}")
     return 0
 
@@ -137,7 +142,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--route", help="force the route to this expert (moerge checkpoints)")
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     x = ps["export"]
-    x.add_argument("checkpoint", help="a built moerge checkpoint (dense MLP experts)")
+    x.add_argument("checkpoint", help="a built moerge checkpoint (routed MLP units)")
     x.add_argument("--to", required=True, choices=["mixtral", "qwen2_moe", "qwen3_moe"], help="native format")
     x.add_argument("out", help="output folder")
     x.add_argument("--experts-per-token", type=int, help="top-k (default: the checkpoint's top_k, else 2)")
@@ -145,6 +150,10 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--from-data", action="store_true", help="measure the gate rows from the recipe's calibration "
                                                             "data even when the checkpoint has token prototypes")
     x.add_argument("--shard-size", default="1GB", help="output shard size (default 1GB)")
+    x.add_argument("--materialize", action="store_true", help="write twin / lora / bit1 / sparse / wemoe experts as "
+                                                              "dense W_s + delta_e")
+    x.add_argument("--no-report", action="store_true", help="skip the logit comparison with the checkpoint "
+                                                            "(export_report.json; loads both models in float32)")
     x.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     ps["demo"].add_argument("--workdir", default="demo_out", help="where the tiny models and the MoE go")
     ps["demo"].add_argument("--force", action="store_true")

@@ -23,13 +23,13 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import moerge
-from moerge.testing import tiny
 from moerge.errors import DataError, MoergeError, SourceError
 from moerge.recipe import recipe_from_dict
 from moerge.routing.add_expert import add_expert
 from moerge.routing.calibrate import CalibrateOptions, calibrate
 from moerge.routing.dataset import Defaults, holdout_split, load_examples
 from moerge.routing.fit import fallback_threshold, fit_temperature
+from moerge.testing import tiny
 
 TASKS = list(tiny.TASKS)  # sentiment, topic, math, code
 N_PER_TASK = 40  # holdout 0.2 -> 32 training + 8 held-out examples per task

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from folders import tensors
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import moerge
-from moerge.testing import tiny
 from moerge.errors import MoergeError
 from moerge.io.writer import TensorSpec
 from moerge.recipe import recipe_from_dict
+from moerge.testing import tiny
 
 MLP = ("gate_proj", "up_proj", "down_proj")
 FORMATS = [("mixtral", "llama"), ("qwen2_moe", "llama"), ("qwen2_moe", "qwen2"), ("qwen3_moe", "qwen3")]
@@ -73,14 +73,6 @@ def _load(folder: Path) -> torch.nn.Module:
     return model.eval()
 
 
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a model folder, whatever its sharding."""
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
 def _ids() -> torch.Tensor:
     return torch.tensor([[5, 17, 42, 99, 7, 256, 3, 11]])
 
@@ -116,7 +108,7 @@ def test_loads_plainly_generates_and_matches_save_pretrained(pools: dict, fmt: s
     gen = model.generate(_ids(), max_new_tokens=4, do_sample=False)
     assert gen.shape == (1, 12)
     model.save_pretrained(tmp_path / "resaved")
-    ours, theirs = _tensors(out), _tensors(tmp_path / "resaved")
+    ours, theirs = tensors(out), tensors(tmp_path / "resaved")
     assert sorted(ours) == sorted(theirs)
     for name, t in ours.items():
         assert t.shape == theirs[name].shape and t.dtype == theirs[name].dtype, name
@@ -179,8 +171,8 @@ def test_calibrated_router_routes_held_out_prompts(pools: dict) -> None:
 
 
 def test_supervised_calibration_fits_native_gates(pools: dict) -> None:
-    from moerge.pipeline.context import BuildContext
     from moerge.export import export_from_plan
+    from moerge.pipeline.context import BuildContext
     from moerge.pipeline.plan import make_plan
 
     recipe = recipe_from_dict(_recipe(pools, "llama", "qwen2_moe"))
@@ -197,7 +189,7 @@ def test_no_calibration_data_warns_and_leaves_zero_gates(pools: dict) -> None:
     with pytest.warns(UserWarning, match="no calibration data"):
         moerge.build(recipe_from_dict(_recipe(pools, "llama", "mixtral", calib=False)), out, force=True,
                      progress=False)
-    gates = {k: v for k, v in _tensors(out).items() if k.endswith(".gate.weight")}
+    gates = {k: v for k, v in tensors(out).items() if k.endswith(".gate.weight")}
     assert len(gates) == 3 and all(not v.any() for v in gates.values())
 
 
@@ -253,7 +245,7 @@ def test_sequence_level_checkpoint_routes_from_recipe_data(pools: dict) -> None:
     raw["output"], raw["routing"]["router"] = {}, {"level": "sequence", "top_k": 1}
     src = _build(pools, raw, "seq_ckpt")
     out = export_checkpoint(src, "mixtral", pools["root"] / "seq_export", force=True, progress=False)
-    gates = {k: v for k, v in _tensors(out).items() if k.endswith(".gate.weight")}
+    gates = {k: v for k, v in tensors(out).items() if k.endswith(".gate.weight")}
     assert [k for k, v in sorted(gates.items()) if v.any()] == [
         "model.layers.0.block_sparse_moe.gate.weight", "model.layers.2.block_sparse_moe.gate.weight"]
     assert _self_routing(_load(out), AutoTokenizer.from_pretrained(out), 3) >= 0.7

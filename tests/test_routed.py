@@ -18,9 +18,9 @@ from isolation import HIDE_MOERGE
 from transformers import AutoModelForCausalLM
 
 import moerge
-from moerge.testing import tiny
 from moerge.kinds.bit1 import unpack_signs
 from moerge.recipe import recipe_from_dict
+from moerge.testing import tiny
 
 KINDS = ["dense", "wemoe", "twin", "bit1", "lora", "sparse"]
 PROMPTS = ["good movie loved the acting", "the election market report", "what is 3 plus 4"]

@@ -41,8 +41,8 @@ def storage_breakdown(index: CheckpointIndex, manifest: Manifest | dict | None) 
 def inspect_checkpoint(path: Path) -> str:
     ckpt = Checkpoint.open(path)
     index = ckpt.index()
-    lines = [f"{path}: model_type {ckpt.config.get('model_type')}, {len(index.tensors)} tensors, "
-             f"{human(index.total_bytes)}"]
+    head = f"{path}: model_type {ckpt.config.get('model_type')}, {len(index.tensors)} tensors, "
+    lines = [head + human(index.total_bytes)]
     m = ckpt.manifest
     if m is not None:
         lines.append(f"experts: {', '.join(m.experts)}; level {m.level}; {len(m.units)} routed units")

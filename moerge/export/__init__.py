@@ -4,7 +4,9 @@ knows the architecture.
 Two entry points, one pipeline:
 
 * :func:`export_from_plan` - ``moerge build`` of a recipe with ``output.format: mixtral | qwen2_moe | qwen3_moe``;
-* :func:`export_checkpoint` - ``moerge export CHECKPOINT --to FORMAT OUT`` of a built moerge checkpoint.
+* :func:`export_checkpoint` - ``moerge export CHECKPOINT --to FORMAT OUT`` of a built moerge checkpoint (dense
+  experts; with ``--materialize`` any kind, written as ``W_s + Δ_e``, :mod:`.materialize`), followed by the
+  logit comparison with the checkpoint, ``export_report.json`` (:mod:`.report`).
 
 Pipeline (the writer at the end of :mod:`moerge.pipeline` for native formats): jobs (:mod:`.jobs`) stream every
 weight through the executor into an atomic output folder (peak memory: one MLP linear of all experts); the router
@@ -24,6 +26,12 @@ Design choices:
   of twice the intermediate size (``gate/up = [W_e; W_s]``, ``down = [D_e, -0.5 D_s]``).  With
   ``norm_topk_prob: true`` the block outputs ``sum_k r_k MLP_k(x)`` exactly: identical experts give the base,
   forced routing gives fine-tune t's MLP.  The price is ``moe_intermediate_size = 2 * intermediate_size``.
+* **Always untied.**  A tied base's embedding is written again as ``lm_head.weight`` and the config says
+  ``tie_word_embeddings: false``: SGLang's Mixtral / Qwen2-MoE / Qwen3-MoE classes never tie the head (vLLM's
+  do), so a tied export would serve an uninitialised head there (``tests/serving_engines.py`` has the rules).
+* **Engines.**  The names and shapes are checked against vLLM's and SGLang's loaders for these classes
+  (``tests/test_serving_names.py``).  SGLang's Qwen3-MoE ignores ``mlp_only_layers`` (every layer is MoE), so a
+  Qwen3-MoE export with dense layers warns: route every layer to serve it there.
 * **Top-k** is ``output.experts_per_token`` (clamped to the number of experts); top-k weights are renormalised
   (Mixtral always, Qwen via ``norm_topk_prob``), so top-1 of identical experts is the MLP itself.
 * **Router rows** (:mod:`.gates`): prototype directions (the expert's mean minus the mean over experts, projected
@@ -37,6 +45,8 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +66,10 @@ from .formats import FORMATS, NativeFormat, check_base, get_format, native_confi
 from .gates import collect_stats, fit_rows, fit_temperature, prototype_rows, rows_from_prototypes
 from .inputs import CheckpointInput, PlanInput
 from .jobs import export_jobs, gate_specs
+from .materialize import MaterializedInput
+from .report import REPORT_FILE, logit_report
 
-__all__ = ["FORMATS", "export_checkpoint", "export_from_plan"]
+__all__ = ["FORMATS", "REPORT_FILE", "export_checkpoint", "export_from_plan"]
 
 def export_from_plan(plan: Plan, out: str | Path, *, force: bool = False, progress: bool = True,
                      calibrate: bool = False) -> Path:
@@ -67,7 +79,7 @@ def export_from_plan(plan: Plan, out: str | Path, *, force: bool = False, progre
     fmt = get_format(recipe.output.format, file, "output.format")
     if recipe.routing is None:
         raise RecipeError(file, "output.format", f"format {recipe.output.format} needs a routing section")
-    kinds = sorted({ru.kind.name for ru in plan.routed} - {"dense"}) or ([] if plan.routed else [])
+    kinds = sorted({ru.kind.name for ru in plan.routed} - {"dense"})
     if kinds or recipe.routing.expert.kind != "dense":
         kind = kinds[0] if kinds else recipe.routing.expert.kind
         raise RecipeError(file, "routing.expert.kind", f"format {fmt.name} stores full experts: the kind must be "
@@ -84,22 +96,36 @@ def export_from_plan(plan: Plan, out: str | Path, *, force: bool = False, progre
 
 def export_checkpoint(checkpoint: str | Path, to: str, out: str | Path, *, force: bool = False,
                       progress: bool = True, experts_per_token: int | None = None, calibrate: bool = False,
-                      from_data: bool = False, shard_size: int = 10**9) -> Path:
-    """Write a built moerge checkpoint (dense MLP experts only) as a native ``to`` checkpoint in ``out``.
+                      from_data: bool = False, shard_size: int = 10**9, materialize: bool = False,
+                      report: bool = True) -> Path:
+    """Write a built moerge checkpoint as a native ``to`` checkpoint in ``out``.
 
-    Router rows: the stored token-level prototypes converted to rows, or (sequence level, ``from_data`` or
-    ``calibrate``) measured from the calibration data of the checkpoint's ``moerge_recipe.yaml``."""
+    Routed units must be MLPs without bias deltas; their experts must be dense unless ``materialize`` (then every
+    kind is written as the dense ``W_s + Δ_e``, :mod:`.materialize`).  Router rows: the stored token-level
+    prototypes converted to rows, or (sequence level, ``from_data`` or ``calibrate``) measured from the calibration
+    data of the checkpoint's ``moerge_recipe.yaml``.  ``report``: compare the export with the checkpoint, expert by
+    expert, and write ``export_report.json`` (:mod:`.report`)."""
     check_output(Path(out).absolute(), force)
-    src = CheckpointInput(checkpoint)
+    src = MaterializedInput(checkpoint) if materialize else CheckpointInput(checkpoint)
     fmt = get_format(to, str(checkpoint), "--to")
     top_k = experts_per_token or src.stored_top_k() or 2
-    card = _card(fmt, src.names, f"moerge checkpoint `{checkpoint}`", top_k=top_k)
+    kinds = {unit: spec.kind for unit, spec in src.manifest.units.items()}
+    card = _card(fmt, src.names, f"moerge checkpoint `{checkpoint}`", top_k=top_k, kinds=kinds)
+    info = {"checkpoint": str(checkpoint), "format": fmt.name, "materialized": materialize, "kinds": kinds,
+            "stored_dtype": str(src.out_dtype).replace("torch.", "")}
+    vocab = int(src.base_cfg["vocab_size"])
+
+    def finish(tmp: Path) -> None:
+        rep = logit_report(Path(checkpoint), tmp, src.names, vocab, info, progress=progress)
+        (tmp / REPORT_FILE).write_text(json.dumps(rep, indent=2) + "\n")
+
     return _export(src, fmt, Path(out), top_k=top_k, shard_size=shard_size, force=force, progress=progress,
-                   calibrate=calibrate, from_data=from_data, card=card)
+                   calibrate=calibrate, from_data=from_data, card=card, finish=finish if report else None)
 
 
 def _export(src: Any, fmt: NativeFormat, out: Path, *, top_k: int, shard_size: int, force: bool, progress: bool,
-            calibrate: bool, card: str, from_data: bool = False, extra: dict[str, str] | None = None) -> Path:
+            calibrate: bool, card: str, from_data: bool = False, extra: dict[str, str] | None = None,
+            finish: Callable[[Path], None] | None = None) -> Path:
     check_base(fmt, src.base_cfg, src.base_names, src.file)
     n = len(src.names)
     if top_k > n:
@@ -107,6 +133,7 @@ def _export(src: Any, fmt: NativeFormat, out: Path, *, top_k: int, shard_size: i
         top_k = n
     config = native_config(fmt, src.base_cfg, n_experts=n, top_k=top_k, routed=src.routed,
                            dtype=dtypes.name(src.out_dtype))
+    _warn_engines(fmt, config)
     with atomic_output(out, force) as tmp:
         files = write_tensors(src, fmt, tmp, shard_size, progress=progress, calibrate=calibrate, from_data=from_data)
         write_index(tmp, files)
@@ -115,6 +142,8 @@ def _export(src: Any, fmt: NativeFormat, out: Path, *, top_k: int, shard_size: i
         (tmp / "README.md").write_text(card)
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
+        if finish is not None:
+            finish(tmp)
     return out
 
 
@@ -123,6 +152,7 @@ def write_tensors(src: Any, fmt: NativeFormat, tmp: Path, shard_size: int, *, pr
     """The weights, then the gate rows measured on them (own shard): every tensor written once."""
     n, hidden = len(src.names), int(src.base_cfg["hidden_size"])
     jobs = export_jobs(src, fmt, n)
+    jobs += untied_head(jobs)
     gates = gate_specs(fmt, fmt.moe_layers(int(src.base_cfg["num_hidden_layers"]), src.routed), n, hidden,
                        src.out_dtype)
     writer = ShardedWriter(tmp, [s for job in jobs for s in job.specs] + gates, shard_size, indexed=True,
@@ -139,6 +169,34 @@ def write_tensors(src: Any, fmt: NativeFormat, tmp: Path, shard_size: int, *, pr
 
     run_jobs([Job("gates", gates, run)], writer, progress=False, workers=1)
     return writer.finish()
+
+
+def untied_head(jobs: list[Job]) -> list[Job]:
+    """A tied base's ``lm_head.weight``: the exported embedding written a second time (the config says untied),
+    because SGLang's Mixtral / Qwen2-MoE / Qwen3-MoE classes never tie it and would leave it uninitialised."""
+    if any(job.label == "lm_head.weight" for job in jobs):
+        return []
+    embed = next(job for job in jobs if job.label == "model.embed_tokens.weight")
+    spec = replace(embed.specs[0], name="lm_head.weight")  # (V, C)
+
+    def run() -> Iterator[tuple[str, torch.Tensor]]:
+        for _, tensor in embed.run():
+            yield spec.name, tensor
+
+    return [Job(spec.name, [spec], run)]
+
+
+def _warn_engines(fmt: NativeFormat, config: dict[str, Any]) -> None:
+    """Exports transformers loads but a serving engine would load wrongly (``tests/serving_engines.py``)."""
+    head_dim, hidden, heads = config.get("head_dim"), config["hidden_size"], config["num_attention_heads"]
+    if head_dim and head_dim * heads != hidden and fmt.name in ("mixtral", "qwen2_moe"):
+        engines = "SGLang's Mixtral" if fmt.name == "mixtral" else "vLLM's and SGLang's Qwen2-MoE"
+        warnings.warn(f"{fmt.name} export with head_dim {head_dim} != hidden_size / num_attention_heads: {engines} "
+                      "compute head_dim from the hidden size and cannot load this attention", stacklevel=3)
+    if fmt.name == "qwen3_moe" and config["mlp_only_layers"]:
+        warnings.warn(f"qwen3_moe export with dense layers {config['mlp_only_layers']} (mlp_only_layers): vLLM and "
+                      "transformers serve it, SGLang's Qwen3-MoE makes every layer MoE and would leave them "
+                      "uninitialised; route every layer to serve it with SGLang", stacklevel=3)
 
 
 def _side_files(src: Path, out: Path) -> None:
@@ -206,11 +264,16 @@ def layer_weights(loader: TensorLoader, fmt: NativeFormat, moe: set[int], inter:
     return get
 
 
-def _card(fmt: NativeFormat, names: list[str], origin: str, top_k: int) -> str:
+def _card(fmt: NativeFormat, names: list[str], origin: str, top_k: int, kinds: dict[str, str] | None = None) -> str:
     lines = [f"# {fmt.architecture} exported by moerge", "", f"Built from {origin}.", "", "Experts (index: name):"]
     lines += [f"- {e}: `{n}`" for e, n in enumerate(names)]
+    lossy = sorted({k for k in (kinds or {}).values() if k != "dense"})
+    if lossy:
+        lines += ["", (f"Experts of kind {', '.join(lossy)} are materialized as dense `W_s + delta_e` (the moerge "
+                      f"model's own delta math); `{REPORT_FILE}` gives the logit difference to the checkpoint.")]
     lines += ["", f"- {top_k} experts per token; routed MLP layers hold every expert's own MLP.",
               "- **Attention is the static merge of the experts** (a native MoE has one attention per layer).",
+              "- `lm_head.weight` is always written (`tie_word_embeddings: false`): SGLang never ties it here.",
               "- Unrouted layers hold the static merge "
               + ("(every expert of a Mixtral layer, with zero gate rows)." if fmt.every_layer_moe
                  else "as a dense MLP (`mlp_only_layers`)."),

@@ -112,6 +112,8 @@ def native_config(fmt: NativeFormat, base_cfg: dict[str, Any], *, n_experts: int
     cfg: dict[str, Any] = {"architectures": [fmt.architecture], "model_type": fmt.name}
     cfg.update({k: base_cfg[k] for k in COMMON_KEYS if k in base_cfg})
     cfg["dtype"] = dtype
+    # always untied, lm_head written: SGLang's Mixtral / Qwen2-MoE / Qwen3-MoE never tie it (see moerge.export)
+    cfg["tie_word_embeddings"] = False
     inter, n_layers = int(base_cfg["intermediate_size"]), int(base_cfg["num_hidden_layers"])
     if fmt.name == "mixtral":
         window = base_cfg.get("sliding_window") if base_cfg.get("model_type") == "mistral" else None

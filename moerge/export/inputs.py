@@ -89,6 +89,8 @@ class PlanInput:
 class CheckpointInput:
     """Tensors of a built moerge checkpoint whose routed units are all dense MLP experts."""
 
+    kinds: tuple[str, ...] = ("dense",)  # expert kinds read as stored (``.materialize``: every kind)
+
     def __init__(self, folder: str | Path) -> None:
         self.ckpt = Checkpoint.open(folder)
         self.folder = self.ckpt.folder
@@ -112,9 +114,10 @@ class CheckpointInput:
             if not _MLP_UNIT.fullmatch(unit):
                 raise NotSupportedError(self.file, f"moerge.units.{unit}", "routed attention (or any non-MLP unit) "
                                         "has no place in a native MoE format, which keeps one attention per layer")
-            if spec.kind != "dense":
+            if spec.kind not in self.kinds:
                 raise NotSupportedError(self.file, f"moerge.units.{unit}", f"kind '{spec.kind}' experts cannot "
-                                        "be exported; native formats store full (dense) experts")
+                                        "be exported as stored; native formats store full (dense) experts "
+                                        "(--materialize writes W_s + delta_e)")
             for lin, lspec in spec.linears.items():
                 if lspec.bias:
                     raise NotSupportedError(self.file, f"moerge.units.{unit}.linears.{lin}", "MLP biases have no place "

@@ -19,7 +19,7 @@ from .inputs import mlp_linear
 
 
 def export_jobs(src: Any, fmt: NativeFormat, n_experts: int) -> list[Job]:
-    """All jobs of the export of ``src`` (a PlanSource or CheckpointSource) in ``fmt``."""
+    """All jobs of the export of ``src`` (a PlanInput or CheckpointInput) in ``fmt``."""
     cfg = src.base_cfg
     moe = set(fmt.moe_layers(int(cfg["num_hidden_layers"]), src.routed))
     jobs: list[Job] = []

@@ -8,7 +8,7 @@ the base tensor, the experts' task vectors, the static merge, each expert's own 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -58,7 +58,7 @@ class BuildContext:
     out_dtype: torch.dtype
     family: Family
     file: str = "recipe"
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @classmethod
     def open(cls, recipe: Recipe, file: str | None = None, device: str | torch.device | None = "cpu") -> BuildContext:

@@ -190,6 +190,6 @@ def describe(plan: Plan) -> str:
     if plan.ctx.recipe.routing is None:
         head = [f"static merge ({plan.ctx.recipe.merge.method}) of {len(plan.ctx.sources)} experts: every tensor merged"]
     else:
-        head = plan_table(plan) + [f"{len(plan.routed)}/{len(plan.units)} units routed; {extra:,} extra bytes; "
-                                   f"{(base + extra) / base:.3f}x the base ({base:,} bytes at {dt})"]
+        total = f"{len(plan.routed)}/{len(plan.units)} units routed; {extra:,} extra bytes; "
+        head = [*plan_table(plan), total + f"{(base + extra) / base:.3f}x the base ({base:,} bytes at {dt})"]
     return "\n".join(head)

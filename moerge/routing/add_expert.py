@@ -25,7 +25,7 @@ import torch
 from .. import dtypes
 from ..checkpoint import Checkpoint, Manifest, names
 from ..checkpoint.index import indexed_files, write_index
-from ..checkpoint.manifest import LinearSpec, Shapes
+from ..checkpoint.manifest import LinearSpec
 from ..checkpoint.routers import write_router_shard
 from ..errors import CheckpointError, DataError, NotSupportedError, SourceError
 from ..io.atomic import atomic_output

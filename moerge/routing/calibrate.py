@@ -29,10 +29,10 @@ from typing import Any, Literal
 import torch
 
 from ..checkpoint import Checkpoint, Fallback, Manifest, RouterTensors, names
-from ..recipe import ROUTER_SCALE
 from ..checkpoint.routers import write_router_shard
 from ..errors import DataError
 from ..io.atomic import atomic_output, check_output
+from ..recipe import ROUTER_SCALE
 from . import parallel
 from .commit import Staged, link_copy
 from .dataset import Defaults, Examples, holdout_split, load_examples, require_experts
