@@ -48,8 +48,8 @@ class ModelFolder:
         self.index = CheckpointIndex.from_folder(self.folder, allow_pickle=allow_pickle)
         self.loader = TensorLoader(self.index)
 
-    def get(self, name: str) -> torch.Tensor:
-        return self.loader.get(name)
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        return self.loader.get(name, rows)
 
     @property
     def names(self) -> list[str]:
@@ -76,17 +76,19 @@ class FullSource:
         self.model = ModelFolder(folder, allow_pickle=allow_pickle, what=f"expert '{name}'")
         check_compatible(base.config, self.model.config, str(folder / "config.json"))
 
-    def weight(self, tname: str, base: torch.Tensor) -> torch.Tensor:
+    def weight(self, tname: str, base: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The expert's tensor (its rows ``[a, b)`` when ``base`` is that block of the base's), on base's device."""
         if tname not in self.model.index:
             raise SourceError(self.path, tname, f"tensor missing in expert '{self.name}'")
         info = self.model.index[tname]
-        if tuple(info.shape) != tuple(base.shape):
+        t = self.model.get(tname, rows)
+        if tuple(t.shape) != tuple(base.shape):
             raise SourceError(info.file, tname, f"shape {list(info.shape)} does not match the base's {list(base.shape)}")
-        return check_finite(self.model.get(tname), info.file, tname).to(base.device)
+        return check_finite(t, info.file, tname).to(base.device)
 
-    def delta(self, tname: str, base: torch.Tensor) -> torch.Tensor | None:
-        """Task vector (fp32)."""
-        return self.weight(tname, base).float() - base.float()
+    def delta(self, tname: str, base: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor | None:
+        """Task vector (fp32), or its rows ``[a, b)`` when ``base`` is that block of the base tensor."""
+        return self.weight(tname, base, rows).float() - base.float()
 
     def lora_factors(self, tname: str, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
@@ -155,8 +157,8 @@ class LoraSource:
         alpha = float(_pattern_value(self.cfg.get("alpha_pattern") or {}, module, self.cfg.get("lora_alpha", r)))
         return r, alpha / (math.sqrt(r) if self.cfg.get("use_rslora") else r)
 
-    def _get(self, key: str, device: torch.device | None = None) -> torch.Tensor:
-        t = check_finite(self.loader.get(key), self.index[key].file, key)
+    def _get(self, key: str, device: torch.device | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        t = check_finite(self.loader.get(key, rows), self.index[key].file, key)
         return (t if device is None else t.to(device)).float()
 
     def lora_factors(self, tname: str, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -170,28 +172,29 @@ class LoraSource:
             A, B = B.T.contiguous(), A.T.contiguous()  # base weight is stored (in, out)
         return A, B
 
-    def delta(self, tname: str, base: torch.Tensor) -> torch.Tensor | None:
+    def delta(self, tname: str, base: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor | None:
+        """Task vector (fp32) of ``tname``, or of its rows ``[a, b)`` when ``base`` is that block of the base."""
         parts = self.modules.get(tname)
         if not parts:
             return None
-        dev = base.device
+        dev, sl = base.device, slice(*rows) if rows else slice(None)
         if "full" in parts:
-            return self._checked(tname, self._get(parts["full"], dev), base) - base.float()
+            return self._checked(tname, self._get(parts["full"], dev, rows), base) - base.float()
+        _, scale = self._scaling(tname.rsplit(".", 1)[0])
         if "bias" in parts:
-            _, scale = self._scaling(tname.rsplit(".", 1)[0])
-            return self._checked(tname, self._get(parts["bias"], dev) * scale, base)
+            return self._checked(tname, self._get(parts["bias"], dev, rows) * scale, base)
         if "EA" in parts:  # embedding LoRA: A (r, vocab), B (dim, r) -> (vocab, dim)
-            _, scale = self._scaling(tname.rsplit(".", 1)[0])
-            return self._checked(tname, (self._get(parts["EB"], dev) @ self._get(parts["EA"], dev)).T * scale, base)
+            ea = self._get(parts["EA"], dev)[:, sl]  # (r, rows)
+            return self._checked(tname, (self._get(parts["EB"], dev) @ ea).T * scale, base)
         factors = self.lora_factors(tname, dev)
         if factors is None:
             raise SourceError(self.path, tname, "LoRA module has lora_A or lora_B but not both")
         A, B = factors
-        return self._checked(tname, B @ A, base)  # (out, r) @ (r, in) -> (out, in)
+        return self._checked(tname, B[sl] @ A, base)  # (rows, r) @ (r, in) -> (rows, in)
 
-    def weight(self, tname: str, base: torch.Tensor) -> torch.Tensor:
-        """The expert's own fp32 tensor: base + its delta (the base where the adapter leaves it alone)."""
-        delta = self.delta(tname, base)
+    def weight(self, tname: str, base: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The expert's own fp32 tensor (or rows): base + its delta (the base where the adapter leaves it alone)."""
+        delta = self.delta(tname, base, rows)
         return base.float() if delta is None else base.float() + delta
 
     def _checked(self, tname: str, delta: torch.Tensor, base: torch.Tensor) -> torch.Tensor:

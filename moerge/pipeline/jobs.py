@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import torch
 
 from ..io.writer import TensorSpec
+from ..merge.streaming import merged_blocks, streamable
 from .context import BuildContext
 from .execute import Job
 from .plan import Plan, RoutedUnit, routed_specs, static_dtype
@@ -26,11 +27,18 @@ from .units import Linear
 
 
 def static_job(ctx: BuildContext, name: str) -> Job:
+    """The static merge of one base tensor: whole, or row block by row block when it is larger than a block
+    and the method streams (:mod:`moerge.merge.streaming`; the same bytes either way)."""
     spec = TensorSpec(name, tuple(ctx.base.index[name].shape), static_dtype(ctx, name))
 
     def run() -> Iterator[tuple[str, torch.Tensor]]:
         if not spec.dtype.is_floating_point or spec.dtype.itemsize == 1:  # int, bool, fp8: the base's bytes
             yield name, ctx.base.get(name)
+            return
+        ranges = ctx.blocks(name)
+        if len(ranges) > 1 and streamable(ctx.method, ctx.params):
+            for block in merged_blocks(ctx.method, ctx.params, name, spec.shape, ranges, ctx.read(name)):
+                yield name, block.to(spec.dtype)
             return
         base = ctx.load(name)
         yield name, ctx.merged(name, base, ctx.deltas(name, base)).to(spec.dtype)
