@@ -16,8 +16,8 @@ from typing import BinaryIO
 
 import torch
 
+from ..dtypes import by_torch
 from ..errors import MoergeError
-from .index import ST_DTYPES, TORCH_TO_ST
 
 
 @dataclass(frozen=True)
@@ -28,14 +28,14 @@ class TensorSpec:
 
     @property
     def st_dtype(self) -> str:
-        return TORCH_TO_ST[str(self.dtype).replace("torch.", "")]
+        return by_torch(self.dtype).st
 
     @property
     def nbytes(self) -> int:
         n = 1
         for d in self.shape:
             n *= d
-        return n * ST_DTYPES[self.st_dtype]
+        return n * by_torch(self.dtype).nbytes
 
 
 def layout_shards(specs: list[TensorSpec], shard_size: int) -> list[list[TensorSpec]]:
