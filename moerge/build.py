@@ -72,9 +72,11 @@ def model_card(recipe: Recipe, kind: str) -> str:
 
 def build(recipe: Recipe, out: str | Path, *, force: bool = False, progress: bool = True, file: str | None = None) -> Path:
     """Build the checkpoint described by ``recipe`` into ``out`` (atomically); returns ``out``."""
+    from .preflight import preflight, recipe_inputs
+
     out = Path(out)
-    check_output(out.absolute(), force)
-    ctx = BuildContext.open(recipe, file)
+    check_output(out.absolute(), force, recipe_inputs(recipe))
+    ctx = preflight(recipe, file)  # every input opened and checked before any tensor is computed
     if recipe.routing is not None or recipe.output.format != "moerge":
         from .plan import build_routed
 

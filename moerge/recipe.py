@@ -54,9 +54,7 @@ _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 
 def parse_size(value: int | str) -> int:
     """``"1GB"`` -> 10**9, ``"512MiB"`` -> 2**29, ``1000`` -> 1000."""
-    if isinstance(value, bool):
-        raise ValueError(f"'{value}' is not a size like 1GB, 500MB or 2GiB")
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):  # a bool is no size: its text fails below
         return value
     m = _SIZE.match(str(value))
     if not m:
@@ -66,8 +64,6 @@ def parse_size(value: int | str) -> int:
 
 def parse_budget(value: object) -> float:
     """``"1.3x"`` / ``1.3`` -> 1.3: a finite storage budget of at least the base's size."""
-    if isinstance(value, bool):
-        raise ValueError(f"budget '{value}' must look like 1.3x")
     text = str(value).strip().lower().removesuffix("x").strip()
     try:
         ratio = float(text)

@@ -1,4 +1,10 @@
-"""Load a checkpoint (merged or moerge MoE) and generate text: what ``moerge generate`` runs."""
+"""Load a checkpoint (merged or moerge MoE) and generate text: what ``moerge generate`` runs.
+
+Never runs code from the checkpoint folder: the model and tokenizer load with ``trust_remote_code=False``, a
+moerge checkpoint through the installed moerge classes (``import moerge`` registers them), anything else through
+the classes transformers ships.  A folder that needs its own code (``auto_map`` for an unknown model type) is
+refused with one line, without the stdin prompt transformers would otherwise show.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,10 @@ import torch
 from .errors import CheckpointError
 
 
+def _one_line(exc: Exception) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+
+
 def load_model(path: Path, dtype: torch.dtype | None = None) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -18,12 +28,24 @@ def load_model(path: Path, dtype: torch.dtype | None = None) -> tuple[Any, Any]:
     _register()
     if not (path / "config.json").is_file():
         raise CheckpointError(path, None, "not a model folder (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
-    tok = AutoTokenizer.from_pretrained(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types: all mean "cannot load this folder"
+        raise CheckpointError(path, None, f"cannot load the model ({_why(exc)})") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(path, None, f"cannot load the tokenizer ({_why(exc)})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     return model.eval(), tok
+
+
+def _why(exc: Exception) -> str:
+    if "trust_remote_code" in str(exc):
+        return "it needs code from its own folder (auto_map), and moerge never runs code from a checkpoint"
+    return _one_line(exc)
 
 
 def encode_prompts(tok: Any, prompts: list[str], chat: bool) -> dict[str, torch.Tensor]:
@@ -35,8 +57,12 @@ def encode_prompts(tok: Any, prompts: list[str], chat: bool) -> dict[str, torch.
 
 def generate_text(path: Path, prompt: list[str] | str, *, max_new_tokens: int = 32, chat: bool = False,
                   route: str | None = None, do_sample: bool = False) -> list[str]:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise CheckpointError(None, "max_new_tokens", f"must be an integer >= 1, got {max_new_tokens!r}")
     model, tok = load_model(path)
     prompts = [" ".join(prompt)] if isinstance(prompt, list) else [prompt]
+    if chat and not getattr(tok, "chat_template", None):
+        raise CheckpointError(path, "--chat", "the tokenizer has no chat template")
     if route is not None:
         if not hasattr(model, "force_route"):
             raise CheckpointError(path, "--route", "only moerge MoE checkpoints can force a route")

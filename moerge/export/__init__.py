@@ -84,7 +84,9 @@ def export_checkpoint(checkpoint: str | Path, to: str, out: str | Path, *, force
 
     Router rows: the stored token-level prototypes converted to rows, or (sequence level, ``from_data`` or
     ``calibrate``) measured from the calibration data of the checkpoint's ``moerge_recipe.yaml``."""
-    check_output(Path(out).absolute(), force)
+    check_output(Path(out).absolute(), force, [("source checkpoint", Path(checkpoint))])
+    if experts_per_token is not None and (isinstance(experts_per_token, bool) or experts_per_token < 1):
+        raise RecipeError(None, "--experts-per-token", f"must be an integer >= 1, got {experts_per_token!r}")
     src = CheckpointSource(checkpoint)
     fmt = get_format(to, str(checkpoint), "--to")
     top_k = experts_per_token or src.stored_top_k() or 2
@@ -138,7 +140,7 @@ def router_rows(src: Any, fmt: NativeFormat, folder: Path, *, calibrate: bool = 
 
     from ..routing.data import load_texts
 
-    tok = AutoTokenizer.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     texts = [load_texts(ds, tok, file=f"experts[{e}].calibration") for e, ds in enumerate(init.calibration)]

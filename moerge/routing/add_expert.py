@@ -15,7 +15,6 @@ there, and swapped in only when complete.  All data is loaded and checked before
 from __future__ import annotations
 
 import json
-import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,10 +31,11 @@ from ..io.index import CheckpointIndex, read_safetensors_header
 from ..io.loader import TensorLoader
 from ..io.sources import FullSource, LoraSource, ModelFolder, open_source
 from ..io.writer import TensorSpec
+from ..recipe import check_expert_name
 from . import parallel
 from .calibrate import REPORT_FILE, CalibrateOptions, calibrate, load_tokenizer, read_config
 from .commit import link_copy
-from .dataset import Defaults, Examples, from_mapping, from_table, load_examples, require_experts
+from .dataset import Defaults, Examples, data_inputs, from_mapping, from_table, load_examples, require_experts
 from .prototype import ROUTER_FILE, write_router_tensors
 
 Source = FullSource | LoraSource
@@ -55,8 +55,10 @@ def read_recipe(folder: Path) -> dict[str, Any]:
 
 
 def check_name(name: str, experts: list[str], folder: Path) -> None:
-    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
-        raise DataError(None, "name", f"expert name '{name}' may only use letters, digits, '_', '-', '.'")
+    try:
+        check_expert_name(name)
+    except ValueError as exc:
+        raise DataError(None, "name", str(exc)) from None
     if name in experts:
         raise DataError(folder / "config.json", "moerge.experts", f"the checkpoint already has an expert '{name}'")
 
@@ -274,7 +276,9 @@ def add_expert(checkpoint: str | Path, name: str, source: str | Path, data: str 
     note_unrouted(src, config)
     target = Path(out) if out is not None else folder
     in_place = target.resolve() == folder.resolve()
-    with atomic_output(target, force=force or in_place) as tmp:
+    inputs = [] if in_place else [("checkpoint", folder), ("expert source", Path(source)), ("base", base_model.folder),
+                                  *data_inputs(data)]
+    with atomic_output(target, force=force or in_place, inputs=inputs) as tmp:
         link_copy(folder, tmp)
         write_expert(tmp, config, name, src, base_model, kind_config(recipe))
         report = calibrate(tmp, data, options=opts, examples=examples)

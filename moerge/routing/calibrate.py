@@ -21,6 +21,7 @@ Steps (all data is loaded and checked before the model is loaded; nothing is wri
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +31,10 @@ import torch
 
 from ..errors import CheckpointError, DataError
 from ..io.atomic import atomic_output, check_output
+from ..io.files import read_json
 from . import parallel
 from .commit import Staged, link_copy
-from .dataset import Defaults, Examples, holdout_split, load_examples, require_experts
+from .dataset import Defaults, Examples, data_inputs, holdout_split, load_examples, require_experts
 from .diagnostics import confusion_png, format_metrics, routing_metrics
 from .features import pooled_inputs, token_inputs
 from .fit import (
@@ -70,12 +72,20 @@ class CalibrateOptions:
     def check(self) -> None:
         if self.method not in DEFAULT_STEPS:
             raise DataError(None, "method", f"unknown method '{self.method}'; one of supervised, entropy")
-        if not 0.0 <= self.holdout < 1.0:
+        if not (math.isfinite(self.holdout) and 0.0 <= self.holdout < 1.0):
             raise DataError(None, "holdout", f"must be in [0, 1), got {self.holdout}")
         if self.fallback not in ("soft", "shared", "none"):
             raise DataError(None, "fallback", f"unknown fallback mode '{self.fallback}'; one of soft, shared, none")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise DataError(None, "threshold", f"must be in [0, 1], got {self.threshold}")
+        for name in ("steps", "batch_size", "tokens_per_text"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise DataError(None, name, f"must be an integer >= 1, got {value!r}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise DataError(None, "lr", f"must be a finite number > 0, got {self.lr}")
+        if self.defaults.max_samples is not None and self.defaults.max_samples < 1:
+            raise DataError(None, "max_samples", f"must be >= 1 (or None for all), got {self.defaults.max_samples}")
 
 
 @dataclass
@@ -102,9 +112,9 @@ def read_config(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
     if not path.is_file():
         raise CheckpointError(folder, None, "not a model folder (no config.json)")
-    config = json.loads(path.read_text())
+    config = read_json(path)
     plan = config.get("moerge") or {}
-    if config.get("model_type") != "moerge" or not plan.get("units"):
+    if config.get("model_type") != "moerge" or not isinstance(plan, dict) or not plan.get("units"):
         raise CheckpointError(path, "moerge.units", "not a routed moerge checkpoint (nothing to calibrate)")
     if not (folder / ROUTER_FILE).is_file():
         raise CheckpointError(folder / ROUTER_FILE, None, "router shard missing")
@@ -114,7 +124,7 @@ def read_config(folder: Path) -> dict[str, Any]:
 def load_tokenizer(folder: Path) -> Any:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -131,7 +141,8 @@ def load_model(folder: Path, dtype: str | None) -> Any:
     st = parallel.state()
     device_map: Any = {"": st.device} if st.num_processes > 1 else "auto"
     torch_dtype = getattr(torch, dtype) if dtype else "auto"
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, device_map=device_map).eval()
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, device_map=device_map,
+                                                trust_remote_code=False).eval()
 
 
 def stored_routers(folder: Path, config: dict[str, Any]) -> dict[str, RouterTensors]:
@@ -288,7 +299,7 @@ def prepare(checkpoint: str | Path, data: str | Path | dict[str, Any], out: str 
     folder = Path(checkpoint)
     config = read_config(folder)
     if out is not None and Path(out).resolve() != folder.resolve():
-        check_output(Path(out).absolute(), force)
+        check_output(Path(out).absolute(), force, [("checkpoint", folder), *data_inputs(data)])
     experts = list(config["moerge"]["experts"])
     if examples is None:
         examples = load_examples(data, experts, load_tokenizer(folder), opts.defaults,
@@ -408,15 +419,16 @@ def write_result(folder: Path, out: Path | None, force: bool, config: dict[str, 
     if out is None or out.resolve() == folder.resolve():
         stage_and_commit(folder, config, result)
         return folder
-    with atomic_output(out, force) as tmp:
+    with atomic_output(out, force, [("checkpoint", folder)]) as tmp:
         link_copy(folder, tmp)
-        stage_and_commit(tmp, config, result)
+        stage_and_commit(tmp, config, result, private=True)
     return out
 
 
-def stage_and_commit(folder: Path, config: dict[str, Any], result: dict[str, Any]) -> None:
-    """Router shard, config.json, calibration.json and the confusion PNG, swapped in together."""
-    staged = Staged(folder)
+def stage_and_commit(folder: Path, config: dict[str, Any], result: dict[str, Any], *, private: bool = False) -> None:
+    """Router shard, config.json, calibration.json and the confusion PNG, swapped in together (``private``: the
+    folder is an output being assembled, nobody reads it yet)."""
+    staged = Staged(folder, private=private)
     try:
         updates = {f"{p}.{k}": v for p, r in result["routers"].items() for k, v in r.as_dict().items()}
         write_router_tensors(folder, updates, dest=staged.path(ROUTER_FILE))

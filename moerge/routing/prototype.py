@@ -31,8 +31,8 @@ def load_moe(folder: Path, dtype: torch.dtype | None = None) -> tuple[Any, Any]:
     from ..modeling import register
 
     register()
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32, trust_remote_code=False).eval()
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok
