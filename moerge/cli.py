@@ -53,9 +53,10 @@ def finite_float(low: float | None = None, high: float | None = None, *, open_lo
         ok = math.isfinite(value) and (low is None or (value > low if open_low else value >= low)) and (
             high is None or (value < high if open_high else value <= high))
         if not ok:
-            lo = "" if low is None else f"{'(' if open_low else '['}{low}"
-            hi = "" if high is None else f"{high}{')' if open_high else ']'}"
-            where = f" in {lo}, {hi}" if lo or hi else ""
+            if high is None:
+                where = "" if low is None else f" {'>' if open_low else '>='} {low}"
+            else:
+                where = f" in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
             raise argparse.ArgumentTypeError(f"must be a finite number{where}, got {text!r}")
         return value
 
@@ -95,6 +96,10 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     recipe = _recipe(args)
     recipe.allow_pickle = recipe.allow_pickle or args.allow_pickle
+    if args.quiet:
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
     out = build(recipe, args.out, force=args.force, progress=not args.quiet, file=str(args.recipe))
     print(f"wrote {out}")
     return 0

@@ -9,11 +9,15 @@ With ``workers > 1`` independent jobs run in a thread pool (torch ops release th
 few cores, whole tensors in parallel on one thread each beat one tensor at a time on all threads (no
 per-op fork/join, and no spinning barrier stalls when another process takes a core).  :func:`plan_workers`
 picks the count from the largest job, so big tensors still run one at a time; ``MOERGE_WORKERS`` overrides it.
+
+``MOERGE_TEST_DELAY_PER_TENSOR`` (seconds, test-only) sleeps before each tensor is written, so that fault tests
+can kill a build of a tiny model halfway through its output.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,6 +31,9 @@ from tqdm.auto import tqdm
 from .errors import CheckpointError
 from .io.loader import all_finite
 from .io.writer import ShardedWriter, TensorSpec
+
+
+TEST_DELAY = "MOERGE_TEST_DELAY_PER_TENSOR"
 
 
 @dataclass
@@ -74,9 +81,12 @@ def execute(jobs: list[Job], folder: Path, shard_size: int, *, progress: bool = 
             prefix: str = "model", workers: int = 1) -> list[Path]:
     specs = [s for job in jobs for s in job.specs]
     writer = ShardedWriter(folder, specs, shard_size, prefix=prefix)
+    delay = float(os.environ.get(TEST_DELAY, "") or 0)
 
     def write(outputs: Iterator[tuple[str, torch.Tensor]] | list[tuple[str, torch.Tensor]]) -> None:
         for name, tensor in outputs:
+            if delay:
+                time.sleep(delay)
             if not all_finite(tensor):
                 raise CheckpointError(folder, name, "the merge produced NaN/Inf values")
             writer.write(name, tensor)

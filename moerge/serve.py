@@ -20,7 +20,8 @@ def _one_line(exc: Exception) -> str:
     return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
 
 
-def load_model(path: Path, dtype: torch.dtype | None = None) -> tuple[Any, Any]:
+def load_model(path: Path, dtype: torch.dtype | None = None, *, chat: bool = False) -> tuple[Any, Any]:
+    """Model and tokenizer of ``path`` (``chat``: the tokenizer must have a chat template)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import _register
@@ -29,13 +30,15 @@ def load_model(path: Path, dtype: torch.dtype | None = None) -> tuple[Any, Any]:
     if not (path / "config.json").is_file():
         raise CheckpointError(path, None, "not a model folder (no config.json)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", trust_remote_code=False)
-    except Exception as exc:  # noqa: BLE001 - transformers raises many types: all mean "cannot load this folder"
-        raise CheckpointError(path, None, f"cannot load the model ({_why(exc)})") from None
-    try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types: all mean "cannot load this folder"
         raise CheckpointError(path, None, f"cannot load the tokenizer ({_why(exc)})") from None
+    if chat and not getattr(tok, "chat_template", None):
+        raise CheckpointError(path, "--chat", "the tokenizer has no chat template")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(path, None, f"cannot load the model ({_why(exc)})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
@@ -59,10 +62,8 @@ def generate_text(path: Path, prompt: list[str] | str, *, max_new_tokens: int = 
                   route: str | None = None, do_sample: bool = False) -> list[str]:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise CheckpointError(None, "max_new_tokens", f"must be an integer >= 1, got {max_new_tokens!r}")
-    model, tok = load_model(path)
+    model, tok = load_model(path, chat=chat)
     prompts = [" ".join(prompt)] if isinstance(prompt, list) else [prompt]
-    if chat and not getattr(tok, "chat_template", None):
-        raise CheckpointError(path, "--chat", "the tokenizer has no chat template")
     if route is not None:
         if not hasattr(model, "force_route"):
             raise CheckpointError(path, "--route", "only moerge MoE checkpoints can force a route")

@@ -11,6 +11,8 @@ runs in ``moerge validate`` and at the start of ``moerge build``, before any ten
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +53,32 @@ def load_table(source: DataSource, file: str) -> Any:
     if local:
         check_file(path, source.field)
     try:
-        if local:
-            return datasets.load_dataset(_BUILDERS[path.suffix.lower()], data_files=str(path), split="train")
-        return datasets.load_dataset(source.data, split=source.split)
+        with _quiet_datasets(datasets):
+            return _load(datasets, source, path, local)
     except Exception as exc:  # noqa: BLE001 - datasets raises many types; all mean "cannot read this source"
-        detail = " ".join(f"{type(exc).__name__}: {exc}".split())
+        root = exc
+        while root.__cause__ is not None:  # datasets wraps the parser's error: show the parser's
+            root = root.__cause__
+        detail = " ".join(f"{type(root).__name__}: {root}".split())
         where = (source.data, None) if local else (file, source.data)
         raise DataError(*where, f"cannot load calibration data ({detail[:300]})") from None
+
+
+def _load(datasets: Any, source: DataSource, path: Path, local: bool) -> Any:
+    if local:
+        return datasets.load_dataset(_BUILDERS[path.suffix.lower()], data_files=str(path), split="train")
+    return datasets.load_dataset(source.data, split=source.split)
+
+
+@contextmanager
+def _quiet_datasets(datasets: Any) -> Iterator[None]:
+    """datasets logs a parser error before raising it: the one-line DataError says it instead."""
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(level)
 
 
 def load_texts(source: DataSource, tokenizer: Any = None, file: str = "recipe") -> list[str]:
