@@ -264,6 +264,11 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc()
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        except OSError as exc:  # a path the system refuses (name too long, symlink loop, ...): the user's to fix
+            if not exc.filename or args.debug:
+                raise
+            print(f"error: {exc.filename}: {exc.strerror}", file=sys.stderr)
+            return 2
         except KeyboardInterrupt as exc:
             if args.debug:
                 traceback.print_exc()
@@ -295,17 +300,17 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 @contextmanager
 def _one_line_warnings() -> Iterator[None]:
-    previous = warnings.showwarning
+    """Warnings print as ``warning: <message>`` (no file, line or source); recorders still see them."""
+    previous = warnings.formatwarning
 
-    def show(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,
-             line: str | None = None) -> None:
-        print(f"warning: {' '.join(str(message).split())}", file=sys.stderr)
+    def one_line(message: Any, category: type[Warning], filename: str, lineno: int, line: str | None = None) -> str:
+        return f"warning: {' '.join(str(message).split())}\n"
 
-    warnings.showwarning = show
+    warnings.formatwarning = one_line  # type: ignore[assignment]
     try:
         yield
     finally:
-        warnings.showwarning = previous
+        warnings.formatwarning = previous
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ from .errors import CheckpointError
 from .io.loader import all_finite
 from .io.writer import ShardedWriter, TensorSpec
 
-
 TEST_DELAY = "MOERGE_TEST_DELAY_PER_TENSOR"
 
 

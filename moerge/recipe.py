@@ -79,6 +79,10 @@ def parse_budget(value: object) -> float:
 def _not_empty_path(value: Any) -> Any:
     if isinstance(value, str) and not value.strip():
         raise ValueError("path must not be empty")
+    if isinstance(value, str) and "\x00" in value:
+        raise ValueError("path contains a NUL character")
+    if isinstance(value, str) and any(len(part.encode()) > 255 for part in value.split("/")):
+        raise ValueError("path has a name longer than 255 bytes")
     return value
 
 
@@ -106,6 +110,11 @@ class DataSource(Strict):
 
     data: str = Field(min_length=1)
     field: str = Field("prompt", min_length=1)
+
+    @field_validator("data")
+    @classmethod
+    def _data_ok(cls, v: str) -> str:
+        return _not_empty_path(v)
     split: str = "train"
     max_samples: int | None = Field(64, gt=0)
     chat_template: bool = False
@@ -375,20 +384,31 @@ def _slot(node: Any, key: str, file: str, path: str, parent: str) -> tuple[Any, 
 
 def _resolve_paths(raw: dict[str, Any], root: Path) -> None:
     def fix(value: Any) -> Any:
-        if isinstance(value, str) and value and not Path(value).is_absolute():
-            return str((root / value).resolve())
+        if isinstance(value, str) and value.strip() and "\x00" not in value and not Path(value).is_absolute():
+            try:
+                return str((root / value).resolve())
+            except (OSError, RuntimeError):  # a symlink loop, a name too long: the validator says what is wrong
+                return value
         return value
 
     if "base" in raw:
         raw["base"] = fix(raw["base"])
-    for e in raw.get("experts") or []:
+    experts = raw.get("experts")
+    for e in experts if isinstance(experts, list) else []:
         if isinstance(e, dict):
             e["source"] = fix(e.get("source"))
             cal = e.get("calibration")
-            if isinstance(cal, dict) and isinstance(cal.get("data"), str):
+            if isinstance(cal, dict) and isinstance(cal.get("data"), str) and "\x00" not in cal["data"]:
                 local = root / cal["data"]
-                if local.exists() or "/" in cal["data"] or Path(cal["data"]).suffix:
+                if _exists(local) or "/" in cal["data"] or Path(cal["data"]).suffix:
                     cal["data"] = fix(cal["data"])
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # name too long, NUL byte: not an existing file
+        return False
 
 
 def recipe_from_dict(raw: dict[str, Any], *, file: str = "<recipe>", root: Path | None = None) -> Recipe:
