@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .context import BuildContext
+from .dtypes import BY_ST
 from .execute import Job, execute, plan_workers
 from .io.atomic import atomic_output, check_output
 from .io.writer import TensorSpec
@@ -28,9 +29,8 @@ def static_jobs(ctx: BuildContext) -> list[Job]:
     jobs = []
     for name in ctx.base.names:
         info = ctx.base.index[name]
-        floating = info.dtype in ("F32", "F16", "BF16", "F64")
-        dtype = ctx.out_dtype if floating else getattr(torch, {"I64": "int64", "I32": "int32", "U8": "uint8",
-                                                                "BOOL": "bool"}.get(info.dtype, "int64"))
+        floating = info.mergeable  # ints, bools, 8-bit floats are copied as stored (moerge.dtypes)
+        dtype = ctx.out_dtype if floating else BY_ST[info.dtype].torch
 
         def run(name: str = name, dtype: torch.dtype = dtype, floating: bool = floating) -> Iterator[tuple[str, torch.Tensor]]:
             base = ctx.base.get(name)
