@@ -40,8 +40,8 @@ def base_bytes(config: dict, index: CheckpointIndex) -> int:
 
 
 def inspect_checkpoint(path: Path) -> str:
-    if not path.is_dir():
-        raise CheckpointError(path, None, "not a model folder" if path.exists() else "model folder not found")
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(path, None, "not a model folder")
     config = read_json(path / "config.json")
     index = CheckpointIndex.from_folder(path)
     lines = [f"{path}: model_type {config.get('model_type')}, {len(index.tensors)} tensors, {human(index.total_bytes)}"]
