@@ -46,7 +46,10 @@ def inspect_checkpoint(path: Path) -> str:
     index = CheckpointIndex.from_folder(path)
     lines = [f"{path}: model_type {config.get('model_type')}, {len(index.tensors)} tensors, {human(index.total_bytes)}"]
     if config.get("model_type") == "moerge":
-        m = config["moerge"]
+        m = config.get("moerge")
+        if not isinstance(m, dict) or not all(k in m for k in ("experts", "level", "units")):
+            raise CheckpointError(path / "config.json", "moerge", "malformed moerge block (needs experts, level, "
+                                                                  "units)")
         lines.append(f"experts: {', '.join(m['experts'])}; level {m['level']}; {len(m['units'])} routed units")
         parts = storage_breakdown(index, config)
         base = parts.get("shared", 0)

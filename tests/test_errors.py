@@ -1014,6 +1014,28 @@ def test_analyze_out_onto_a_file(tmp_path: Path, pool: Pool) -> None:
               target)
 
 
+@pytest.mark.parametrize(("case", "message"), [
+    ("router", ("{c}/moerge_router.safetensors: truncated or corrupt safetensors file (file shorter than its 8-byte "
+               "header length)")),
+    ("block", "{c}/config.json: moerge: malformed moerge block (needs experts, level, units)"),
+    ("recipe", "{c}/moerge_recipe.yaml: not UTF-8 text (byte 0xff at offset 0)"),
+], ids=["calibrate-corrupt-router", "inspect-block-not-a-mapping", "add-expert-recipe-not-utf8"])
+def test_malformed_checkpoint_files(moe: Path, pool: Pool, tmp_path: Path, case: str, message: str) -> None:
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(moe, ckpt)
+    data = ["--data", str(pool["data"]["math"])]
+    if case == "router":
+        (ckpt / "moerge_router.safetensors").write_bytes(b"junk")
+        argv = ["calibrate", str(ckpt), *data]
+    elif case == "block":
+        edit_json(ckpt / "config.json", moerge=["not", "a", "mapping"])
+        argv = ["inspect", str(ckpt)]
+    else:
+        (ckpt / "moerge_recipe.yaml").write_bytes(b"\xff\xfe")
+        argv = ["add-expert", str(ckpt), "--name", "more", "--source", str(pool["full"][1]), *data]
+    cli_fails(argv, message.format(c=ckpt), ckpt)
+
+
 # ================================================================================ 8. smaller
 
 

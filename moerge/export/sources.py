@@ -108,6 +108,8 @@ class CheckpointSource:
         if self.config.get("model_type") != "moerge" or "moerge" not in self.config:
             raise CheckpointError(cfg_path, "model_type", f"not a moerge checkpoint (model_type "
                                                           f"'{self.config.get('model_type')}')")
+        if not isinstance(self.config["moerge"], dict) or not isinstance(self.config.get("base_config"), dict):
+            raise CheckpointError(cfg_path, "moerge", "malformed moerge checkpoint (moerge / base_config not objects)")
         self.block: dict[str, Any] = self.config["moerge"]
         self.base_cfg = dict(self.config["base_config"])
         self.names = list(self.block["experts"])

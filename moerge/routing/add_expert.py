@@ -27,6 +27,7 @@ from ..errors import CheckpointError, DataError, NotSupportedError, SourceError
 from ..execute import Job, execute
 from ..experts import KINDS, KindConfig
 from ..io.atomic import atomic_output
+from ..io.files import read_text
 from ..io.index import CheckpointIndex, read_safetensors_header
 from ..io.loader import TensorLoader
 from ..io.sources import FullSource, LoraSource, ModelFolder, open_source
@@ -49,9 +50,12 @@ def read_recipe(folder: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(read_text(path)) or {}
     except yaml.YAMLError as exc:
-        raise CheckpointError(path, None, f"not valid YAML ({exc})") from None
+        raise CheckpointError(path, None, f"not valid YAML ({' '.join(str(exc).split())})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(path, None, "not a recipe (a mapping of keys to values)")
+    return raw
 
 
 def check_name(name: str, experts: list[str], folder: Path) -> None:

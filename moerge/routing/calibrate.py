@@ -32,6 +32,7 @@ import torch
 from ..errors import CheckpointError, DataError
 from ..io.atomic import atomic_output, check_output
 from ..io.files import read_json
+from ..io.index import read_safetensors_header
 from . import parallel
 from .commit import Staged, link_copy
 from .dataset import Defaults, Examples, data_inputs, holdout_split, load_examples, require_experts
@@ -118,6 +119,10 @@ def read_config(folder: Path) -> dict[str, Any]:
         raise CheckpointError(path, "moerge.units", "not a routed moerge checkpoint (nothing to calibrate)")
     if not (folder / ROUTER_FILE).is_file():
         raise CheckpointError(folder / ROUTER_FILE, None, "router shard missing")
+    read_safetensors_header(folder / ROUTER_FILE)  # a corrupt router fails here, before any model is loaded
+    for key in ("experts", "level"):
+        if key not in plan:
+            raise CheckpointError(path, f"moerge.{key}", "missing: not a complete moerge checkpoint")
     return config
 
 
