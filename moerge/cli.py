@@ -80,7 +80,7 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         if message.startswith("argument "):
-            message = message.removeprefix("argument ").replace("/", ", ", 1)
+            message = message.removeprefix("argument ")
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(2)
 

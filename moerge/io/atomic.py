@@ -97,15 +97,12 @@ def atomic_output(target: str | Path, force: bool = False, inputs: Inputs = ()) 
         try:
             yield tmp
             swap_in(tmp, target, force)
-        except OSError as exc:
+        except BaseException as exc:
             remove(tmp)
-            if not is_write_error(exc, tmp):
+            reason = write_error(exc, tmp)
+            if reason is None:
                 raise
-            raise OutputError(target, None, f"cannot write the output ({_reason(exc)}); nothing was written "
-                                            "there") from None
-        except BaseException:
-            remove(tmp)
-            raise
+            raise OutputError(target, None, f"cannot write the output ({reason}); nothing was written there") from None
 
 
 def make_parent(target: Path) -> None:
@@ -115,16 +112,17 @@ def make_parent(target: Path) -> None:
         raise OutputError(target.parent, None, f"cannot create the parent folder ({exc.strerror})") from None
 
 
-def is_write_error(exc: OSError, tmp: Path) -> bool:
-    """An error writing the output (disk full, read-only, quota) rather than reading an input."""
-    name = exc.filename if isinstance(exc.filename, str) else None
-    if name is not None:
-        return Path(name).absolute().is_relative_to(tmp)
-    return exc.errno in WRITE_ERRNOS
-
-
-def _reason(exc: OSError) -> str:
-    return exc.strerror or str(exc)
+def write_error(exc: BaseException, tmp: Path) -> str | None:
+    """Why the output could not be written (disk full, read-only, quota), or None for any other error: an
+    OSError on a file inside ``tmp`` or with a write errno, or safetensors' own I/O error (its Rust writer)."""
+    if isinstance(exc, OSError):
+        name = exc.filename if isinstance(exc.filename, str) else None
+        inside = Path(name).absolute().is_relative_to(tmp) if name is not None else exc.errno in WRITE_ERRNOS
+        return (exc.strerror or str(exc)) if inside else None
+    if type(exc).__name__ == "SafetensorError" and "IoError" in str(exc):
+        found = re.search(r'message: "([^"]+)"', str(exc))
+        return found.group(1) if found else " ".join(str(exc).split())
+    return None
 
 
 # ---------------------------------------------------------------- the final swap
