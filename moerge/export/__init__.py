@@ -56,7 +56,7 @@ from .. import dtypes
 from ..checkpoint import names
 from ..checkpoint.index import write_index
 from ..errors import RecipeError
-from ..io.atomic import atomic_output, check_output
+from ..io.atomic import Inputs, atomic_output, check_output
 from ..io.index import CheckpointIndex
 from ..io.loader import TensorLoader
 from ..io.writer import ShardedWriter
@@ -72,7 +72,7 @@ from .report import REPORT_FILE, logit_report
 __all__ = ["FORMATS", "REPORT_FILE", "export_checkpoint", "export_from_plan"]
 
 def export_from_plan(plan: Plan, out: str | Path, *, force: bool = False, progress: bool = True,
-                     calibrate: bool = False) -> Path:
+                     calibrate: bool = False, inputs: Inputs = ()) -> Path:
     """Write the routed build ``plan`` in the recipe's native ``output.format``."""
     recipe = plan.ctx.recipe
     file = plan.ctx.file
@@ -91,7 +91,7 @@ def export_from_plan(plan: Plan, out: str | Path, *, force: bool = False, progre
     card = _card(fmt, src.names, f"recipe `{file}`", top_k=recipe.output.experts_per_token)
     return _export(src, fmt, Path(out), top_k=recipe.output.experts_per_token, shard_size=recipe.output.shard_size,
                    force=force, progress=progress, calibrate=calibrate, card=card,
-                   extra={"moerge_recipe.yaml": recipe.to_yaml()})
+                   extra={"moerge_recipe.yaml": recipe.to_yaml()}, inputs=inputs)
 
 
 def export_checkpoint(checkpoint: str | Path, to: str, out: str | Path, *, force: bool = False,
@@ -105,7 +105,9 @@ def export_checkpoint(checkpoint: str | Path, to: str, out: str | Path, *, force
     prototypes converted to rows, or (sequence level, ``from_data`` or ``calibrate``) measured from the calibration
     data of the checkpoint's ``moerge_recipe.yaml``.  ``report``: compare the export with the checkpoint, expert by
     expert, and write ``export_report.json`` (:mod:`.report`)."""
-    check_output(Path(out).absolute(), force)
+    check_output(Path(out).absolute(), force, [("source checkpoint", Path(checkpoint))])
+    if experts_per_token is not None and (isinstance(experts_per_token, bool) or experts_per_token < 1):
+        raise RecipeError(None, "--experts-per-token", f"must be an integer >= 1, got {experts_per_token!r}")
     src = MaterializedInput(checkpoint) if materialize else CheckpointInput(checkpoint)
     fmt = get_format(to, str(checkpoint), "--to")
     top_k = experts_per_token or src.stored_top_k() or 2
@@ -120,12 +122,13 @@ def export_checkpoint(checkpoint: str | Path, to: str, out: str | Path, *, force
         (tmp / REPORT_FILE).write_text(json.dumps(rep, indent=2) + "\n")
 
     return _export(src, fmt, Path(out), top_k=top_k, shard_size=shard_size, force=force, progress=progress,
-                   calibrate=calibrate, from_data=from_data, card=card, finish=finish if report else None)
+                   calibrate=calibrate, from_data=from_data, card=card, finish=finish if report else None,
+                   inputs=[("source checkpoint", Path(checkpoint))])
 
 
 def _export(src: Any, fmt: NativeFormat, out: Path, *, top_k: int, shard_size: int, force: bool, progress: bool,
             calibrate: bool, card: str, from_data: bool = False, extra: dict[str, str] | None = None,
-            finish: Callable[[Path], None] | None = None) -> Path:
+            finish: Callable[[Path], None] | None = None, inputs: Inputs = ()) -> Path:
     check_base(fmt, src.base_cfg, src.base_names, src.file)
     n = len(src.names)
     if top_k > n:
@@ -134,7 +137,7 @@ def _export(src: Any, fmt: NativeFormat, out: Path, *, top_k: int, shard_size: i
     config = native_config(fmt, src.base_cfg, n_experts=n, top_k=top_k, routed=src.routed,
                            dtype=dtypes.name(src.out_dtype))
     _warn_engines(fmt, config)
-    with atomic_output(out, force) as tmp:
+    with atomic_output(out, force, inputs) as tmp:
         files = write_tensors(src, fmt, tmp, shard_size, progress=progress, calibrate=calibrate, from_data=from_data)
         write_index(tmp, files)
         _side_files(src.side_folder, tmp)

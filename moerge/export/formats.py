@@ -17,10 +17,11 @@ Qwen3-MoE has q/k norms (qwen3 only).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import NotSupportedError
+from ..errors import NotSupportedError, RecipeError
 
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 ATTN_BIASES = ("q_proj", "k_proj", "v_proj")
@@ -129,3 +130,24 @@ def native_config(fmt: NativeFormat, base_cfg: dict[str, Any], *, n_experts: int
     else:
         cfg["attention_bias"] = bool(base_cfg.get("attention_bias", False))
     return cfg
+
+
+MLP_UNIT = re.compile(r"model\.layers\.(\d+)\.mlp")
+
+
+def routed_layers(paths: list[str], file: str, field: str) -> set[int]:
+    """The layers of routed MLP units; any other routed unit cannot be exported (one attention per layer)."""
+    layers = set()
+    for p in paths:
+        m = MLP_UNIT.fullmatch(p)
+        if not m:
+            raise RecipeError(file, field, f"routed unit {p} cannot be exported: a native MoE format keeps one "
+                                           "attention per layer (the static merge); route only MLPs (modules: mlp)")
+        layers.add(int(m.group(1)))
+    return layers
+
+
+def mlp_linear(name: str) -> tuple[int, str] | None:
+    """``model.layers.3.mlp.up_proj.weight`` -> (3, "up_proj")."""
+    m = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight", name)
+    return (int(m.group(1)), m.group(2)) if m else None

@@ -8,7 +8,6 @@ and per-expert weights (float), and what the router needs (calibration prompts, 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,8 +23,8 @@ from ..pipeline.execute import Job
 from ..pipeline.jobs import static_job
 from ..pipeline.plan import Plan
 from ..recipe import DataSource, Recipe
+from .formats import MLP_UNIT, routed_layers
 
-_MLP_UNIT = re.compile(r"model\.layers\.(\d+)\.mlp")
 
 
 @dataclass
@@ -48,7 +47,7 @@ class PlanInput:
         self.out_dtype: torch.dtype = self.ctx.out_dtype
         self.side_folder: Path = self.ctx.base.folder
         self.base_names: set[str] = set(self.ctx.base.names)
-        self.routed: set[int] = _routed_layers([ru.unit.path for ru in plan.routed], self.file, "routing.modules")
+        self.routed: set[int] = routed_layers([ru.unit.path for ru in plan.routed], self.file, "routing.modules")
 
     def jobs(self) -> list[Job]:
         """The static merge of every base tensor, in the base's order."""
@@ -102,7 +101,7 @@ class CheckpointInput:
         self.base_cfg = self.ckpt.base_config
         self.names = list(self.manifest.experts)
         self._check_units()
-        self.routed = _routed_layers(list(self.manifest.units), self.file, "moerge.units")
+        self.routed = routed_layers(list(self.manifest.units), self.file, "moerge.units")
         self.index = self.ckpt.index()
         self.loader = self.ckpt.loader()
         self.base_names = {n for n in self.index.names() if not names.is_moerge_only(n)}
@@ -111,7 +110,7 @@ class CheckpointInput:
 
     def _check_units(self) -> None:
         for unit, spec in self.manifest.units.items():
-            if not _MLP_UNIT.fullmatch(unit):
+            if not MLP_UNIT.fullmatch(unit):
                 raise NotSupportedError(self.file, f"moerge.units.{unit}", "routed attention (or any non-MLP unit) "
                                         "has no place in a native MoE format, which keeps one attention per layer")
             if spec.kind not in self.kinds:
@@ -145,7 +144,7 @@ class CheckpointInput:
         init = RouterInit(cal if cal and all(c is not None for c in cal) else None)
         if self.manifest.level == "token" and self.manifest.initialized:
             for unit in self.manifest.units:
-                layer = int(_MLP_UNIT.fullmatch(unit).group(1))  # type: ignore[union-attr]
+                layer = int(MLP_UNIT.fullmatch(unit).group(1))  # type: ignore[union-attr]
                 init.prototypes[layer] = {k: self.loader.get(f"{unit}.moerge_router.{k}").float()
                                           for k in ("prototypes", "center", "scale", "bias")
                                           if f"{unit}.moerge_router.{k}" in self.index}
@@ -155,20 +154,3 @@ class CheckpointInput:
 
     def stored_top_k(self) -> int | None:
         return self.manifest.top_k
-
-
-def _routed_layers(paths: list[str], file: str, field: str) -> set[int]:
-    layers = set()
-    for p in paths:
-        m = _MLP_UNIT.fullmatch(p)
-        if not m:
-            raise RecipeError(file, field, f"routed unit {p} cannot be exported: a native MoE format keeps one "
-                                           "attention per layer (the static merge); route only MLPs (modules: mlp)")
-        layers.add(int(m.group(1)))
-    return layers
-
-
-def mlp_linear(name: str) -> tuple[int, str] | None:
-    """``model.layers.3.mlp.up_proj.weight`` -> (3, "up_proj")."""
-    m = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight", name)
-    return (int(m.group(1)), m.group(2)) if m else None

@@ -15,7 +15,7 @@ import torch
 from ..io.writer import TensorSpec
 from ..pipeline.execute import Job
 from .formats import MLP_LINEARS, NativeFormat
-from .inputs import mlp_linear
+from .formats import mlp_linear
 
 
 def export_jobs(src: Any, fmt: NativeFormat, n_experts: int) -> list[Job]:

@@ -21,6 +21,7 @@ Steps (all data is loaded and checked before the model is loaded; nothing is wri
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from ..io.atomic import atomic_output, check_output
 from ..recipe import ROUTER_SCALE
 from . import parallel
 from .commit import Staged, link_copy
-from .dataset import Defaults, Examples, holdout_split, load_examples, require_experts
+from .dataset import Defaults, Examples, data_inputs, holdout_split, load_examples, require_experts
 from .diagnostics import confusion_png, format_metrics, routing_metrics
 from .features import pooled_inputs, token_inputs
 from .fit import fallback_threshold, fit_supervised, fit_temperature, standardiser
@@ -65,12 +66,20 @@ class CalibrateOptions:
     def check(self) -> None:
         if self.method not in DEFAULT_STEPS:
             raise DataError(None, "method", f"unknown method '{self.method}'; one of supervised, entropy")
-        if not 0.0 <= self.holdout < 1.0:
+        if not (math.isfinite(self.holdout) and 0.0 <= self.holdout < 1.0):
             raise DataError(None, "holdout", f"must be in [0, 1), got {self.holdout}")
         if self.fallback not in ("soft", "shared", "none"):
             raise DataError(None, "fallback", f"unknown fallback mode '{self.fallback}'; one of soft, shared, none")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise DataError(None, "threshold", f"must be in [0, 1], got {self.threshold}")
+        for name in ("steps", "batch_size", "tokens_per_text"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise DataError(None, name, f"must be an integer >= 1, got {value!r}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise DataError(None, "lr", f"must be a finite number > 0, got {self.lr}")
+        if self.defaults.max_samples is not None and self.defaults.max_samples < 1:
+            raise DataError(None, "max_samples", f"must be >= 1 (or None for all), got {self.defaults.max_samples}")
 
 
 @dataclass
@@ -229,7 +238,7 @@ def prepare(checkpoint: str | Path, data: str | Path | dict[str, Any], out: str 
     opts.check()
     ckpt = Checkpoint.open(checkpoint, routed=True)
     if out is not None and Path(out).resolve() != ckpt.folder.resolve():
-        check_output(Path(out).absolute(), force)
+        check_output(Path(out).absolute(), force, [("checkpoint", ckpt.folder), *data_inputs(data)])
     experts = list(ckpt.require_routed().experts)
     if examples is None:
         examples = load_examples(data, experts, ckpt.tokenizer(), opts.defaults,
@@ -338,15 +347,16 @@ def write_result(ckpt: Checkpoint, out: Path | None, force: bool, result: dict[s
     if out is None or out.resolve() == folder.resolve():
         stage_and_commit(folder, ckpt, result)
         return folder
-    with atomic_output(out, force) as tmp:
+    with atomic_output(out, force, [("checkpoint", folder)]) as tmp:
         link_copy(folder, tmp)
-        stage_and_commit(tmp, ckpt, result)
+        stage_and_commit(tmp, ckpt, result, private=True)
     return out
 
 
-def stage_and_commit(folder: Path, ckpt: Checkpoint, result: dict[str, Any]) -> None:
-    """Router shard, config.json, calibration.json and the confusion PNG, swapped in together."""
-    staged = Staged(folder)
+def stage_and_commit(folder: Path, ckpt: Checkpoint, result: dict[str, Any], *, private: bool = False) -> None:
+    """Router shard, config.json, calibration.json and the confusion PNG, swapped in together (``private``: the
+    folder is an output being assembled, nobody reads it yet)."""
+    staged = Staged(folder, private=private)
     try:
         write_router_shard(staged.path(names.ROUTER_SHARD), result["routers"], ckpt.router_dtype())
         config = dict(ckpt.config)

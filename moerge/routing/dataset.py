@@ -28,6 +28,7 @@ import yaml
 from pydantic import ValidationError
 
 from ..errors import DataError
+from ..io.files import read_text
 from ..recipe import DataSource
 from ..registry import did_you_mean
 from .data import load_table, load_texts, to_prompt
@@ -85,16 +86,17 @@ def is_mapping_file(path: Path) -> bool:
     if path.suffix.lower() != ".json" or not path.is_file():
         return False
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(read_text(path, DataError))
     except ValueError:
         return False
     return isinstance(raw, dict) and all(isinstance(v, (dict, str)) for v in raw.values())
 
 
 def read_mapping(path: Path) -> dict[str, Any]:
+    text = read_text(path, DataError, "data mapping file")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
         raise DataError(path, None, f"cannot read the data mapping ({' '.join(str(exc).split())})") from None
     if not isinstance(raw, dict) or not raw:
         raise DataError(path, None, "expected a mapping of expert name -> data source")
@@ -161,7 +163,7 @@ def from_table(data: str, experts: list[str], tokenizer: Any, defaults: Defaults
     keep = _cap_per_label(labels, defaults.max_samples)
     if not keep:
         raise DataError(data, defaults.field, "calibration source is empty")
-    texts = [to_prompt(rows[i], tokenizer, defaults.chat_template, data) for i in keep]
+    texts = [to_prompt(rows[i], tokenizer, defaults.chat_template, data, defaults.field, i) for i in keep]
     local = Path(data)
     where = str(local.resolve()) if local.exists() else data  # a local table is recorded by absolute path
     spec = {"table": {**source.model_dump(mode="json"), "data": where, "label_field": defaults.label_field,
@@ -198,6 +200,29 @@ def load_examples(data: str | Path | dict[str, Any], experts: list[str], tokeniz
     if is_mapping_file(path):
         return from_mapping(read_mapping(path), experts, tokenizer, defaults, path.resolve().parent, str(path))
     return from_table(str(data), experts, tokenizer, defaults, require_labels=require_labels)
+
+
+def data_inputs(data: str | Path | dict[str, Any]) -> list[tuple[str, Path]]:
+    """The local files DATA reads (the mapping file and its sources, or the table): inputs an output must not
+    touch.  Unreadable or malformed DATA yields what it can; loading it reports the error."""
+    if isinstance(data, dict):
+        mapping, root, out = data, Path.cwd(), []
+    else:
+        path = Path(data)
+        if not path.exists():
+            return []
+        out = [("calibration data", path)]
+        try:
+            if not is_mapping_file(path):
+                return out
+            mapping, root = read_mapping(path), path.resolve().parent
+        except DataError:
+            return out
+    for value in mapping.values():
+        name = value if isinstance(value, str) else value.get("data") if isinstance(value, dict) else None
+        if isinstance(name, str) and (root / name).exists():
+            out.append(("calibration data", root / name))
+    return out
 
 
 def require_experts(examples: Examples, needed: list[str], file: str) -> None:
