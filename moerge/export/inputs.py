@@ -16,7 +16,7 @@ import torch
 
 from .. import dtypes
 from ..checkpoint import Checkpoint, names
-from ..errors import CheckpointError, NotSupportedError, RecipeError
+from ..errors import CheckpointError, NotSupportedError
 from ..io.sources import FullSource
 from ..io.writer import TensorSpec
 from ..pipeline.execute import Job
@@ -24,7 +24,6 @@ from ..pipeline.jobs import static_job
 from ..pipeline.plan import Plan
 from ..recipe import DataSource, Recipe
 from .formats import MLP_UNIT, routed_layers
-
 
 
 @dataclass

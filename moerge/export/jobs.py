@@ -14,8 +14,7 @@ import torch
 
 from ..io.writer import TensorSpec
 from ..pipeline.execute import Job
-from .formats import MLP_LINEARS, NativeFormat
-from .formats import mlp_linear
+from .formats import MLP_LINEARS, NativeFormat, mlp_linear
 
 
 def export_jobs(src: Any, fmt: NativeFormat, n_experts: int) -> list[Job]:

@@ -116,10 +116,11 @@ class BuildContext:
 
     def blocks(self, name: str) -> list[Rows]:
         """Row ranges of tensor ``name`` that keep one job's working set within :data:`WORK_BYTES`: about
-        (2 N + 4) fp32 blocks (base, N task vectors, N weighted ones, masks, the result)."""
+        (2 N + 4) fp32 blocks (base, N task vectors, N weighted ones, masks, the result).  ``MOERGE_BLOCK_BYTES``
+        sets the block size directly (tests use tiny blocks)."""
         shape = tuple(self.base.index[name].shape)
-        budget = int(os.environ.get("MOERGE_BLOCK_BYTES", 0)) or WORK_BYTES // (2 * len(self.sources) + 4)
-        return row_blocks(shape, max(budget, 1 << 20) if "MOERGE_BLOCK_BYTES" not in os.environ else budget)
+        block = int(os.environ.get("MOERGE_BLOCK_BYTES") or 0) or WORK_BYTES // (2 * len(self.sources) + 4)
+        return row_blocks(shape, block)
 
     def merged(self, name: str, base: torch.Tensor, taus: list[torch.Tensor | None]) -> torch.Tensor:
         return merge_tensor(self.method, base, taus, self.params, name)
