@@ -7,13 +7,17 @@ central.  A kind gives:
 * ``params``: the ``routing.expert`` recipe keys it takes (``rank``, ``density``, ...);
 * ``shapes(out, in_, cfg, lora_rank)`` -> {tensor name: (shape, dtype)} for one expert, known before any
   weight is read (so the writer lays the shards out up front); dtype ``None`` = the checkpoint's float dtype;
-* ``build(w_s, w_e, factors, cfg)`` -> {tensor name: tensor} for one expert (pure math, any device).
+* ``build(w_s, w_e, factors, cfg)`` -> {tensor name: tensor} for one expert (pure math, any device);
+* ``build_rows(shape, ranges, read, factors, cfg)`` -> the same tensors, in order, for a linear read in row blocks
+  (``read(rows) -> (W_s rows, W_e rows)``): row-wise kinds (:class:`RowWise`) stream their first tensor block by
+  block; the default reads the whole matrices (kinds that need all of the delta at once).
 
 ``docs/FORMAT.md`` is the contract between the two sides.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -24,6 +28,8 @@ from ..registry import Registry
 
 Shape = tuple[int, ...]
 Shapes = dict[str, tuple[Shape, "torch.dtype | None"]]
+Rows = tuple[int, int]
+Read = Callable[[Rows], tuple[torch.Tensor, torch.Tensor]]  # rows -> (W_s rows, W_e rows), float32
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,31 @@ class ExpertKind:
     def build(self, w_s: torch.Tensor, w_e: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor] | None,
               cfg: KindConfig) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def build_rows(self, shape: tuple[int, int], ranges: list[Rows], read: Read,
+                   factors: tuple[torch.Tensor, torch.Tensor] | None, cfg: KindConfig) -> Iterator[tuple[str, torch.Tensor]]:
+        """The stored tensors of a linear read in row blocks: by default, of the whole matrices."""
+        parts = [read(rows) for rows in ranges]
+        w_s, w_e = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])  # (out, in) each
+        del parts
+        yield from self.build(w_s, w_e, factors, cfg).items()
+
+
+class RowWise(ExpertKind):
+    """A kind whose tensors are row-wise in the delta (row i of each depends on row i of W_e - W_s only): the
+    first tensor is yielded block by block, the others (small: scales) once every block is done."""
+
+    def build_rows(self, shape: tuple[int, int], ranges: list[Rows], read: Read,
+                   factors: tuple[torch.Tensor, torch.Tensor] | None, cfg: KindConfig) -> Iterator[tuple[str, torch.Tensor]]:
+        later: dict[str, list[torch.Tensor]] = {}
+        for rows in ranges:
+            out = self.build(*read(rows), factors, cfg)
+            first, *rest = out
+            yield first, out[first]
+            for k in rest:
+                later.setdefault(k, []).append(out[k])
+        for k, blocks in later.items():
+            yield k, torch.cat(blocks)
 
 
 KINDS: Registry[ExpertKind] = Registry("expert kind")

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from . import ExpertKind, KindConfig, Shapes, register
+from . import KindConfig, RowWise, Shapes, register
 
 
 @register
-class Dense(ExpertKind):
+class Dense(RowWise):
     name = "dense"
 
     def shapes(self, out: int, in_: int, cfg: KindConfig, lora_rank: int | None) -> Shapes:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -63,6 +64,7 @@ class BuildContext:
     family: Family
     file: str = "recipe"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    scratch: Path | None = None  # where big routed linears keep their shared weight (the build's temp folder)
 
     @classmethod
     def open(cls, recipe: Recipe, file: str | None = None, device: str | torch.device | None = "cpu") -> BuildContext:

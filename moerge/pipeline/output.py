@@ -93,6 +93,7 @@ def tokenizer(folder: Path) -> Any:
 def write_moerge(plan: Plan, tmp: Path, *, progress: bool = True) -> None:
     """A static merge or a routed moerge checkpoint of ``plan`` into the empty folder ``tmp``."""
     recipe, routed = plan.ctx.recipe, bool(plan.routed)
+    plan.ctx.scratch = tmp  # big routed linears keep W_s in a scratch file there (unlinked at once)
     files = execute(plan_jobs(plan), tmp, recipe.output.shard_size, progress=progress,
                     desc="build" if recipe.routing else "merge", indexed=routed)
     order: dict[str, list[str]] = {}
