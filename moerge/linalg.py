@@ -19,8 +19,9 @@ Design choices:
 * The algorithm only touches the matrix through ``A @ X`` and ``A^T @ Y`` (:class:`Operator`), so a matrix that is
   streamed in row blocks from disk (:func:`row_block_operator`) factorises in one row block of memory at a time;
   the dense case (:func:`dense_operator`) is a thin wrapper.
-* Determinism: the test matrix comes from a ``torch.Generator`` created on the matrix's device and seeded
-  explicitly, never from the global RNG (``torch.svd_lowrank`` draws from it): same seed, same bytes.
+* Determinism: the test matrix comes from a CPU ``torch.Generator`` seeded explicitly (then moved to the
+  matrix's device), never from the global RNG (``torch.svd_lowrank`` draws from it): same seed, same bytes,
+  and the same sketch on a GPU as on the CPU.
 * float32 math whatever the input dtype (bf16 deltas are upcast), results on the input's device.
 * ``method="auto"`` takes the exact SVD where it is cheap or where the sketch would not be much thinner than the
   matrix (see :func:`choose_method`, with the measurements behind the crossover), the randomized one otherwise.
@@ -114,8 +115,8 @@ def randomized_factors(op: Operator, rank: int, *, oversample: int = OVERSAMPLE,
     out_dim, in_dim = op.shape
     rank = min(rank, out_dim, in_dim)
     k = min(rank + oversample, out_dim, in_dim)  # sketch width
-    g = torch.Generator(device=op.device).manual_seed(seed)
-    omega = torch.randn(in_dim, k, generator=g, device=op.device, dtype=torch.float32)  # (I, k)
+    g = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same test matrix on every device
+    omega = torch.randn(in_dim, k, generator=g, dtype=torch.float32).to(op.device)  # (I, k)
     q = _orthonormal(op.matmul(omega))  # (O, k)
     for _ in range(niter):
         q = _orthonormal(op.matmul(_orthonormal(op.rmatmul(q))))  # (I, k) -> (O, k)

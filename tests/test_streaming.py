@@ -97,3 +97,19 @@ def test_streamed_top_k_on_large_tensors(levels: int) -> None:
     for k in (1, 777, n // 2, n - 5):
         top = TopK(n, k).fit(lambda: (values[a:b] for a, b in ranges))
         assert torch.equal(torch.cat([top.mask(values[a:b]) for a, b in ranges]), top_mask(values, k)), k
+
+
+def test_conflict_metrics_stream(llama_pool: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The conflict analysis of a unit read in row blocks equals the whole-tensor one (float64 sums)."""
+    from moerge.pipeline.analyze import unit_metrics
+    from moerge.pipeline.context import BuildContext
+    from moerge.pipeline.units import candidate_units
+
+    ctx = BuildContext.open(_recipe(llama_pool, {"method": "ties", "density": 0.5}))
+    units = candidate_units(ctx.base.index, ctx.n_layers, ctx.family, "both")
+    monkeypatch.delenv("MOERGE_BLOCK_BYTES", raising=False)
+    whole = [unit_metrics(ctx, u, 0.2) for u in units]
+    monkeypatch.setenv("MOERGE_BLOCK_BYTES", "2048")
+    blocks = [unit_metrics(ctx, u, 0.2) for u in units]
+    for w, b in zip(whole, blocks):
+        assert w == pytest.approx(b, abs=1e-12)
