@@ -173,7 +173,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = export_checkpoint(Path(args.checkpoint), args.to, Path(args.out), force=args.force, progress=not args.quiet,
                             experts_per_token=args.experts_per_token, calibrate=args.calibrate,
                             from_data=args.from_data, shard_size=args.shard_size,
-                            materialize=args.materialize, report=not args.no_report)
+                            materialize=args.materialize, report=not args.no_report, device=args.device)
     if (out / REPORT_FILE).is_file():
         print("\n".join(report_lines(json.loads((out / REPORT_FILE).read_text()))))
     print(f"wrote {out}")

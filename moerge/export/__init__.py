@@ -97,7 +97,7 @@ def export_from_plan(plan: Plan, out: str | Path, *, force: bool = False, progre
 def export_checkpoint(checkpoint: str | Path, to: str, out: str | Path, *, force: bool = False,
                       progress: bool = True, experts_per_token: int | None = None, calibrate: bool = False,
                       from_data: bool = False, shard_size: int = 10**9, materialize: bool = False,
-                      report: bool = True) -> Path:
+                      report: bool = True, device: str | torch.device | None = "auto") -> Path:
     """Write a built moerge checkpoint as a native ``to`` checkpoint in ``out``.
 
     Routed units must be MLPs without bias deltas; their experts must be dense unless ``materialize`` (then every
@@ -108,7 +108,7 @@ def export_checkpoint(checkpoint: str | Path, to: str, out: str | Path, *, force
     check_output(Path(out).absolute(), force, [("source checkpoint", Path(checkpoint))])
     if experts_per_token is not None and (isinstance(experts_per_token, bool) or experts_per_token < 1):
         raise RecipeError(None, "--experts-per-token", f"must be an integer >= 1, got {experts_per_token!r}")
-    src = MaterializedInput(checkpoint) if materialize else CheckpointInput(checkpoint)
+    src = (MaterializedInput if materialize else CheckpointInput)(checkpoint, device)
     fmt = get_format(to, str(checkpoint), "--to")
     top_k = experts_per_token or src.stored_top_k() or 2
     kinds = {unit: spec.kind for unit, spec in src.manifest.units.items()}

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .. import device as devices
 from .. import dtypes
 from ..checkpoint import Checkpoint, names
 from ..errors import CheckpointError, NotSupportedError
@@ -89,7 +90,8 @@ class CheckpointInput:
 
     kinds: tuple[str, ...] = ("dense",)  # expert kinds read as stored (``.materialize``: every kind)
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, device: str | torch.device | None = "cpu") -> None:
+        self.device = devices.resolve(device)  # where materialized experts are computed
         self.ckpt = Checkpoint.open(folder)
         self.folder = self.ckpt.folder
         self.file = str(self.folder / names.CONFIG)

@@ -36,7 +36,7 @@ class MaterializedInput(CheckpointInput):
     def mlp(self, layer: int, lin: str, *, routed: bool, shared: bool) -> tuple[torch.Tensor | None, list | None]:
         """(shared W_s (O, I) float32 | None, [W_e (O, I)] | None) for one MLP linear of one layer."""
         path = f"model.layers.{layer}.mlp.{lin}"
-        w_s = self.loader.get(f"{path}.weight")  # (O, I)
+        w_s = self.loader.get(f"{path}.weight").to(self.device)  # (O, I)
         experts = self._experts(layer, lin, w_s) if routed else None
         return (w_s.float() if shared else None), experts
 
@@ -46,5 +46,5 @@ class MaterializedInput(CheckpointInput):
         if linear is None:  # a linear the unit does not route: every expert is W_s
             return [w_s] * len(self.names)
         path = f"model.layers.{layer}.mlp.{lin}"
-        return [dense_expert(spec.kind, {t: self.loader.get(names.expert_tensor(path, e, t)) for t in shapes}, w_s)
+        return [dense_expert(spec.kind, {t: self.loader.get(names.expert_tensor(path, e, t)).to(self.device) for t in shapes}, w_s)
                 for e, shapes in enumerate(linear.experts)]

@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import torch
 
+from .. import device as devices
 from ..checkpoint import Checkpoint, Fallback, Manifest, RouterTensors, names
 from ..checkpoint.routers import write_router_shard
 from ..errors import DataError
@@ -61,6 +62,7 @@ class CalibrateOptions:
     batch_size: int = 8
     tokens_per_text: int = 16  # token level: sampled token features per example and unit
     dtype: str | None = None  # None: the checkpoint's
+    device: str = "auto"  # auto: device_map="auto" (GPUs, then CPU memory); cpu / cuda[:N]: all of it there
     defaults: Defaults = field(default_factory=Defaults)
 
     def check(self) -> None:
@@ -78,6 +80,8 @@ class CalibrateOptions:
                 raise DataError(None, name, f"must be an integer >= 1, got {value!r}")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise DataError(None, "lr", f"must be a finite number > 0, got {self.lr}")
+        if self.device != "auto":
+            devices.resolve(self.device)  # a device this machine lacks fails here, before any work
         if self.defaults.max_samples is not None and self.defaults.max_samples < 1:
             raise DataError(None, "max_samples", f"must be >= 1 (or None for all), got {self.defaults.max_samples}")
 
@@ -101,11 +105,14 @@ class Features:
 
 # ---------------------------------------------------------------- checkpoint and model
 
-def load_model(ckpt: Checkpoint, dtype: str | None) -> Any:
-    """The checkpoint on this process's device (one process: ``device_map="auto"``, which spreads a large
-    model over the available GPUs and CPU memory)."""
+def load_model(ckpt: Checkpoint, dtype: str | None, device: str = "auto") -> Any:
+    """The checkpoint on this process's device (one process: ``--device auto`` is ``device_map="auto"``, which
+    spreads a large model over the available GPUs and CPU memory; ``cpu`` / ``cuda[:N]`` put all of it there)."""
     st = parallel.state()
-    device_map: Any = {"": st.device} if st.num_processes > 1 else "auto"
+    if st.num_processes > 1:
+        device_map: Any = {"": st.device}
+    else:
+        device_map = "auto" if device == "auto" else {"": str(devices.resolve(device))}
     return ckpt.load_model(getattr(torch, dtype) if dtype else "auto", device_map)
 
 
@@ -261,7 +268,7 @@ def calibrate(checkpoint: str | Path, data: str | Path | dict[str, Any], *, out:
     ckpt, examples = prepare(checkpoint, data, out, force, opts, examples)
     train, held = holdout_split(examples.labels, opts.holdout, opts.seed)
     clock.lap("data_s")
-    model, tok = load_model(ckpt, opts.dtype), ckpt.tokenizer()
+    model, tok = load_model(ckpt, opts.dtype, opts.device), ckpt.tokenizer()
     clock.lap("load_s")
     feats = extract(model, tok, examples, ckpt.require_routed(), opts)
     clock.lap("features_s")

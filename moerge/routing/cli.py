@@ -25,7 +25,8 @@ def _options(args: argparse.Namespace) -> CalibrateOptions:
                         max_samples=args.max_samples or None, chat_template=args.chat_template)
     return CalibrateOptions(method=args.method, holdout=args.holdout, seed=args.seed, steps=args.steps, lr=args.lr,
                             fallback=args.fallback, threshold=args.threshold, batch_size=args.batch_size,
-                            tokens_per_text=args.tokens_per_text, dtype=args.dtype, defaults=defaults)
+                            tokens_per_text=args.tokens_per_text, dtype=args.dtype, device=args.device,
+                            defaults=defaults)
 
 
 def _quiet(args: argparse.Namespace) -> None:
@@ -82,6 +83,8 @@ def _calibration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int_at_least(1), default=8)
     p.add_argument("--tokens-per-text", type=int_at_least(1), default=16, help="token level: sampled tokens per example")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: the checkpoint's")
+    p.add_argument("--device", default="auto", help="auto (device_map auto: GPUs, then CPU memory), cpu, cuda or "
+                                                    "cuda:N")
 
 
 def add_commands(sub: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]) -> None:
