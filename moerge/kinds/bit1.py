@@ -9,7 +9,7 @@ import torch
 from einops import rearrange
 
 from ..modeling.modeling_moerge import unpack_bits
-from . import KindConfig, RowWise, Shapes, register
+from .base import KindConfig, RowWise, Shapes, register
 
 
 def pack_signs(delta: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import torch
 
-from . import ExpertKind, KindConfig, Read, Rows, Shapes, register
+from .base import ExpertKind, KindConfig, Read, Rows, Shapes, register
 
 
 @register

@@ -9,7 +9,7 @@ import torch
 
 from ..merge.sparsify import keep_count
 from ..merge.streaming import TopK
-from . import ExpertKind, KindConfig, Read, Rows, Shapes, register
+from .base import ExpertKind, KindConfig, Read, Rows, Shapes, register
 
 DEFAULT_DENSITY = 0.1
 

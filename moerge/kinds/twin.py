@@ -24,7 +24,7 @@ from ..linalg import (
     svd_factors,
     svd_of_product,
 )
-from . import ExpertKind, KindConfig, Read, Rows, Shapes, register
+from .base import ExpertKind, KindConfig, Read, Rows, Shapes, register
 
 __all__ = ["DEFAULT_RANK", "Twin", "factors_match", "svd_factors", "svd_of_product"]
 

@@ -11,7 +11,7 @@ import argparse
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..cli import finite_float, int_at_least
+from ..cliargs import device_arg, finite_float, int_at_least
 from .dataset import Defaults
 
 if TYPE_CHECKING:
@@ -83,8 +83,7 @@ def _calibration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int_at_least(1), default=8)
     p.add_argument("--tokens-per-text", type=int_at_least(1), default=16, help="token level: sampled tokens per example")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: the checkpoint's")
-    p.add_argument("--device", default="auto", help="auto (device_map auto: GPUs, then CPU memory), cpu, cuda or "
-                                                    "cuda:N")
+    device_arg(p)
 
 
 def add_commands(sub: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]) -> None:
