@@ -70,7 +70,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from .serve import generate_text
 
-    for text in generate_text(Path(args.checkpoint), args.prompt, max_new_tokens=args.max_new_tokens,
+    for text in generate_text(Path(args.checkpoint), " ".join(args.prompt), max_new_tokens=args.max_new_tokens,
                               chat=args.chat, route=args.route, do_sample=args.sample):
         print(text)
     return 0
@@ -168,7 +168,7 @@ def parser() -> argparse.ArgumentParser:
     ps["inspect"].add_argument("checkpoint")
     g = ps["generate"]
     g.add_argument("checkpoint")
-    g.add_argument("prompt", nargs="+")
+    g.add_argument("prompt", nargs="+", help="the prompt (several words are joined with spaces)")
     g.add_argument("--max-new-tokens", type=int_at_least(1), default=32)
     g.add_argument("--chat", action="store_true", help="wrap the prompt with the chat template")
     g.add_argument("--route", help="force the route to this expert (moerge checkpoints)")

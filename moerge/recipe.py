@@ -106,7 +106,7 @@ class Strict(BaseModel):
         return data
 
 
-class DataSource(Strict):
+class CalibrationData(Strict):
     """Where calibration prompts come from: a local jsonl/csv/parquet/json file or a datasets name."""
 
     data: str = Field(min_length=1)
@@ -135,7 +135,7 @@ def check_expert_name(name: str) -> str:
 class ExpertSpec(Strict):
     name: str = Field(min_length=1)
     source: Path
-    calibration: DataSource | None = None
+    calibration: CalibrationData | None = None
 
     @field_validator("name")
     @classmethod

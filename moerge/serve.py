@@ -34,12 +34,12 @@ def encode_prompts(tok: Any, prompts: list[str], chat: bool) -> dict[str, torch.
     return tok(prompts, return_tensors="pt", padding=True, add_special_tokens=not chat)
 
 
-def generate_text(path: Path, prompt: list[str] | str, *, max_new_tokens: int = 32, chat: bool = False,
+def generate_text(path: Path, prompt: str, *, max_new_tokens: int = 32, chat: bool = False,
                   route: str | None = None, do_sample: bool = False) -> list[str]:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise CheckpointError(None, "max_new_tokens", f"must be an integer >= 1, got {max_new_tokens!r}")
     model, tok = load_model(path, chat=chat)
-    prompts = [" ".join(prompt)] if isinstance(prompt, list) else [prompt]
+    prompts = [prompt]
     if route is not None:
         if not hasattr(model, "force_route"):
             raise CheckpointError(path, "--route", "only moerge MoE checkpoints can force a route")

@@ -22,6 +22,7 @@ import torch
 from ..merge.sparsify import magnitude
 
 METRICS = ("sign_conflict", "cancellation", "cosine", "merge_error")
+DEFAULT_DENSITY = 0.2  # the trimming density of sign_conflict when the merge has none of its own
 EPS = 1e-12
 
 
@@ -30,7 +31,7 @@ class UnitStats:
     """Running sums over the linears of one unit, for N experts."""
 
     n: int
-    density: float = 0.2
+    density: float = DEFAULT_DENSITY
     gram: torch.Tensor = field(init=False)  # (N, N) sum of <tau_i, tau_j>
     l1_each: float = 0.0
     l1_sum: float = 0.0

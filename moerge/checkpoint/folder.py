@@ -55,6 +55,10 @@ class Checkpoint:
             ckpt.require_routed()
         return ckpt
 
+    def config_with(self, manifest: Manifest) -> dict[str, Any]:
+        """config.json's content with ``manifest`` in place of the stored one."""
+        return {**self.config, "moerge": manifest.to_dict()}
+
     def require_routed(self) -> Manifest:
         if self.manifest is None or not self.manifest.routed:
             raise CheckpointError(self.folder / names.CONFIG, "moerge.units",

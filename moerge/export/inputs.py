@@ -23,7 +23,7 @@ from ..io.writer import TensorSpec
 from ..pipeline.execute import Job
 from ..pipeline.jobs import static_job
 from ..pipeline.plan import Plan
-from ..recipe import DataSource, Recipe
+from ..recipe import CalibrationData, Recipe
 from .formats import MLP_UNIT, routed_layers
 
 
@@ -31,7 +31,7 @@ from .formats import MLP_UNIT, routed_layers
 class RouterInit:
     """What the router rows can be initialised from."""
 
-    calibration: list[DataSource] | None  # one per expert, or None when any expert has none
+    calibration: list[CalibrationData] | None  # one per expert, or None when any expert has none
     uniform: bool = False  # the recipe asked for uniform routing: leave the rows zero
     prototypes: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # layer -> stored token router
 

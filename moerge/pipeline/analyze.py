@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..analysis import cache as analysis_cache
-from ..analysis.conflict import METRICS, UnitStats
+from ..analysis.conflict import DEFAULT_DENSITY, METRICS, UnitStats
 from ..analysis.report import conflict_table, heatmap
 from ..errors import OutputError
 from ..merge.sparsify import keep_count
@@ -24,8 +24,6 @@ from ..merge.streaming import Rows, TopK, merged_blocks, streamable
 from ..recipe import Recipe
 from .context import BuildContext
 from .units import Unit, candidate_units
-
-DEFAULT_DENSITY = 0.2  # the trimming density of sign_conflict when the merge has none of its own
 
 
 def analysis_density(ctx: BuildContext) -> float:

@@ -37,7 +37,7 @@ from ..recipe import Recipe, check_expert_name
 from . import parallel
 from .calibrate import CalibrateOptions, calibrate
 from .commit import link_copy
-from .dataset import Defaults, Examples, data_inputs, from_mapping, from_table, load_examples, require_experts
+from .data import Defaults, Examples, data_inputs, from_mapping, from_table, load_examples, require_experts
 
 Source = FullSource | LoraSource
 ONE_SHARD = 2**62
@@ -190,8 +190,7 @@ def write_expert(tmp: Path, ckpt: Checkpoint, name: str, src: Source, base: Mode
     (tmp / names.ROUTER_SHARD).unlink()  # a hard link to the old shard: a new file, not a rewrite in place
     order = write_router_shard(tmp / names.ROUTER_SHARD, routers, ckpt.router_dtype())
     write_index(tmp, [*files, shard.name], {names.ROUTER_SHARD: order})
-    config = dict(ckpt.config)
-    config["moerge"] = manifest.with_expert(name, shapes).to_dict()
+    config = ckpt.config_with(manifest.with_expert(name, shapes))
     (tmp / names.CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     card = tmp / names.CARD
     if card.is_file():

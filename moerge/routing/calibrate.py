@@ -2,7 +2,7 @@
 
 Steps (all data is loaded and checked before the model is loaded; nothing is written before the end):
 
-1. DATA -> templated texts + expert labels (:mod:`moerge.routing.dataset`); a stratified, seeded held-out
+1. DATA -> templated texts + expert labels (:mod:`moerge.routing.data`); a stratified, seeded held-out
    split that is never used for training or model selection.
 2. Features, computed once per example (sharded across ``accelerate`` processes, :mod:`.parallel`):
    sequence level: the pooled input of ``router_input``, whose forward stops right there (routes do not
@@ -37,7 +37,7 @@ from ..io.atomic import atomic_output, check_output
 from ..recipe import ROUTER_SCALE
 from . import parallel
 from .commit import Staged, link_copy
-from .dataset import Defaults, Examples, data_inputs, holdout_split, load_examples, require_experts
+from .data import Defaults, Examples, data_inputs, holdout_split, load_examples, require_experts
 from .diagnostics import confusion_png, format_metrics, routing_metrics
 from .features import pooled_inputs, token_inputs
 from .fit import fallback_threshold, fit_supervised, fit_temperature, standardiser
@@ -366,8 +366,7 @@ def stage_and_commit(folder: Path, ckpt: Checkpoint, result: dict[str, Any], *, 
     staged = Staged(folder, private=private)
     try:
         write_router_shard(staged.path(names.ROUTER_SHARD), result["routers"], ckpt.router_dtype())
-        config = dict(ckpt.config)
-        config["moerge"] = ckpt.require_routed().calibrated(result["fallback"]).to_dict()
+        config = ckpt.config_with(ckpt.require_routed().calibrated(result["fallback"]))
         staged.write_text(names.CONFIG, json.dumps(config, indent=2) + "\n")
         report = result["report"]
         conf = report["heldout"].get("confusion")

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..cliargs import device_arg, finite_float, int_at_least
-from .dataset import Defaults
+from .data import Defaults
 
 if TYPE_CHECKING:
     from .calibrate import CalibrateOptions

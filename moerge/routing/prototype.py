@@ -26,7 +26,7 @@ from safetensors import safe_open
 
 from ..checkpoint.manifest import Manifest
 from ..checkpoint.routers import RouterTensors
-from ..recipe import DataSource
+from ..recipe import CalibrationData
 from .data import load_texts
 from .features import pooled_inputs
 
@@ -105,7 +105,7 @@ def prototypes_from_features(per_expert: list[torch.Tensor]) -> tuple[torch.Tens
     return means - center, center
 
 
-def prototype_routers(model: Any, tok: Any, manifest: Manifest, calibration: list[DataSource],
+def prototype_routers(model: Any, tok: Any, manifest: Manifest, calibration: list[CalibrationData],
                       scale: float) -> dict[str, RouterTensors]:
     """One router per prefix: centred prototypes of each expert's calibration prompts, bias 0."""
     prefixes = manifest.router_prefixes()
