@@ -53,6 +53,7 @@ from typing import Any
 import torch
 
 from .. import dtypes
+from ..arch import FAMILIES
 from ..checkpoint import names
 from ..checkpoint.index import write_index
 from ..errors import RecipeError
@@ -70,6 +71,7 @@ from .materialize import MaterializedInput
 from .report import REPORT_FILE, logit_report
 
 __all__ = ["FORMATS", "REPORT_FILE", "export_checkpoint", "export_from_plan"]
+LLAMA = FAMILIES["llama"]  # the layout native targets keep outside their MoE blocks (:mod:`moerge.arch.native`)
 
 def export_from_plan(plan: Plan, out: str | Path, *, force: bool = False, progress: bool = True,
                      calibrate: bool = False, inputs: Inputs = ()) -> Path:
@@ -177,10 +179,10 @@ def write_tensors(src: Any, fmt: NativeFormat, tmp: Path, shard_size: int, *, pr
 def untied_head(jobs: list[Job]) -> list[Job]:
     """A tied base's ``lm_head.weight``: the exported embedding written a second time (the config says untied),
     because SGLang's Mixtral / Qwen2-MoE / Qwen3-MoE classes never tie it and would leave it uninitialised."""
-    if any(job.label == "lm_head.weight" for job in jobs):
+    if any(job.label == LLAMA.lm_head for job in jobs):
         return []
-    embed = next(job for job in jobs if job.label == "model.embed_tokens.weight")
-    spec = replace(embed.specs[0], name="lm_head.weight")  # (V, C)
+    embed = next(job for job in jobs if job.label == LLAMA.embed)
+    spec = replace(embed.specs[0], name=LLAMA.lm_head)  # (V, C)
 
     def run() -> Iterator[tuple[str, torch.Tensor]]:
         for _, tensor in embed.run():
@@ -235,7 +237,7 @@ def router_rows(src: Any, fmt: NativeFormat, loader: TensorLoader, *, calibrate:
         tok.pad_token = tok.eos_token
     texts = [load_texts(ds, tok, file=f"experts[{e}].calibration") for e, ds in enumerate(init.calibration)]
     n_layers = int(src.base_cfg["num_hidden_layers"])
-    embed = loader.get("model.embed_tokens.weight")  # the export's float dtype: the pass computes in it
+    embed = loader.get(LLAMA.embed)  # the export's float dtype: the pass computes in it
     moe = set(fmt.moe_layers(n_layers, src.routed))
     weights = layer_weights(loader, fmt, moe, int(src.base_cfg["intermediate_size"]), embed.dtype)
     stats = collect_stats(src.base_cfg, embed, weights, texts, tok, moe, sorted(src.routed))
@@ -260,7 +262,7 @@ def layer_weights(loader: TensorLoader, fmt: NativeFormat, moe: set[int], inter:
                 if fmt.residual_experts:
                     t = t[:, :inter] if lin == "down_proj" else t[:inter]
             else:
-                t = loader.get(f"model.layers.{layer}.{key}")
+                t = loader.get(f"{LLAMA.layer_path(layer)}.{key}")
             sd[key] = t.to(dtype)
         return sd
 

@@ -16,6 +16,7 @@ import torch
 
 from .. import device as devices
 from .. import dtypes
+from ..arch import family_for
 from ..checkpoint import Checkpoint, names
 from ..errors import CheckpointError, NotSupportedError
 from ..io.sources import FullSource
@@ -58,7 +59,7 @@ class PlanInput:
         float32).  The shared weight of an unrouted layer is the static merge; of a routed layer, the plan's shared
         weight (the merge, or the base)."""
         ctx = self.ctx
-        name = f"model.layers.{layer}.mlp.{lin}.weight"
+        name = ctx.family.mlp_weight(layer, lin)
         merge = shared and not (routed and self.plan.shared_is_base)
         values = shared or any(not isinstance(s, FullSource) for s in ctx.sources)  # else only its shape is read
         base = ctx.load(name) if values else torch.empty(ctx.base.index[name].shape, device=ctx.device)
@@ -100,6 +101,7 @@ class CheckpointInput:
                                                            f"'{self.ckpt.config.get('model_type')}')")
         self.manifest = self.ckpt.manifest
         self.base_cfg = self.ckpt.base_config
+        self.family = family_for(self.base_cfg, self.file)
         self.names = list(self.manifest.experts)
         self._check_units()
         self.routed = routed_layers(list(self.manifest.units), self.file, "moerge.units")
@@ -135,9 +137,11 @@ class CheckpointInput:
         return jobs
 
     def mlp(self, layer: int, lin: str, *, routed: bool, shared: bool) -> tuple[torch.Tensor | None, list | None]:
-        path = f"model.layers.{layer}.mlp.{lin}"
-        experts = [self.loader.get(f"{path}.experts.{e}.weight") for e in range(len(self.names))] if routed else None
-        return (self.loader.get(f"{path}.weight").float() if shared else None), experts
+        weight = self.family.mlp_weight(layer, lin)
+        path = weight.removesuffix(".weight")
+        experts = [self.loader.get(names.expert_tensor(path, e, "weight")) for e in range(len(self.names))] if routed \
+            else None
+        return (self.loader.get(weight).float() if shared else None), experts
 
     def router_init(self) -> RouterInit:
         recipe = self.ckpt.recipe()
@@ -149,8 +153,7 @@ class CheckpointInput:
                 init.prototypes[layer] = {k: self.loader.get(f"{unit}.moerge_router.{k}").float()
                                           for k in ("prototypes", "center", "scale", "bias")
                                           if f"{unit}.moerge_router.{k}" in self.index}
-                init.prototypes[layer]["norm"] = self.loader.get(
-                    f"model.layers.{layer}.post_attention_layernorm.weight").float()
+                init.prototypes[layer]["norm"] = self.loader.get(self.family.post_attention_norm(layer)).float()
         return init
 
     def stored_top_k(self) -> int | None:

@@ -81,7 +81,7 @@ def moe_linear_job(src: Any, fmt: NativeFormat, layer: int, lin: str, n_experts:
         if shared is not None and fmt.shared_expert:
             yield specs[-1].name, shared
 
-    return Job(f"model.layers.{layer}.mlp.{lin}", specs, run)
+    return Job(f"{fmt.prefix(layer)}.{lin}", specs, run)
 
 
 def expert_tensor(fmt: NativeFormat, lin: str, w: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:

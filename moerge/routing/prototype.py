@@ -16,7 +16,6 @@ Computed from the build's weight shards before any router or config is written:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -24,13 +23,12 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from ..arch import family_for
 from ..checkpoint.manifest import Manifest
 from ..checkpoint.routers import RouterTensors
 from ..recipe import CalibrationData
 from .data import load_texts
 from .features import pooled_inputs
-
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def read_state(files: Iterable[Path], keep: set[str] | None = None, dtype: torch.dtype = torch.float32) -> dict:
@@ -59,7 +57,8 @@ def truncated_base(base_config: dict[str, Any], files: list[Path], last_layer: i
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     wanted = set(model.state_dict())
     state = read_state(files, wanted)
-    missing = {k for k in wanted - set(state) if not k.startswith("lm_head.")}
+    head = family_for(base_config, "config.json").lm_head
+    missing = {k for k in wanted - set(state) if k != head}
     if missing:
         raise RuntimeError(f"internal: the build's shards lack {sorted(missing)[:3]}")
     model.load_state_dict(state, strict=False)
@@ -79,9 +78,9 @@ def moerge_model(config: dict[str, Any], files: list[Path]) -> Any:
 def feature_model(config: dict[str, Any], manifest: Manifest, files: list[Path]) -> Any:
     """What the routers' features are read from (see the module docstring)."""
     if manifest.level == "sequence":
-        m = _LAYER.match(manifest.router_input or "")
-        if m is not None:
-            return truncated_base(config["base_config"], files, int(m.group(1)))
+        layer = family_for(config["base_config"], "config.json").layer_of(manifest.router_input or "")
+        if layer is not None:
+            return truncated_base(config["base_config"], files, layer)
     return moerge_model(config, files)
 
 
