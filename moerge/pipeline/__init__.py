@@ -19,6 +19,7 @@ from ..export import export_from_plan
 from ..io.atomic import atomic_output, check_output
 from ..recipe import Recipe
 from .context import BuildContext
+from .memory import estimate
 from .output import write_moerge
 from .plan import Plan, describe, make_plan, static_plan
 from .preflight import preflight, recipe_inputs
@@ -47,8 +48,9 @@ def build(recipe: Recipe, out: str | Path, *, force: bool = False, progress: boo
 
 
 def plan_text(recipe: Recipe, file: str | None = None, device: str | torch.device | None = "auto") -> str:
-    """What ``moerge plan`` prints."""
-    return describe(plan_for(recipe, file, progress=False, device=device))
+    """What ``moerge plan`` prints: the plan, the output's bytes and a peak-memory estimate."""
+    plan = plan_for(recipe, file, progress=False, device=device)
+    return "\n".join([*describe(plan), estimate(plan).describe()])
 
 
 __all__ = ["BuildContext", "Plan", "build", "make_plan", "plan_for", "plan_text"]
