@@ -10,6 +10,8 @@ import math
 import sys
 from collections.abc import Callable
 
+from .recipe import parse_size
+
 
 def int_at_least(low: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
@@ -46,7 +48,6 @@ def finite_float(low: float | None = None, high: float | None = None, *, open_lo
 
 
 def size(text: str) -> int:
-    from .recipe import parse_size
 
     try:
         value = parse_size(text)

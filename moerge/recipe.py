@@ -44,6 +44,7 @@ from pydantic import (
 )
 
 from .errors import RecipeError
+from .io.files import read_text
 from .registry import did_you_mean
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -430,7 +431,6 @@ def recipe_from_dict(raw: dict[str, Any], *, file: str = "<recipe>", root: Path 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override, resolve and validate a YAML recipe."""
-    from .io.files import read_text
 
     path = Path(path)
     text = read_text(path, RecipeError, "recipe file")

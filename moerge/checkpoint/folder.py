@@ -18,6 +18,7 @@ from ..errors import CheckpointError
 from ..io.files import read_json, read_text
 from ..io.index import CheckpointIndex, read_safetensors_header
 from ..io.loader import TensorLoader
+from ..modeling import register
 from ..recipe import Recipe
 from . import names
 from .manifest import Manifest
@@ -133,8 +134,6 @@ class Checkpoint:
 def load_model(folder: Path, dtype: torch.dtype | str | None = None, device_map: Any = None) -> Any:
     """``AutoModelForCausalLM`` of ``folder`` with ``trust_remote_code=False`` (moerge's classes registered)."""
     from transformers import AutoModelForCausalLM
-
-    from ..modeling import register
 
     register()
     kwargs: dict[str, Any] = {"dtype": dtype or "auto", "trust_remote_code": False}

@@ -63,6 +63,7 @@ from ..io.loader import TensorLoader
 from ..io.writer import ShardedWriter
 from ..pipeline.execute import Job, run_jobs
 from ..pipeline.plan import Plan
+from ..routing.data import load_texts
 from .formats import FORMATS, NativeFormat, check_base, get_format, native_config
 from .gates import collect_stats, fit_rows, fit_temperature, prototype_rows, rows_from_prototypes
 from .inputs import CheckpointInput, PlanInput
@@ -229,8 +230,6 @@ def router_rows(src: Any, fmt: NativeFormat, loader: TensorLoader, *, calibrate:
                       stacklevel=3)
         return {}
     from transformers import AutoTokenizer
-
-    from ..routing.data import load_texts
 
     tok = AutoTokenizer.from_pretrained(src.side_folder, trust_remote_code=False)
     if tok.pad_token is None:

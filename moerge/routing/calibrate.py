@@ -39,6 +39,7 @@ from . import parallel
 from .commit import Staged, link_copy
 from .data import Defaults, Examples, data_inputs, holdout_split, load_examples, require_experts
 from .diagnostics import confusion_png, format_metrics, routing_metrics
+from .entropy import minimise_entropy, spread_prototypes
 from .features import pooled_inputs, token_inputs
 from .fit import fallback_threshold, fit_supervised, fit_temperature, standardiser
 
@@ -204,7 +205,6 @@ def entropy_routers(model: Any, tok: Any, feats: Features, examples: Examples, t
                     old: dict[str, RouterTensors], initialized: bool,
                     opts: CalibrateOptions) -> dict[str, RouterTensors]:
     """Entropy minimisation from the stored routers (an uninitialised one starts near uniform)."""
-    from .entropy import minimise_entropy, spread_prototypes
 
     inits, stats = {}, {}
     for prefix, router in old.items():

@@ -26,6 +26,7 @@ from safetensors import safe_open
 from ..arch import family_for
 from ..checkpoint.manifest import Manifest
 from ..checkpoint.routers import RouterTensors
+from ..modeling import MoergeConfig, MoergeForCausalLM
 from ..recipe import CalibrationData
 from .data import load_texts
 from .features import pooled_inputs
@@ -68,7 +69,6 @@ def truncated_base(base_config: dict[str, Any], files: list[Path], last_layer: i
 
 def moerge_model(config: dict[str, Any], files: list[Path]) -> Any:
     """The whole moerge model of ``config`` (a config.json dict), its weights read from ``files`` (float32)."""
-    from ..modeling import MoergeConfig, MoergeForCausalLM
 
     cfg = MoergeConfig(**{k: v for k, v in config.items() if k not in ("model_type", "auto_map")})
     return MoergeForCausalLM.from_pretrained(None, config=cfg, state_dict=read_state(files),
