@@ -15,7 +15,7 @@ https://arxiv.org/abs/2203.05482); ``task_arithmetic`` is Ilharco et al. 2023, h
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -47,7 +47,6 @@ class MergeParams:
     normalize: bool = False
     rescale: bool = False
     seed: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 METHODS: Registry[MergeMethod] = Registry("merge method")
