@@ -4,43 +4,18 @@ exact at full rank.
 
 When the expert is a LoRA adapter whose factors reproduce ``W_e - W_s`` (the shared weight is the base), the
 SVD is taken through the factors (two thin QRs and an r x r SVD) instead of the full (out, in) matrix: the
-same result, a small fraction of the work."""
+same result, a small fraction of the work.  The factorisations live in :mod:`moerge.linalg`."""
 
 from __future__ import annotations
 
 import torch
 
+from ..linalg import factors_match, svd_factors, svd_of_product
 from . import KINDS, KindConfig
 
+__all__ = ["DEFAULT_RANK", "Twin", "factors_match", "svd_factors", "svd_of_product"]
+
 DEFAULT_RANK = 16
-
-
-def svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best rank-``rank`` factors of ``delta`` (out, in): U (out, r) with singular values folded in, V (r, in)."""
-    u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)  # (out, k), (k,), (k, in)
-    return (u[:, :rank] * s[:rank]).contiguous(), vh[:rank].contiguous()
-
-
-def svd_of_product(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`svd_factors` of ``B @ A`` for A (q, in), B (out, q), without forming the product's SVD in full."""
-    qb, rb = torch.linalg.qr(B.float())  # (out, q), (q, q)
-    qa, ra = torch.linalg.qr(A.float().T)  # (in, q), (q, q)
-    u, s, vh = torch.linalg.svd(rb @ ra.T)  # (q, q) each; B @ A = qb (rb ra^T) qa^T
-    U = (qb @ u[:, :rank]) * s[:rank]  # (out, r)
-    V = vh[:rank] @ qa.T  # (r, in)
-    return U.contiguous(), V.contiguous()
-
-
-def factors_match(delta: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor] | None,
-                  magnitude: float) -> bool:
-    """Whether LoRA factors (A (q, in), B (out, q)) reproduce ``delta`` up to the float32 rounding of weights of
-    size ``magnitude`` (``delta`` is a difference of two such weights)."""
-    if factors is None or factors[0].shape[0] == 0:
-        return False
-    A, B = factors
-    err = (delta.float() - B.float() @ A.float()).abs().max()
-    tol = 4 * torch.finfo(torch.float32).eps * magnitude + 1e-6 * float(delta.abs().max())
-    return bool(err <= tol)
 
 
 class Twin:
