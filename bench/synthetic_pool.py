@@ -102,6 +102,7 @@ class ModelShape:
 
 PRESETS: dict[str, ModelShape] = {s.name: s for s in (
     ModelShape("tiny", "llama", 256, 688, 4, 4, 4, 512),
+    ModelShape("27m", "llama", 512, 1536, 8, 8, 8, 512),
     ModelShape("114m", "llama", 768, 3072, 12, 12, 12, 512),  # bench/merge_speed's ~110M llama, tiny vocab
     ModelShape("347m", "llama", 1024, 3328, 24, 16, 16, 512),  # bench/build_memory's ~350M llama
     ModelShape("1b", "llama", 2048, 5632, 22, 32, 4, 32000),  # TinyLlama-1.1B
