@@ -453,9 +453,9 @@ def pick_sizes(names: list[str], n_experts: int, work: Path, margin: int) -> lis
         cands = [s for s in sorted(PRESETS.values(), key=lambda s: s.n_params) if s.name != "llama3-70b"] \
             if name == "max" else [PRESETS[name]]
         ok = [s for s in cands if (n_experts + 2) * s.n_params * 2 + margin <= free and ram_estimate(s, n_experts) <= ram]
-        if name == "max":
-            ok = [s for s in ok if s.name not in {f[0] for f in fits}]
-        if ok:
+        if ok and name == "max" and ok[-1].name in {f[0] for f in fits}:
+            fits.append(("max", None, f"= {ok[-1].name}, already measured"))
+        elif ok:
             fits.append((ok[-1].name, ok[-1], "largest that fits" if name == "max" else ""))
         else:
             fits.append((name, None, (f"skipped: needs {gbytes((n_experts + 2) * cands[0].n_params * 2 + margin)} disk "
@@ -562,12 +562,12 @@ def section_rss(args: argparse.Namespace, env: dict[str, str], work: Path) -> li
         rows.append(row)
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    png = HERE / "scale_rss.png"
+    png = (HERE if args.write else work) / "scale_rss.png"  # bench/ only for a recorded run
     if rows:
         rss_plot(rows, png)
     return [(f"#### rss: streaming `moerge build` vs model size ({args.rss_experts} experts, bf16; twin r{args.rank} of "
             "every MLP, routers uniform)"), "", *rss_table(rows), "", *notes,
-            *(f"- {flatness(rows, k)}" for k in args.builds), f"- plot: `{png.relative_to(REPO)}`"]
+            *(f"- {flatness(rows, k)}" for k in args.builds), f"- plot: `{png.relative_to(REPO) if png.is_relative_to(REPO) else png}`"]
 
 
 # ------------------------------------------------------------------------------------------------ plan
