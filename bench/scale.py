@@ -31,9 +31,9 @@ Three sections (``--section`` picks any of them; all by default):
   analysis); timed (goal < 60 s), its output shown, and the output bytes computed independently as a cross-check.
 
 ``--quick`` shrinks everything (layer: a quarter-width Mistral layer; rss: 3M and 27M pools; plan unchanged: it reads
-headers only) and takes about 3 minutes on 2 busy cores.  Full run times on this project's 2-core machine (load ~4
-from other jobs): layer ~25 min (of which ~9 min the exact SVDs, ~5 min writing the pool), rss ~1 h (pools up to
-3B written and built; twin at 114M and 347M only), plan ~1 min.  Pools go to ``bench/_work/scale``
+headers only) and takes 2-3 minutes.  Full run times measured on this project's 2-core machine with ``--threads 1``
+while another job kept the load at 1.5-4: layer 13.5 min (end-to-end runs 8 min, in process 6 min of which 5 min the
+exact SVDs at one expert per shape; writing the two pools, once, 76 s), rss 35 min (114M..3B TIES, twin at 114M and 347M), plan 5 s.  Pools go to ``bench/_work/scale``
 (``--work``, ``$MOERGE_BENCH_WORK``); the rss pools are deleted after use unless ``--keep``.  ``--write`` appends the
 tables to ``bench/RESULTS.md`` under ``## scale (issue 11)``.
 """
