@@ -32,9 +32,9 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from _measure import machine_with_transformers, measure, record  # noqa: E402
+from _measure import machine_with_transformers, measure, record
 
-from bench.real.evaluate import TASKS, accuracy, load_tasks, predict  # noqa: E402
+from bench.real.evaluate import TASKS, accuracy, load_tasks, predict
 
 WORK = HERE / "_work" / "twin_svd"
 POOL = HERE.parent.parent / "shared" / "pool"
@@ -79,8 +79,9 @@ def factor_errors(folder: Path, base: Path) -> list[float]:
 
 
 def forced_accuracy(folder: Path, n: int) -> dict[str, float]:
-    import moerge  # noqa: F401  (registers the model type)
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import moerge  # noqa: F401  (registers the model type)
 
     tok = AutoTokenizer.from_pretrained(folder)
     tok.padding_side = "left"
@@ -109,9 +110,9 @@ def main() -> None:
     rows = table(times, args.n or None)
     print("\n".join(rows))
     if args.write:
-        record("\n".join([f"### {time.strftime('%Y-%m-%d %H:%M')} `python bench/twin_svd.py --n {args.n} --reps "
-                          f"{args.reps} --threads {args.threads}`", "", f"- machine: "
-                          f"{machine_with_transformers(args.threads)}", "", *rows, ""]),
+        record("\n".join([(f"### {time.strftime('%Y-%m-%d %H:%M')} `python bench/twin_svd.py --n {args.n} --reps "
+                          f"{args.reps} --threads {args.threads}`"), "", (f"- machine: "
+                          f"{machine_with_transformers(args.threads)}"), "", *rows, ""]),
                "## twin: exact vs randomized SVD on the full fine-tune pool (issue 11)")
 
 
