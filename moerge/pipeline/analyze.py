@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from ..analysis.conflict import DEFAULT_DENSITY, METRICS, UnitStats
 from ..analysis.report import conflict_table, heatmap
 from ..errors import OutputError
 from ..merge.sparsify import keep_count
-from ..merge.streaming import Rows, TopK, merged_blocks, streamable
+from ..merge.streaming import Rows, TopK, fit_tops, merged_blocks, streamable
 from ..recipe import Recipe
 from .context import BuildContext
 from .units import Unit, candidate_units
@@ -54,8 +55,12 @@ def add_blocks(ctx: BuildContext, stats: UnitStats, name: str, ranges: list[Rows
     """One linear's statistics over its row blocks: each expert's top magnitudes fitted first (two passes)."""
     read = ctx.read(name)
     n = math.prod(ctx.base.index[name].shape)
-    tops = [TopK(n, keep_count(n, stats.density)).fit(
-        lambda i=i: (_stack(read(r)[1], read(r)[0])[i].abs().reshape(-1) for r in ranges)) for i in range(stats.n)]
+    def values() -> Iterator[list[torch.Tensor]]:  # per block, every expert's |task vector|
+        for rows in ranges:
+            base, taus = read(rows)
+            yield list(_stack(taus, base).abs().reshape(stats.n, -1))
+
+    tops = fit_tops([TopK(n, keep_count(n, stats.density)) for _ in range(stats.n)], values)
     merged = merged_blocks(ctx.method, ctx.params, name, tuple(ctx.base.index[name].shape), ranges, read)
     for rows, w_s in zip(ranges, merged):
         base, taus = read(rows)
