@@ -8,9 +8,10 @@ central.  A kind gives:
 * ``shapes(out, in_, cfg, lora_rank)`` -> {tensor name: (shape, dtype)} for one expert, known before any
   weight is read (so the writer lays the shards out up front); dtype ``None`` = the checkpoint's float dtype;
 * ``build(w_s, w_e, factors, cfg)`` -> {tensor name: tensor} for one expert (pure math, any device);
-* ``build_rows(shape, ranges, read, factors, cfg)`` -> the same tensors, in order, for a linear read in row blocks
+* ``build_rows(shape, ranges, read, factors, cfg, scratch)`` -> the same tensors, in order, for a linear read in row blocks
   (``read(rows) -> (W_s rows, W_e rows)``): row-wise kinds (:class:`RowWise`) stream their first tensor block by
-  block; the default reads the whole matrices (kinds that need all of the delta at once).
+  block; the default reads the whole matrices (kinds that need all of the delta at once); kinds that pass over the
+  delta several times (twin's randomized SVD, sparse's top-k) assemble it once in ``scratch`` (file-backed in a build).
 
 ``docs/FORMAT.md`` is the contract between the two sides.
 """
@@ -18,6 +19,6 @@ central.  A kind gives:
 from __future__ import annotations
 
 from . import bit1, dense, lora, sparse, twin, wemoe  # noqa: F401  (each registers itself)
-from .base import KINDS, ExpertKind, KindConfig, Read, Rows, RowWise, Shapes, register
+from .base import KINDS, ExpertKind, KindConfig, Read, Rows, RowWise, Scratch, Shapes, register
 
-__all__ = ["KINDS", "ExpertKind", "KindConfig", "Read", "RowWise", "Rows", "Shapes", "register"]
+__all__ = ["KINDS", "ExpertKind", "KindConfig", "Read", "RowWise", "Rows", "Scratch", "Shapes", "register"]

@@ -18,6 +18,23 @@ Shape = tuple[int, ...]
 Shapes = dict[str, tuple[Shape, "torch.dtype | None"]]
 Rows = tuple[int, int]
 Read = Callable[[Rows], tuple[torch.Tensor, torch.Tensor]]  # rows -> (W_s rows, W_e rows), float32
+Scratch = Callable[[tuple[int, int]], torch.Tensor]  # shape -> an uninitialised float32 matrix to fill
+
+
+def heap_scratch(shape: tuple[int, int]) -> torch.Tensor:
+    """The default :data:`Scratch`: an ordinary tensor (the pipeline passes file-backed ones instead)."""
+    return torch.empty(shape, dtype=torch.float32)
+
+
+def delta_matrix(shape: tuple[int, int], ranges: list[Rows], read: Read, scratch: Scratch) -> torch.Tensor:
+    """``W_e - W_s`` (O, I) float32, assembled once from its row blocks into ``scratch(shape)``: kinds that make
+    several passes over the delta (randomized SVD, streamed top-k) then read views of it instead of reading and
+    subtracting both weights on every pass."""
+    delta = scratch(shape)
+    for rows in ranges:
+        w_s, w_e = read(rows)
+        delta[rows[0]:rows[1]] = (w_e - w_s).to(delta.device)  # (b, I)
+    return delta
 
 
 @dataclass(frozen=True)
@@ -52,8 +69,10 @@ class ExpertKind:
         raise NotImplementedError
 
     def build_rows(self, shape: tuple[int, int], ranges: list[Rows], read: Read,
-                   factors: tuple[torch.Tensor, torch.Tensor] | None, cfg: KindConfig) -> Iterator[tuple[str, torch.Tensor]]:
-        """The stored tensors of a linear read in row blocks: by default, of the whole matrices."""
+                   factors: tuple[torch.Tensor, torch.Tensor] | None, cfg: KindConfig,
+                   scratch: Scratch = heap_scratch) -> Iterator[tuple[str, torch.Tensor]]:
+        """The stored tensors of a linear read in row blocks: by default, of the whole matrices.  ``scratch``
+        gives matrices a kind may fill (e.g. :func:`delta_matrix`) without growing the heap."""
         parts = [read(rows) for rows in ranges]
         w_s, w_e = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])  # (out, in) each
         del parts
@@ -65,7 +84,8 @@ class RowWise(ExpertKind):
     first tensor is yielded block by block, the others (small: scales) once every block is done."""
 
     def build_rows(self, shape: tuple[int, int], ranges: list[Rows], read: Read,
-                   factors: tuple[torch.Tensor, torch.Tensor] | None, cfg: KindConfig) -> Iterator[tuple[str, torch.Tensor]]:
+                   factors: tuple[torch.Tensor, torch.Tensor] | None, cfg: KindConfig,
+                   scratch: Scratch = heap_scratch) -> Iterator[tuple[str, torch.Tensor]]:
         later: dict[str, list[torch.Tensor]] = {}
         for rows in ranges:
             out = self.build(*read(rows), factors, cfg)

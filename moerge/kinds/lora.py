@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .base import ExpertKind, KindConfig, Read, Rows, Shapes, register
+from .base import ExpertKind, KindConfig, Read, Rows, Scratch, Shapes, heap_scratch, register
 
 
 @register
@@ -27,7 +27,8 @@ class Lora(ExpertKind):
         return {"A": A, "B": B}
 
     def build_rows(self, shape: tuple[int, int], ranges: list[Rows], read: Read,
-                   factors: tuple[torch.Tensor, torch.Tensor] | None, cfg: KindConfig) -> Iterator[tuple[str, torch.Tensor]]:
+                   factors: tuple[torch.Tensor, torch.Tensor] | None, cfg: KindConfig,
+                   scratch: Scratch = heap_scratch) -> Iterator[tuple[str, torch.Tensor]]:
         """The adapter's factors as they are: no weight is read."""
         w_s = torch.empty(1, 1).expand(*shape)  # (out, in): its shape only, one float of storage
         yield from self.build(w_s, w_s, factors, cfg).items()

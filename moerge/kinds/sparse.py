@@ -9,7 +9,7 @@ import torch
 
 from ..merge.sparsify import keep_count
 from ..merge.streaming import TopK
-from .base import ExpertKind, KindConfig, Read, Rows, Shapes, register
+from .base import ExpertKind, KindConfig, Read, Rows, Scratch, Shapes, delta_matrix, heap_scratch, register
 
 DEFAULT_DENSITY = 0.1
 
@@ -33,13 +33,14 @@ class Sparse(ExpertKind):
         return {"indices": idx.to(torch.int32), "values": flat[idx]}
 
     def build_rows(self, shape: tuple[int, int], ranges: list[Rows], read: Read,
-                   factors: object, cfg: KindConfig) -> Iterator[tuple[str, torch.Tensor]]:
+                   factors: object, cfg: KindConfig, scratch: Scratch = heap_scratch) -> Iterator[tuple[str, torch.Tensor]]:
         """The top magnitudes over row blocks: an exact streamed top-k (ties at the cut keep the lowest flat
-        indices), then the kept entries block by block."""
+        indices), then the kept entries block by block; the delta is assembled once (:func:`delta_matrix`)
+        and its blocks are views."""
+        delta = delta_matrix(shape, ranges, read, scratch)  # (O, I)
+
         def deltas() -> Iterator[torch.Tensor]:
-            for rows in ranges:
-                w_s, w_e = read(rows)
-                yield (w_e - w_s).reshape(-1)  # (b * in,)
+            return (delta[a:b].reshape(-1) for a, b in ranges)  # (b * in,) each
 
         top = TopK(shape[0] * shape[1], self.nnz(*shape, cfg)).fit(lambda: (d.abs() for d in deltas()))
         idx, values = [], []

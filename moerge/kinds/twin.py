@@ -5,8 +5,8 @@ exact at full rank.
 The factorisation (:mod:`moerge.linalg`) is exact for small matrices and a seeded randomized SVD for large ones
 (``routing.expert.svd: auto | exact | randomized``; randomized stays within 1% of the exact truncated SVD's
 error, at a small fraction of the time).  A matrix larger than one block is factorised over its row blocks
-(:meth:`Twin.build_rows`): the randomized SVD only needs products with the delta, one pass over the blocks
-each.  When the expert is a LoRA adapter whose factors reproduce ``W_e - W_s`` (the shared weight is the base),
+(:meth:`Twin.build_rows`): the delta is assembled once into a file-backed scratch matrix (page cache, not heap)
+and the randomized SVD's products read it.  When the expert is a LoRA adapter whose factors reproduce ``W_e - W_s`` (the shared weight is the base),
 the SVD is taken through the factors (two thin QRs and an r x r SVD) instead of the (out, in) matrix."""
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ import torch
 
 from ..linalg import (
     choose_method,
+    dense_operator,
     factors_match,
     low_rank_factors,
     randomized_factors,
-    row_block_operator,
     svd_factors,
     svd_of_product,
 )
-from .base import ExpertKind, KindConfig, Read, Rows, Shapes, register
+from .base import ExpertKind, KindConfig, Read, Rows, Scratch, Shapes, delta_matrix, heap_scratch, register
 
 __all__ = ["DEFAULT_RANK", "Twin", "factors_match", "svd_factors", "svd_of_product"]
 
@@ -58,9 +58,11 @@ class Twin(ExpertKind):
         return {"U": U, "V": V}
 
     def build_rows(self, shape: tuple[int, int], ranges: list[Rows], read: Read,
-                   factors: tuple[torch.Tensor, torch.Tensor] | None, cfg: KindConfig) -> Iterator[tuple[str, torch.Tensor]]:
-        """Randomized factors over the row blocks of ``W_e - W_s``; the whole matrix when an exact SVD is asked
-        for (or chosen) or the expert's LoRA factors may give the delta exactly."""
+                   factors: tuple[torch.Tensor, torch.Tensor] | None, cfg: KindConfig,
+                   scratch: Scratch = heap_scratch) -> Iterator[tuple[str, torch.Tensor]]:
+        """Randomized factors of ``W_e - W_s`` assembled once from its row blocks into ``scratch`` (a file-backed
+        matrix in a build: page cache, not heap); the whole matrices when an exact SVD is asked for (or chosen)
+        or the expert's LoRA factors may give the delta exactly."""
         rank = self.rank(*shape, cfg)
         method = cfg.svd or "auto"
         if method == "auto":
@@ -68,13 +70,7 @@ class Twin(ExpertKind):
         if method == "exact" or factors is not None:
             yield from super().build_rows(shape, ranges, read, factors, cfg)
             return
-
-        def blocks() -> Iterator[tuple[int, torch.Tensor]]:
-            for rows in ranges:
-                w_s, w_e = read(rows)
-                yield rows[0], w_e - w_s  # (b, in)
-
-        device = read(ranges[0])[0].device
-        U, V = randomized_factors(row_block_operator(shape, blocks, device), rank)
+        delta = delta_matrix(shape, ranges, read, scratch)  # (O, I) float32
+        U, V = randomized_factors(dense_operator(delta), rank)
         yield "U", U
         yield "V", V
