@@ -1,7 +1,9 @@
-"""``moerge calibrate`` and ``moerge add-expert``: registered on the main parser by ``moerge.cli._register_late``.
+"""``moerge calibrate``, ``add-expert`` and ``remove-expert``: registered on the main parser by
+``moerge.cli._register_late``.
 
-Both are thin: they turn flags into :class:`~moerge.routing.calibrate.CalibrateOptions` and call
-:func:`moerge.routing.calibrate.calibrate` / :func:`moerge.routing.add_expert.add_expert`.  Under
+All are thin: they turn flags into :class:`~moerge.routing.calibrate.CalibrateOptions` and call
+:func:`moerge.routing.calibrate.calibrate` (or :func:`moerge.routing.compose.compose` with ``--compose``),
+:func:`moerge.routing.add_expert.add_expert` / :func:`moerge.routing.remove_expert.remove_expert`.  Under
 ``accelerate launch`` only the main process prints.
 """
 
@@ -24,7 +26,8 @@ def _options(args: argparse.Namespace) -> CalibrateOptions:
                         max_samples=args.max_samples or None, chat_template=args.chat_template)
     return CalibrateOptions(method=args.method, holdout=args.holdout, seed=args.seed, steps=args.steps, lr=args.lr,
                             fallback=args.fallback, threshold=args.threshold, batch_size=args.batch_size,
-                            tokens_per_text=args.tokens_per_text, dtype=args.dtype, defaults=defaults)
+                            tokens_per_text=args.tokens_per_text, dtype=args.dtype, unknown=args.unknown,
+                            unknown_quantile=args.unknown_quantile, defaults=defaults)
 
 
 def _quiet(args: argparse.Namespace) -> None:
@@ -58,10 +61,25 @@ def cmd_add_expert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _calibration_args(p: argparse.ArgumentParser) -> None:
+def cmd_remove_expert(args: argparse.Namespace) -> int:
+    from .remove_expert import remove_expert
+
+    _quiet(args)
+    result = remove_expert(args.checkpoint, args.name, out=args.out, force=args.force, data=args.data,
+                           options=_options(args))
+    extra = ""
+    if result["what"] == "expert":
+        extra = (f" ({result['tensors_dropped']} tensors, {result['bytes_dropped'] / 1e6:.1f} MB dropped; "
+                 f"{result['tensors_renamed']} renumbered in {result['shards_rewritten']} rewritten shard(s))")
+    print(f"removed {result['what']} '{result['removed']}' from {result['checkpoint']}{extra}")
+    _print(result["calibration"])
+    return 0
+
+
+def _calibration_args(p: argparse.ArgumentParser, data_required: bool = True) -> None:
     p.add_argument("checkpoint", help="a built moerge checkpoint folder")
-    p.add_argument("--data", required=True, help="YAML/JSON mapping expert -> data source, or one table with a "
-                                                 "text column and an `expert` column")
+    p.add_argument("--data", required=data_required, help="YAML/JSON mapping expert -> data source, or one table "
+                                                          "with a text column and an `expert` column")
     p.add_argument("--method", choices=["supervised", "entropy"], default="supervised")
     p.add_argument("--holdout", type=float, default=0.2, help="held-out fraction per expert (default 0.2)")
     p.add_argument("--out", help="write a calibrated copy here instead of changing the checkpoint in place")
@@ -72,6 +90,11 @@ def _calibration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fallback", choices=["soft", "shared", "none"], default="soft",
                    help="below the confidence threshold use the soft mix or the shared weights (sequence level)")
     p.add_argument("--threshold", type=float, help="fixed fallback threshold instead of the held-out choice")
+    p.add_argument("--unknown", choices=["keep", "shared", "none"], default="keep",
+                   help="prompts unlike every known task take the shared weights: `shared` fits the detector, "
+                        "`none` drops it, `keep` (default) refits it where the checkpoint has one (sequence level)")
+    p.add_argument("--unknown-quantile", type=float, default=0.98,
+                   help="share of known (out-of-fold) calibration prompts the detector keeps routed (default 0.98)")
     p.add_argument("--field", default="prompt", help="text field of the data (default prompt)")
     p.add_argument("--label-field", default="expert", help="label column of a table (default expert)")
     p.add_argument("--split", default="train", help="split of hub datasets (default train)")
@@ -84,7 +107,7 @@ def _calibration_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_commands(sub: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]) -> None:
-    """Register ``calibrate`` and ``add-expert``."""
+    """Register ``calibrate``, ``add-expert`` and ``remove-expert``."""
     cal = sub.add_parser("calibrate", help="fit a built checkpoint's router from a little task data")
     common(cal)
     _calibration_args(cal)
@@ -96,3 +119,8 @@ def add_commands(sub: argparse._SubParsersAction, common: Callable[[argparse.Arg
     add.add_argument("--source", required=True, help="full checkpoint or LoRA adapter of the same base")
     add.add_argument("--base", help="the base model folder (default: `base` of the checkpoint's moerge_recipe.yaml)")
     add.set_defaults(func=cmd_add_expert)
+    rem = sub.add_parser("remove-expert", help="drop an expert (or composed route) from a built checkpoint")
+    common(rem)
+    _calibration_args(rem, data_required=False)
+    rem.add_argument("name", help="the expert or composed route to remove")
+    rem.set_defaults(func=cmd_remove_expert)

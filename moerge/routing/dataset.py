@@ -143,8 +143,9 @@ def from_mapping(mapping: dict[str, Any], experts: list[str], tokenizer: Any, de
 
 
 def from_table(data: str, experts: list[str], tokenizer: Any, defaults: Defaults, *,
-               require_labels: bool) -> Examples:
-    """A table with a text column and (unless not required) a label column naming experts."""
+               require_labels: bool, skip_unknown: bool = False) -> Examples:
+    """A table with a text column and (unless not required) a label column naming experts.  ``skip_unknown``:
+    rows naming an expert not in ``experts`` are left out (old data of a checkpoint that lost an expert)."""
     source = DataSource(data=data, field=defaults.field, split=defaults.split, max_samples=None,
                         chat_template=defaults.chat_template)
     table = load_table(source, "--data")
@@ -157,6 +158,9 @@ def from_table(data: str, experts: list[str], tokenizer: Any, defaults: Defaults
                                                     f"columns: {', '.join(columns)}")
     rows = table[defaults.field]
     names = [str(v) for v in table[defaults.label_field]] if has_labels else []
+    if skip_unknown and has_labels:
+        known = [i for i, n in enumerate(names) if n in experts]
+        rows, names = [rows[i] for i in known], [names[i] for i in known]
     labels = _table_labels(names, experts, data, defaults.label_field) if has_labels else [UNLABELLED] * len(rows)
     keep = _cap_per_label(labels, defaults.max_samples)
     if not keep:
