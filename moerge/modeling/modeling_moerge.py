@@ -561,6 +561,16 @@ class MoergeRouter(nn.Module):
         _init_(self.scale, torch.ones_like)
         _init_(self.bias, torch.zeros_like)
 
+    @torch.no_grad()
+    def grow(self) -> None:
+        """One more output (a composed route added at run time): a zero prototype and a bias of -1e4, so that the
+        router does not pick it before calibration; the detector's new mean repeats the first one."""
+        self.prototypes = nn.Parameter(torch.cat([self.prototypes, self.prototypes.new_zeros(1, self.prototypes.shape[1])]))
+        self.bias = nn.Parameter(torch.cat([self.bias, self.bias.new_full((1,), -1e4)]))
+        det = getattr(self, "unknown", None)
+        if det is not None:
+            det.means = nn.Parameter(torch.cat([det.means, det.means[:1]]))
+
 
 def segment_pool(x: torch.Tensor, mask: torch.Tensor | None, segments: int) -> torch.Tensor:
     """(B, T, C), mask (B, >=T) of 1 = real token -> (B, S * C) float32: the mean of each of S equal, consecutive
@@ -727,7 +737,7 @@ class RoutedLinear(nn.Module):
         self.mix = mix
         self._mix_keys: dict[tuple[float, ...], tuple[float, ...]] = {}
         self._mix_rows = None if mix is None else mix.detach().tolist()
-        self.clear_cache()
+        # cached effective weights are keyed by expert weights, so they stay valid when the mix changes
 
     def expert_key(self, key: tuple[float, ...]) -> tuple[float, ...]:
         """A route over the outputs (O floats) -> expert weights here (E floats): ``r[:E] + r[E:] @ mix``."""
@@ -750,7 +760,10 @@ class RoutedLinear(nn.Module):
         n_exp = len(self.experts)
         mix = self.mix.to(route.device)
         r = route[..., :n_exp] + route[..., n_exp:].to(mix.dtype) @ mix  # (B, E) or (B, T, E)
-        active = torch.nonzero(r.detach().reshape(-1, n_exp).ne(0).any(0)).flatten().tolist()
+        if self.mix.requires_grad:  # every expert: a weight that is 0 now still needs its gradient
+            active = list(range(n_exp))
+        else:
+            active = torch.nonzero(r.detach().reshape(-1, n_exp).ne(0).any(0)).flatten().tolist()
         return self._forward_tokens(x, r, active, caching)
 
     def extra_repr(self) -> str:
@@ -1001,6 +1014,9 @@ class RoutingState:
             route = {names[route]: 1.0}
         if isinstance(route, str):
             route = {route: 1.0}
+        if isinstance(route, dict) and not route:  # {}: the zero route, the shared weights only
+            zero = torch.zeros(len(names), dtype=torch.float32, device="cpu")
+            return zero, tuple(zero.tolist())
         unknown = [k for k in route if k not in names]
         if unknown:
             raise ValueError(f"unknown expert(s) {unknown}; valid names: {names}")
@@ -1198,6 +1214,7 @@ class MoergeForCausalLM(PreTrainedModel, GenerationMixin):
         parent = unit.get_submodule(parent_name) if parent_name else unit
         slot = self._moerge.slot_for(unit_name)
         routed = RoutedLinear(linear, kind, experts, slot, self.cache_size, self._moerge.mix_for(unit_name))
+        routed.unit = unit_name
         setattr(parent, attr, routed)
 
     def _float_dtype_device(self) -> tuple[torch.dtype, torch.device]:
@@ -1253,11 +1270,34 @@ class MoergeForCausalLM(PreTrainedModel, GenerationMixin):
 
     def force_route(self, route: str | int | dict[str, float] | None) -> None:
         """Pin every unit to route ``route`` (an expert or composed route, by name or index), to a mix ``{name:
-        weight}`` (normalised to sum 1), or release the pin with None."""
+        weight}`` (normalised to sum 1), to the shared weights alone with ``{}``, or release the pin with None."""
         self._moerge.forced = self._moerge.weights(route)
         for slot in [self._moerge.sequence_slot, *self._moerge.slots.values()]:
             slot.clear()
         self.clear_route_cache()
+
+    def add_route(self, name: str, weights: dict[str, list[float]]) -> None:
+        """Add a composed route at run time: ``weights[unit]`` = one weight per expert in that routed unit (a unit
+        left out: all 0, the shared weights).  ``force_route(name)`` then selects it; the router gets one more
+        output that it does not pick until calibrated (``moerge calibrate --compose`` fits and stores a route)."""
+        st = self._moerge
+        if name in st.outputs:
+            raise ValueError(f"moerge: {name!r} is already an expert or route: {st.outputs}")
+        units = list(self.config.moerge.get("units", {}))
+        rows = {u: [float(v) for v in weights.get(u, [0.0] * len(st.experts))] for u in units}
+        bad = [u for u, w in rows.items() if len(w) != len(st.experts)] + [u for u in weights if u not in rows]
+        if bad:
+            raise ValueError(f"moerge: route {name!r}: units {bad} are not routed units with {len(st.experts)} weights")
+        st.routes[name] = rows
+        st.outputs.append(name)
+        self.config.moerge["routes"] = {**(self.config.moerge.get("routes") or {}), name: rows}
+        st._uniform = st.weights({n: 1.0 for n in st.experts})
+        self.force_route(None)
+        for module in self.modules():
+            if isinstance(module, MoergeRouter):
+                module.grow()
+            elif isinstance(module, RoutedLinear):
+                module.set_mix(st.mix_for(module.unit))
 
     def clear_route_cache(self) -> None:
         """Drop the cached effective weights / deltas of every routed linear."""

@@ -122,11 +122,18 @@ def gather_examples(ckpt: Checkpoint, data: str | Path | dict, experts: list[str
     counts = new.counts()
     if counts.get(name, 0) == 0 and new.labelled:
         raise DataError(file, name, f"the data has no examples of the new expert '{name}'")
-    missing = [e for e in experts if e != name and counts.get(e, 0) == 0] if new.labelled else []
-    old = previous_examples(ckpt, experts, missing, tok) if missing else None
+    return completed(ckpt, new, experts, name, tok, opts, file)
+
+
+def completed(ckpt: Checkpoint, new: Examples, outputs: list[str], name: str, tok: Any, opts: CalibrateOptions,
+              file: str) -> Examples:
+    """``new`` examples plus earlier data for the outputs (other than ``name``) that it omits."""
+    counts = new.counts()
+    missing = [e for e in outputs if e != name and counts.get(e, 0) == 0] if new.labelled else []
+    old = previous_examples(ckpt, outputs, missing, tok) if missing else None
     examples = new if old is None else new + old
     if opts.method == "supervised":
-        require_experts(examples, experts, file)
+        require_experts(examples, outputs, file)
     return examples
 
 

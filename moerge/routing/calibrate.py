@@ -37,7 +37,7 @@ from ..io.atomic import atomic_output, check_output
 from ..recipe import ROUTER_SCALE
 from . import parallel
 from .commit import Staged, link_copy
-from .dataset import Defaults, Examples, holdout_split, load_examples, require_experts
+from .dataset import Defaults, Examples, canonical, holdout_split, load_examples, require_experts
 from .diagnostics import confusion_png, format_metrics, routing_metrics
 from .features import pooled_and_segments, token_inputs
 from .fit import fallback_threshold, fit_supervised, fit_temperature, standardiser
@@ -290,7 +290,7 @@ def prepare(checkpoint: str | Path, data: str | Path | dict[str, Any], out: str 
                                  require_labels=opts.method == "supervised")
     if opts.method == "supervised":
         require_experts(examples, experts, str(data) if not isinstance(data, dict) else "data")
-    return ckpt, examples
+    return ckpt, canonical(examples)
 
 
 def calibrate(checkpoint: str | Path, data: str | Path | dict[str, Any], *, out: str | Path | None = None,
@@ -304,7 +304,7 @@ def calibrate(checkpoint: str | Path, data: str | Path | dict[str, Any], *, out:
     clock = Clock()
     opts = options or CalibrateOptions()
     ckpt, examples = prepare(checkpoint, data, out, force, opts, examples)
-    train, held = holdout_split(examples.labels, opts.holdout, opts.seed)
+    train, held = holdout_split(examples.labels, opts.holdout, opts.seed, examples.experts)
     clock.lap("data_s")
     model, tok = load_model(ckpt, opts.dtype), ckpt.tokenizer()
     clock.lap("load_s")

@@ -48,7 +48,25 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibrate import calibrate
 
     _quiet(args)
+    if args.compose:
+        return _compose(args)
     _print(calibrate(args.checkpoint, args.data, out=args.out, force=args.force, options=_options(args)))
+    return 0
+
+
+def _compose(args: argparse.Namespace) -> int:
+    from .compose import ComposeOptions, compose
+
+    over = None if args.compose_over is None else [e for e in args.compose_over.split(",") if e.strip()]
+    copts = ComposeOptions(over=over, level=args.compose_level, steps=args.compose_steps, lr=args.compose_lr,
+                           answer_field=args.answer_field, max_samples=args.compose_samples)
+    report = compose(args.checkpoint, args.data, args.compose, out=args.out, force=args.force,
+                     options=_options(args), compose_options=copts)
+    c = report["compose"]
+    print(f"composed route '{c['route']}' over {', '.join(c['over'])} ({c['level']} weights, {c['n']} examples): "
+          f"answer loss {c['start_losses'][c['start']]:.4f} ({c['start']}) -> {c['final_loss']:.4f} in "
+          f"{c['fit_s']:.0f} s")
+    _print(report)
     return 0
 
 
@@ -111,6 +129,15 @@ def add_commands(sub: argparse._SubParsersAction, common: Callable[[argparse.Arg
     cal = sub.add_parser("calibrate", help="fit a built checkpoint's router from a little task data")
     common(cal)
     _calibration_args(cal)
+    cal.add_argument("--compose", metavar="NAME", help="learn a route NAME for the task of DATA (a table of prompt "
+                                                       "-> answer rows) as a mix of the existing experts")
+    cal.add_argument("--compose-over", metavar="A,B", help="experts the route may mix (default: all)")
+    cal.add_argument("--compose-level", choices=["unit", "layer", "global"], default="layer",
+                     help="one weight per expert and routed unit, per layer (default) or for the whole model")
+    cal.add_argument("--compose-steps", type=int, default=12, help="Adam steps over the examples (default 12)")
+    cal.add_argument("--compose-lr", type=float, default=0.1, help="learning rate of the route weights (default 0.1)")
+    cal.add_argument("--compose-samples", type=int, default=32, help="examples to learn from (default 32)")
+    cal.add_argument("--answer-field", default="answer", help="answer column of the --compose data (default answer)")
     cal.set_defaults(func=cmd_calibrate)
     add = sub.add_parser("add-expert", help="add an expert to a built checkpoint and recalibrate its router")
     common(add)

@@ -216,15 +216,25 @@ def require_experts(examples: Examples, needed: list[str], file: str) -> None:
         raise DataError(file, None, f"expert(s) {', '.join(few)} have a single example; at least 2 are needed")
 
 
+def canonical(examples: Examples) -> Examples:
+    """The examples grouped by expert name (file order within an expert): calibration then sees the same rows in
+    the same order whatever the experts' indices are."""
+    key = [(examples.experts[y] if y >= 0 else "", i) for i, y in enumerate(examples.labels)]
+    return examples.subset(sorted(range(len(examples)), key=key.__getitem__))
+
+
 # ---------------------------------------------------------------- held-out split
 
-def holdout_split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+def holdout_split(labels: list[int], fraction: float, seed: int,
+                  names: list[str] | None = None) -> tuple[list[int], list[int]]:
     """Stratified, seeded split -> (train indices, held-out indices).  Each label keeps >= 1 training row
-    and, when ``fraction`` > 0 and it has >= 2 rows, holds out >= 1."""
+    and, when ``fraction`` > 0 and it has >= 2 rows, holds out >= 1.  With ``names`` (label -> expert name) the
+    labels are visited in name order, so the split does not depend on where an expert sits in the list (an
+    expert removed and added back gets the same split)."""
     gen = torch.Generator().manual_seed(seed)
     train: list[int] = []
     held: list[int] = []
-    for y in sorted(set(labels)):
+    for y in sorted(set(labels), key=lambda v: (names[v] if names is not None and v >= 0 else "", v)):
         rows = [i for i, v in enumerate(labels) if v == y]
         order = [rows[j] for j in torch.randperm(len(rows), generator=gen).tolist()]
         n_hold = min(max(round(fraction * len(rows)), 1 if fraction > 0 else 0), len(rows) - 1)

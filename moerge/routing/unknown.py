@@ -57,10 +57,11 @@ def fit_unknown(x: torch.Tensor, y: torch.Tensor, n_outputs: int, *, shrinkage: 
 
 def out_of_fold_scores(x: torch.Tensor, y: torch.Tensor, n_outputs: int, *, folds: int = FOLDS, seed: int = 0,
                        shrinkage: float = SHRINKAGE, max_rank: int = MAX_RANK) -> torch.Tensor:
-    """(N,) score of each prompt by a detector fitted on the other folds (stratified by label, seeded)."""
+    """(N,) score of each prompt by a detector fitted on the other folds (stratified by label, seeded; labels are
+    visited in order of first appearance, so grouped rows give folds that do not depend on the label values)."""
     gen = torch.Generator().manual_seed(seed)
     fold = torch.empty(len(y), dtype=torch.long)
-    for label in y.unique().tolist():
+    for label in dict.fromkeys(y.tolist()):
         rows = torch.nonzero(y == label).flatten()
         fold[rows[torch.randperm(len(rows), generator=gen)]] = torch.arange(len(rows)) % folds
     scores = torch.empty(len(y))
