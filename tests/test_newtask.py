@@ -25,7 +25,7 @@ from moerge.recipe import recipe_from_dict
 from moerge.routing.add_expert import add_expert
 from moerge.routing.calibrate import CalibrateOptions, calibrate
 from moerge.routing.compose import ComposeOptions, compose
-from moerge.routing.dataset import Defaults
+from moerge.routing.data import Defaults
 from moerge.routing.remove_expert import remove_expert
 from moerge.routing.unknown import auroc, choose_threshold, fit_unknown, out_of_fold_scores
 from moerge.testing import tiny
@@ -317,7 +317,7 @@ def test_compose_refusals_leave_the_checkpoint_unchanged(pool: dict, tmp_path: P
     empty_answer = tmp_path / "empty_answer.jsonl"
     empty_answer.write_text(json.dumps({"prompt": "hi", "answer": "  "}) + "\n")
     cases = [
-        ({"data": pool["pairs"]["code"], "name": "math"}, DataError, "already has an expert or route 'math'"),
+        ({"data": pool["pairs"]["code"], "name": "math"}, DataError, "already has an expert 'math'"),
         ({"data": no_answer, "name": "x"}, DataError, "answer: no such answer field"),
         ({"data": empty_answer, "name": "x"}, DataError, "row 0: the answer must be a non-empty text"),
         ({"data": pool["pairs"]["code"], "name": "x", "over": []}, DataError, "no experts to compose"),

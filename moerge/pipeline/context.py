@@ -8,7 +8,10 @@ the base tensor, the experts' task vectors, the static merge, each expert's own 
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -17,9 +20,11 @@ from ..arch import Family, family_for
 from ..errors import RecipeError, SourceError
 from ..io.sources import FullSource, LoraSource, ModelFolder, open_source
 from ..merge.methods import METHODS, MergeMethod, MergeParams, merge_tensor
+from ..merge.streaming import Rows, row_blocks
 from ..recipe import Recipe
 
 Source = FullSource | LoraSource
+WORK_BYTES = 768 << 20  # the working memory of one job; bigger tensors are read in row blocks
 
 
 def resolve_merge(recipe: Recipe, file: str | None = None) -> tuple[MergeMethod, MergeParams]:
@@ -59,6 +64,7 @@ class BuildContext:
     family: Family
     file: str = "recipe"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    scratch: Path | None = None  # where big routed linears keep their shared weight (the build's temp folder)
 
     @classmethod
     def open(cls, recipe: Recipe, file: str | None = None, device: str | torch.device | None = "cpu") -> BuildContext:
@@ -93,13 +99,30 @@ class BuildContext:
     def n_layers(self) -> int:
         return int(self.base.config.get("num_hidden_layers", 0))
 
-    def load(self, name: str) -> torch.Tensor:
-        """The base tensor ``name`` on the compute device (its stored dtype)."""
-        return self.base.get(name).to(self.device)
+    def load(self, name: str, rows: Rows | None = None) -> torch.Tensor:
+        """The base tensor ``name`` (or its rows ``[a, b)``) on the compute device, in its stored dtype."""
+        return self.base.get(name, rows).to(self.device)
 
-    def deltas(self, name: str, base: torch.Tensor) -> list[torch.Tensor | None]:
-        """Every expert's fp32 task vector for one tensor, on ``base``'s device (None = zero)."""
-        return [src.delta(name, base) for src in self.sources]
+    def deltas(self, name: str, base: torch.Tensor, rows: Rows | None = None) -> list[torch.Tensor | None]:
+        """Every expert's fp32 task vector for one tensor (or the rows ``base`` holds), on ``base``'s device
+        (None = zero)."""
+        return [src.delta(name, base, rows) for src in self.sources]
+
+    def read(self, name: str) -> Callable[[Rows], tuple[torch.Tensor, list[torch.Tensor | None]]]:
+        """``rows -> (base block, task-vector blocks)`` of tensor ``name``."""
+        def read(rows: Rows) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+            base = self.load(name, rows)
+            return base, self.deltas(name, base, rows)
+
+        return read
+
+    def blocks(self, name: str) -> list[Rows]:
+        """Row ranges of tensor ``name`` that keep one job's working set within :data:`WORK_BYTES`: about
+        (2 N + 4) fp32 blocks (base, N task vectors, N weighted ones, masks, the result).  ``MOERGE_BLOCK_BYTES``
+        sets the block size directly (tests use tiny blocks)."""
+        shape = tuple(self.base.index[name].shape)
+        block = int(os.environ.get("MOERGE_BLOCK_BYTES") or 0) or WORK_BYTES // (2 * len(self.sources) + 4)
+        return row_blocks(shape, block)
 
     def merged(self, name: str, base: torch.Tensor, taus: list[torch.Tensor | None]) -> torch.Tensor:
         return merge_tensor(self.method, base, taus, self.params, name)

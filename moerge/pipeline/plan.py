@@ -9,6 +9,7 @@ work), the bytes of the result, a peak-memory estimate, and the checkpoint's :cl
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -183,8 +184,8 @@ def plan_table(plan: Plan) -> list[str]:
     return lines
 
 
-def describe(plan: Plan) -> str:
-    """What ``moerge plan`` prints: the unit table (routed builds) and the totals."""
+def describe(plan: Plan) -> list[str]:
+    """The unit table (routed builds) and the totals: what ``moerge plan`` prints before the memory estimate."""
     base, extra = plan.base_bytes(), plan.extra_bytes()
     dt = dtypes.name(plan.float_dtype)
     if plan.ctx.recipe.routing is None:
@@ -192,4 +193,7 @@ def describe(plan: Plan) -> str:
     else:
         total = f"{len(plan.routed)}/{len(plan.units)} units routed; {extra:,} extra bytes; "
         head = [*plan_table(plan), total + f"{(base + extra) / base:.3f}x the base ({base:,} bytes at {dt})"]
-    return "\n".join(head)
+    out = sum(s.nbytes for s in plan.outputs())
+    shards = max(1, math.ceil(out / plan.ctx.recipe.output.shard_size))
+    return [*head, (f"output: {out:,} bytes of weights in about {shards} shard(s) of at most "
+                   f"{plan.ctx.recipe.output.shard_size:,} bytes (routers and gates aside)")]

@@ -14,7 +14,6 @@ there, and swapped in only when complete.  All data is loaded and checked before
 from __future__ import annotations
 
 import json
-import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,11 +33,11 @@ from ..io.sources import FullSource, LoraSource, ModelFolder, open_source
 from ..io.writer import TensorSpec
 from ..kinds import KINDS, ExpertKind, KindConfig
 from ..pipeline.execute import Job, execute
-from ..recipe import Recipe
+from ..recipe import Recipe, check_expert_name
 from . import parallel
 from .calibrate import CalibrateOptions, calibrate
 from .commit import link_copy
-from .dataset import Defaults, Examples, from_mapping, from_table, load_examples, require_experts
+from .data import Defaults, Examples, data_inputs, from_mapping, from_table, load_examples, require_experts
 
 Source = FullSource | LoraSource
 ONE_SHARD = 2**62
@@ -46,13 +45,15 @@ ONE_SHARD = 2**62
 
 # ---------------------------------------------------------------- inputs
 
-def check_name(name: str, outputs: tuple[str, ...], folder: Path, what: str = "expert") -> None:
+def check_name(name: str, manifest: Manifest, folder: Path, what: str = "expert") -> None:
     """A new expert's or composed route's name: a plain word, not yet used by an expert or route."""
-    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name) or name in (".", ".."):
-        raise DataError(None, "name", f"{what} name '{name}' may only use letters, digits, '_', '-', '.'")
-    if name in outputs:
-        raise DataError(folder / names.CONFIG, "moerge.experts", f"the checkpoint already has an expert or route "
-                                                                 f"'{name}'")
+    try:
+        check_expert_name(name)
+    except ValueError as exc:
+        raise DataError(None, "name", str(exc).replace("expert name", f"{what} name", 1)) from None
+    if name in manifest.outputs:
+        used = "an expert" if name in manifest.experts else "a composed route"
+        raise DataError(folder / names.CONFIG, "moerge.experts", f"the checkpoint already has {used} '{name}'")
 
 
 def open_base(base: str | Path | None, recipe: Recipe | None, folder: Path) -> ModelFolder:
@@ -198,8 +199,7 @@ def write_expert(tmp: Path, ckpt: Checkpoint, name: str, src: Source, base: Mode
     (tmp / names.ROUTER_SHARD).unlink()  # a hard link to the old shard: a new file, not a rewrite in place
     order = write_router_shard(tmp / names.ROUTER_SHARD, routers, ckpt.router_dtype())
     write_index(tmp, [*files, shard.name], {names.ROUTER_SHARD: order})
-    config = dict(ckpt.config)
-    config["moerge"] = manifest.with_expert(name, shapes).to_dict()
+    config = ckpt.config_with(manifest.with_expert(name, shapes))
     (tmp / names.CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     card = tmp / names.CARD
     if card.is_file():
@@ -231,7 +231,7 @@ def add_expert(checkpoint: str | Path, name: str, source: str | Path, data: str 
         raise NotSupportedError(None, "add-expert", "run add-expert in one process (calibrate can be sharded)")
     ckpt = Checkpoint.open(checkpoint, routed=True)
     manifest = ckpt.require_routed()
-    check_name(name, manifest.outputs, ckpt.folder)
+    check_name(name, manifest, ckpt.folder)
     recipe = ckpt.recipe()
     base_model = open_base(base, recipe, ckpt.folder)
     src = open_source(name, Path(source), base_model)
@@ -241,7 +241,9 @@ def add_expert(checkpoint: str | Path, name: str, source: str | Path, data: str 
     note_unrouted(src, manifest)
     target = Path(out) if out is not None else ckpt.folder
     in_place = target.resolve() == ckpt.folder.resolve()
-    with atomic_output(target, force=force or in_place) as tmp:
+    inputs = [] if in_place else [("checkpoint", ckpt.folder), ("expert source", Path(source)),
+                                  ("base", base_model.folder), *data_inputs(data)]
+    with atomic_output(target, force=force or in_place, inputs=inputs) as tmp:
         link_copy(ckpt.folder, tmp)
         write_expert(tmp, ckpt, name, src, base_model, kind_config(recipe))
         report = calibrate(tmp, data, options=opts, examples=examples)

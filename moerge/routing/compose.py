@@ -33,13 +33,12 @@ from ..checkpoint.index import indexed_files, write_index
 from ..checkpoint.routers import write_router_shard
 from ..errors import DataError, NotSupportedError
 from ..io.atomic import atomic_output
-from ..recipe import DataSource
+from ..recipe import CalibrationData
 from ..registry import did_you_mean
 from .add_expert import check_name, completed
 from .calibrate import CalibrateOptions, calibrate
 from .commit import link_copy
-from .data import load_table, to_prompt
-from .dataset import Examples
+from .data import Examples, load_table, to_prompt
 
 _LAYER = re.compile(r"^(.*?\.layers\.\d+)\.")
 
@@ -72,7 +71,7 @@ class ComposeOptions:
 class Pairs:
     prompts: list[str]  # templated
     answers: list[str]
-    source: DataSource
+    source: CalibrationData
 
 
 def load_pairs(data: str | Path, tok: Any, opts: ComposeOptions, cal: CalibrateOptions) -> Pairs:
@@ -81,8 +80,8 @@ def load_pairs(data: str | Path, tok: Any, opts: ComposeOptions, cal: CalibrateO
         raise DataError(str(data), None, "--compose reads one table of prompt -> answer rows (jsonl/csv/json/"
                                          "parquet), not a mapping of experts")
     d = cal.defaults
-    source = DataSource(data=str(data), field=d.field, split=d.split, max_samples=opts.max_samples,
-                        chat_template=d.chat_template)
+    source = CalibrationData(data=str(data), field=d.field, split=d.split, max_samples=opts.max_samples,
+                             chat_template=d.chat_template)
     table = load_table(source, "--data")
     cols = table.column_names
     for col, what in ((d.field, "text"), (opts.answer_field, "answer")):
@@ -212,7 +211,7 @@ def prepare(ckpt: Checkpoint, name: str, copts: ComposeOptions) -> tuple[Manifes
     if manifest.level != "sequence":
         raise NotSupportedError(ckpt.folder / names.CONFIG, "moerge.level", "composed routes need a sequence-level "
                                                                            "router")
-    check_name(name, manifest.outputs, ckpt.folder, "route")
+    check_name(name, manifest, ckpt.folder, "route")
     over = list(manifest.experts) if copts.over is None else list(copts.over)
     if not over:
         raise DataError(None, "compose_over", "no experts to compose (--compose-over is empty)")
