@@ -38,7 +38,7 @@ from ..registry import did_you_mean
 from .add_expert import check_name, completed
 from .calibrate import CalibrateOptions, calibrate
 from .commit import link_copy
-from .data import Examples, load_table, to_prompt
+from .data import Examples, data_inputs, load_table, to_prompt
 
 _LAYER = re.compile(r"^(.*?\.layers\.\d+)\.")
 
@@ -254,8 +254,7 @@ def write_route(tmp: Path, ckpt: Checkpoint, name: str, weights: dict[str, list[
     (tmp / names.ROUTER_SHARD).unlink()
     order = write_router_shard(tmp / names.ROUTER_SHARD, routers, ckpt.router_dtype())
     write_index(tmp, indexed_files(tmp), {names.ROUTER_SHARD: order})
-    config = dict(ckpt.config)
-    config["moerge"] = manifest.with_route(name, weights).to_dict()
+    config = ckpt.config_with(manifest.with_route(name, weights))
     (tmp / names.CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -279,7 +278,9 @@ def compose(checkpoint: str | Path, data: str | Path, name: str, *, out: str | P
     fitted = learn(ckpt, pairs, name, over, copts, tok)
     fit_s = time.perf_counter() - clock
     target = Path(out) if out is not None else ckpt.folder
-    with atomic_output(target, force=force or target.resolve() == ckpt.folder.resolve()) as tmp:
+    in_place = target.resolve() == ckpt.folder.resolve()
+    inputs = [] if in_place else [("checkpoint", ckpt.folder), *data_inputs(data)]
+    with atomic_output(target, force=force or in_place, inputs=inputs) as tmp:
         link_copy(ckpt.folder, tmp)
         write_route(tmp, ckpt, name, fitted["weights"])
         report = calibrate(tmp, data, options=opts, examples=examples)

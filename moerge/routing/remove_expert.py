@@ -31,6 +31,7 @@ from ..io.index import read_safetensors_header
 from ..registry import did_you_mean
 from .calibrate import CalibrateOptions, calibrate
 from .commit import link_copy
+from .data import data_inputs
 
 
 def check_removable(manifest: Manifest, name: str, folder: Path) -> None:
@@ -81,8 +82,7 @@ def drop_output(tmp: Path, ckpt: Checkpoint, name: str) -> dict[str, Any]:
     (tmp / names.ROUTER_SHARD).unlink()
     order = write_router_shard(tmp / names.ROUTER_SHARD, routers, ckpt.router_dtype())
     write_index(tmp, files, {names.ROUTER_SHARD: order})
-    config = dict(ckpt.config)
-    config["moerge"] = new.to_dict()
+    config = ckpt.config_with(new)
     (tmp / names.CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     _forget_data(tmp / names.REPORT, name)
     card = tmp / names.CARD
@@ -124,7 +124,8 @@ def remove_expert(checkpoint: str | Path, name: str, *, out: str | Path | None =
     check_removable(ckpt.require_routed(), name, ckpt.folder)
     target = Path(out) if out is not None else ckpt.folder
     in_place = target.resolve() == ckpt.folder.resolve()
-    with atomic_output(target, force=force or in_place) as tmp:
+    inputs = [] if in_place else [("checkpoint", ckpt.folder), *(data_inputs(data) if data is not None else [])]
+    with atomic_output(target, force=force or in_place, inputs=inputs) as tmp:
         link_copy(ckpt.folder, tmp)
         result = drop_output(tmp, ckpt, name)
         result["calibration"] = calibrate(tmp, data, options=opts) if data is not None else None
