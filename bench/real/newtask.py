@@ -489,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     for task in args.tasks:
         loo = LeaveOneOut(env, raw, task, scorer, work / task, kind)
         steps = [loo.build_three, loo.score_three, loo.add,
-                 lambda loo=loo: loo.score_added(oracle_accuracy(env, scorer, args.pool, loo)), loo.round_trip]
+                 lambda loo=loo: "after" in loo.r or loo.score_added(oracle_accuracy(env, scorer, args.pool, loo)),
+                 loo.round_trip]
         for step in (steps if "add" in args.phases else [loo.build_three, loo.score_three]):
             log(f"{args.pool}/{task}: {getattr(step, '__name__', 'score_added')}")
             step()
