@@ -162,7 +162,8 @@ def test_table_form_into_copy(pool: dict, tmp_path: Path) -> None:
     report = calibrate(src, table, out=tmp_path / "out", options=opts)
     assert _snapshot(src) == before
     out = tmp_path / "out"
-    assert report["n_train"] == dict.fromkeys(TASKS, 26) and report["heldout"]["accuracy"] >= 0.95
+    # 24 held-out rows: over split seeds 0-5 the accuracy spreads 0.875-1.0 (chance 0.25), so the bound is 0.85
+    assert report["n_train"] == dict.fromkeys(TASKS, 26) and report["heldout"]["accuracy"] >= 0.85
     assert json.loads((out / "config.json").read_text())["moerge"]["fallback"]["mode"] == "shared"
     shard = "model.safetensors" if (src / "model.safetensors").exists() else "model-00001-of-00001.safetensors"
     assert os.stat(out / shard).st_ino == os.stat(src / shard).st_ino  # big shards are hard-linked

@@ -201,7 +201,7 @@ def predict_routed(model: Any, tok: Any, task: Task, routes: list[Route], cache:
     ``"i|route_key"`` to its prediction and is shared between routers of one checkpoint (prototype and
     calibrated routers differ only on the prompts they route differently).
     """
-    names = model.expert_names
+    names = getattr(model, "route_names", model.expert_names)  # the router's outputs: experts, then composed routes
     todo: dict[str, tuple[Route, list[int]]] = {}
     keys = [route_key(r, names) for r in routes]
     for i, (k, r) in enumerate(zip(keys, routes)):

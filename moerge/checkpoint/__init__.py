@@ -9,8 +9,8 @@
 """
 
 from .folder import Checkpoint, load_model, read_config
-from .manifest import Fallback, LinearSpec, Manifest, UnitSpec
+from .manifest import Fallback, LinearSpec, Manifest, UnitSpec, Unknown
 from .routers import RouterTensors, uniform_router
 
-__all__ = ["Checkpoint", "Fallback", "LinearSpec", "Manifest", "RouterTensors", "UnitSpec", "load_model",
+__all__ = ["Checkpoint", "Fallback", "LinearSpec", "Manifest", "RouterTensors", "UnitSpec", "Unknown", "load_model",
            "read_config", "uniform_router"]

@@ -14,6 +14,7 @@ from ..errors import CheckpointError
 from . import names
 
 Shapes = dict[str, tuple[int, ...]]  # stored tensor name of one expert -> shape
+RouteWeights = dict[str, tuple[float, ...]]  # unit -> one weight per expert (a composed route)
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,34 @@ class Fallback:
 
 
 @dataclass(frozen=True)
+class Unknown:
+    """Prompts whose :class:`~moerge.modeling.modeling_moerge.UnknownDetector` score exceeds ``threshold`` take
+    the shared weights (the zero route).  ``segments``, ``rank`` and ``background_rank`` give its tensor shapes."""
+
+    threshold: float
+    segments: int
+    rank: int
+    background_rank: int
+    score: str = "relative_mahalanobis"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"score": self.score, "threshold": self.threshold, "segments": self.segments, "rank": self.rank,
+                "background_rank": self.background_rank}
+
+    @classmethod
+    def from_dict(cls, raw: Any, file: str) -> Unknown:
+        raw = _mapping(raw, file, "moerge.unknown")
+        try:
+            return cls(float(raw["threshold"]), int(raw["segments"]), int(raw["rank"]), int(raw["background_rank"]),
+                       str(raw.get("score", "relative_mahalanobis")))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(file, "moerge.unknown", f"malformed ({exc})") from None
+
+
+@dataclass(frozen=True)
 class Manifest:
-    """``config.json["moerge"]``."""
+    """``config.json["moerge"]``.  The router's outputs are the experts, then the composed ``routes`` (each a
+    per-unit mix of the experts); ``unknown`` (optional) sends prompts unlike every route to the shared weights."""
 
     experts: tuple[str, ...]
     level: str = "sequence"
@@ -75,12 +102,19 @@ class Manifest:
     shared: str = "merge"  # "merge" | "base"
     units: dict[str, UnitSpec] = field(default_factory=dict)
     version: int = 1
+    routes: dict[str, RouteWeights] = field(default_factory=dict)
+    unknown: Unknown | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": self.version, "experts": list(self.experts), "level": self.level, "top_k": self.top_k,
-                "router_input": self.router_input, "initialized": self.initialized,
-                "fallback": None if self.fallback is None else self.fallback.to_dict(), "shared": self.shared,
-                "units": {p: u.to_dict() for p, u in self.units.items()}}
+        out = {"version": self.version, "experts": list(self.experts), "level": self.level, "top_k": self.top_k,
+               "router_input": self.router_input, "initialized": self.initialized,
+               "fallback": None if self.fallback is None else self.fallback.to_dict(), "shared": self.shared,
+               "units": {p: u.to_dict() for p, u in self.units.items()}}
+        if self.routes:  # written only when there are some: older readers see an unchanged layout
+            out["routes"] = {n: {u: list(w) for u, w in r.items()} for n, r in self.routes.items()}
+        if self.unknown is not None:
+            out["unknown"] = self.unknown.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, raw: Any, file: str) -> Manifest:
@@ -90,16 +124,23 @@ class Manifest:
         fb = raw.get("fallback")
         fallback = None if not fb else Fallback(float(_get(fb, "threshold", (int, float), file, "moerge.fallback")),
                                                 str(fb.get("mode", "soft")))
-        return cls(tuple(str(e) for e in _get(raw, "experts", list, file, "moerge")), str(raw.get("level", "sequence")),
+        experts = tuple(str(e) for e in _get(raw, "experts", list, file, "moerge"))
+        unknown = Unknown.from_dict(raw["unknown"], file) if raw.get("unknown") else None
+        return cls(experts, str(raw.get("level", "sequence")),
                    raw.get("top_k", 1), raw.get("router_input"), bool(raw.get("initialized", True)), fallback,
                    str(raw.get("shared", "merge")),
                    {str(p): UnitSpec.from_dict(u, file, f"moerge.units.{p}") for p, u in units.items()},
-                   int(raw.get("version", 1)))
+                   int(raw.get("version", 1)), _routes(raw.get("routes") or {}, len(experts), file), unknown)
 
     # ---- what callers ask
     @property
     def routed(self) -> bool:
         return bool(self.units)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The router's outputs: the experts, then the composed routes."""
+        return (*self.experts, *self.routes)
 
     def router_prefixes(self) -> dict[str, str]:
         """Router tensor prefix -> the unit whose input feeds it."""
@@ -111,20 +152,44 @@ class Manifest:
         """(unit path, linear name, spec) of every routed linear, in order."""
         return [(p, n, lin) for p, u in self.units.items() for n, lin in u.linears.items()]
 
-    def calibrated(self, fallback: Fallback | None) -> Manifest:
-        return replace(self, initialized=True, fallback=fallback)
+    def calibrated(self, fallback: Fallback | None, unknown: Unknown | None = None) -> Manifest:
+        return replace(self, initialized=True, fallback=fallback, unknown=unknown)
 
     def with_expert(self, name: str, shapes: dict[tuple[str, str], Shapes]) -> Manifest:
-        """One more expert: ``shapes[(unit, linear)]`` gives its stored tensors in each routed linear."""
+        """One more expert (index E, before the composed routes, which give it weight 0 everywhere):
+        ``shapes[(unit, linear)]`` gives its stored tensors in each routed linear."""
         units = {p: UnitSpec(u.kind, {n: LinearSpec(lin.bias, (*lin.experts, shapes[(p, n)]))
                                       for n, lin in u.linears.items()}) for p, u in self.units.items()}
-        return replace(self, experts=(*self.experts, name), units=units)
+        routes = {r: {u: (*w, 0.0) for u, w in per.items()} for r, per in self.routes.items()}
+        return replace(self, experts=(*self.experts, name), units=units, routes=routes)
 
     def without_expert(self, e: int) -> Manifest:
-        """Expert ``e`` dropped everywhere (later experts move down one index)."""
+        """Expert ``e`` dropped everywhere (later experts move down one index; composed routes lose its weight)."""
         units = {p: UnitSpec(u.kind, {n: LinearSpec(lin.bias, lin.experts[:e] + lin.experts[e + 1:])
                                       for n, lin in u.linears.items()}) for p, u in self.units.items()}
-        return replace(self, experts=self.experts[:e] + self.experts[e + 1:], units=units)
+        routes = {r: {u: w[:e] + w[e + 1:] for u, w in per.items()} for r, per in self.routes.items()}
+        return replace(self, experts=self.experts[:e] + self.experts[e + 1:], units=units, routes=routes)
+
+    def with_route(self, name: str, weights: RouteWeights) -> Manifest:
+        """One more composed route (the last router output); ``weights[unit]`` has one weight per expert."""
+        return replace(self, routes={**self.routes, name: {u: tuple(map(float, w)) for u, w in weights.items()}})
+
+    def without_route(self, name: str) -> Manifest:
+        return replace(self, routes={r: w for r, w in self.routes.items() if r != name})
+
+
+def _routes(raw: Any, n_experts: int, file: str) -> dict[str, RouteWeights]:
+    """``{name: {unit: [one weight per expert]}}``, checked."""
+    out: dict[str, RouteWeights] = {}
+    for name, per_unit in _mapping(raw, file, "moerge.routes").items():
+        where = f"moerge.routes.{name}"
+        weights = {}
+        for unit, w in _mapping(per_unit, file, where).items():
+            if not isinstance(w, list) or len(w) != n_experts or not all(isinstance(v, (int, float)) for v in w):
+                raise CheckpointError(file, f"{where}.{unit}", f"expected {n_experts} numbers (one per expert)")
+            weights[str(unit)] = tuple(float(v) for v in w)
+        out[str(name)] = weights
+    return out
 
 
 def _mapping(raw: Any, file: str, where: str) -> dict[str, Any]:

@@ -1,40 +1,81 @@
 """Router tensors of a checkpoint: one :class:`RouterTensors` per router prefix, read and written as a shard.
 
-A router scores ``logits = scale * cos(x - center, prototypes[e]) + bias[e]`` (``docs/FORMAT.md``); the formula
-is the model's own (:func:`moerge.modeling.modeling_moerge.router_logits`), so calibration and serving agree.
+A router scores ``logits = scale * cos(x - center, prototypes[o]) + bias[o]`` (``docs/FORMAT.md``), one output o
+per expert, then per composed route; the formula is the model's own
+(:func:`moerge.modeling.modeling_moerge.router_logits`), so calibration and serving agree.  A sequence router may
+carry an unknown-prompt detector (:class:`UnknownTensors`, tensors ``moerge_router.unknown.*``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..modeling.modeling_moerge import router_logits
+from ..modeling.modeling_moerge import gaussian_distance, router_logits
 from . import names
 from .manifest import Manifest
+
+UNKNOWN = "unknown"  # tensor key prefix of the detector inside a router
+
+
+@dataclass
+class UnknownTensors:
+    """The unknown-prompt detector of a sequence router (float32): per-output means (O, D), the shared
+    within-route covariance as ``factor`` (r, D) and ``inv_var`` (), and the background Gaussian of all
+    calibration prompts (``background_mean`` (D,), ``background_factor`` (r0, D), ``background_inv_var`` ()),
+    D = segments * C (see :func:`moerge.modeling.modeling_moerge.gaussian_distance`)."""
+
+    means: torch.Tensor
+    factor: torch.Tensor
+    inv_var: torch.Tensor
+    background_mean: torch.Tensor
+    background_factor: torch.Tensor
+    background_inv_var: torch.Tensor
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def score(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Segment-pooled features (N, D) -> (N,) relative Mahalanobis score, the model's formula."""
+        near = gaussian_distance(pooled, self.means, self.factor, self.inv_var).min(-1).values
+        back = gaussian_distance(pooled, self.background_mean[None], self.background_factor, self.background_inv_var)
+        return near - back[:, 0]
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> UnknownTensors:
+        return UnknownTensors(*(fn(getattr(self, f.name)) for f in fields(self)))
 
 
 @dataclass
 class RouterTensors:
-    """One router: prototypes (E, C), center (C,), scale (), bias (E,), all float32."""
+    """One router: prototypes (O, C), center (C,), scale (), bias (O,), all float32; ``unknown`` optional."""
 
     prototypes: torch.Tensor
     center: torch.Tensor
     scale: torch.Tensor
     bias: torch.Tensor
+    unknown: UnknownTensors | None = None
 
     @classmethod
     def from_dict(cls, tensors: dict[str, torch.Tensor], hidden: int) -> RouterTensors:
-        """From ``{"prototypes", "scale", "bias"[, "center"]}`` (a missing center is 0)."""
+        """From ``{"prototypes", "scale", "bias"[, "center"][, "unknown.<key>"...]}`` (a missing center is 0)."""
         center = tensors.get("center")
+        det = {k[len(UNKNOWN) + 1:]: v.float() for k, v in tensors.items() if k.startswith(UNKNOWN + ".")}
+        unknown = None
+        if det:
+            det = {k: v.reshape(()) if k.endswith("inv_var") else v for k, v in det.items()}
+            unknown = UnknownTensors(**det)
         return cls(tensors["prototypes"].float(), torch.zeros(hidden) if center is None else center.float(),
-                   tensors["scale"].float().reshape(()), tensors["bias"].float())
+                   tensors["scale"].float().reshape(()), tensors["bias"].float(), unknown)
 
     def as_dict(self) -> dict[str, torch.Tensor]:
-        return {"prototypes": self.prototypes, "center": self.center, "scale": self.scale, "bias": self.bias}
+        out = {"prototypes": self.prototypes, "center": self.center, "scale": self.scale, "bias": self.bias}
+        if self.unknown is not None:
+            out.update({f"{UNKNOWN}.{k}": v for k, v in self.unknown.as_dict().items()})
+        return out
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C) -> (N, E), the model's formula in float32."""
@@ -45,21 +86,35 @@ class RouterTensors:
 
     def tempered(self, temperature: float) -> RouterTensors:
         """Logits divided by T: scale / T and bias / T."""
-        return RouterTensors(self.prototypes, self.center, self.scale / temperature, self.bias / temperature)
+        return replace(self, scale=self.scale / temperature, bias=self.bias / temperature)
 
     def cast(self, dtype: torch.dtype) -> RouterTensors:
         """Round-trip through the checkpoint's dtype (what inference will see)."""
-        return RouterTensors(*(t.to(dtype).float() for t in (self.prototypes, self.center, self.scale, self.bias)))
+        def rt(t: torch.Tensor) -> torch.Tensor:
+            return t.to(dtype).float()
 
-    def grown(self) -> RouterTensors:
-        """One more output: a zero prototype row and a zero bias (calibration sets them)."""
-        return RouterTensors(torch.cat([self.prototypes, self.prototypes.new_zeros(1, self.prototypes.shape[1])]),
-                             self.center, self.scale, torch.cat([self.bias, self.bias.new_zeros(1)]))
+        return RouterTensors(*(rt(t) for t in (self.prototypes, self.center, self.scale, self.bias)),
+                             None if self.unknown is None else self.unknown.map(rt))
+
+    def with_unknown(self, unknown: UnknownTensors | None) -> RouterTensors:
+        return replace(self, unknown=unknown)
+
+    def grown(self, at: int | None = None) -> RouterTensors:
+        """One more output at index ``at`` (default: last): a zero prototype row and a zero bias (calibration sets
+        them; the detector's mean row is zero too)."""
+        at = self.bias.numel() if at is None else at
+
+        def insert(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([t[:at], t.new_zeros(1, *t.shape[1:]), t[at:]])
+
+        unknown = None if self.unknown is None else replace(self.unknown, means=insert(self.unknown.means))
+        return RouterTensors(insert(self.prototypes), self.center, self.scale, insert(self.bias), unknown)
 
     def without(self, e: int) -> RouterTensors:
-        """Output ``e`` dropped."""
+        """Output ``e`` dropped (and the detector's mean of it)."""
         keep = [i for i in range(self.bias.numel()) if i != e]
-        return RouterTensors(self.prototypes[keep], self.center, self.scale, self.bias[keep])
+        unknown = None if self.unknown is None else replace(self.unknown, means=self.unknown.means[keep])
+        return RouterTensors(self.prototypes[keep], self.center, self.scale, self.bias[keep], unknown)
 
 
 def uniform_router(n_experts: int, hidden: int, scale: float = 1.0) -> RouterTensors:
@@ -71,7 +126,7 @@ def uniform_router(n_experts: int, hidden: int, scale: float = 1.0) -> RouterTen
 def read_routers(path: Path, manifest: Manifest, hidden: int) -> dict[str, RouterTensors]:
     """Every router of the shard at ``path`` (uniform ones when the manifest is not initialised)."""
     if not manifest.initialized:
-        return {p: uniform_router(len(manifest.experts), hidden) for p in manifest.router_prefixes()}
+        return {p: uniform_router(len(manifest.outputs), hidden) for p in manifest.router_prefixes()}
     tensors = load_file(path)
     out = {}
     for prefix in manifest.router_prefixes():

@@ -46,6 +46,11 @@ def inspect_checkpoint(path: Path) -> str:
     m = ckpt.manifest
     if m is not None:
         lines.append(f"experts: {', '.join(m.experts)}; level {m.level}; {len(m.units)} routed units")
+        if m.routes:
+            lines.append(f"composed routes: {', '.join(m.routes)}")
+        if m.unknown is not None:
+            lines.append(f"unknown prompts: shared weights above score {m.unknown.threshold:.4g} ({m.unknown.score}, "
+                         f"{m.unknown.segments} segments)")
         parts = storage_breakdown(index, m)
         base = parts.get("shared", 0)
         for key, n in sorted(parts.items()):

@@ -525,18 +525,27 @@ def router_logits(
 
 
 class MoergeRouter(nn.Module):
-    """logits = scale * cos(x - center, prototypes[e]) + bias[e]; probabilities = softmax (in float32).
+    """logits = scale * cos(x - center, prototypes[o]) + bias[o]; probabilities = softmax (in float32).
 
-    ``center`` (C,) is optional in a checkpoint (absent = 0)."""
+    One output per route: the experts, then the composed routes (``config.moerge["routes"]``).  ``center`` (C,)
+    is optional in a checkpoint (absent = 0).  ``unknown`` (sequence level, when the plan has an ``unknown``
+    block): the :class:`UnknownDetector` whose score sends prompts of no known task to the shared weights."""
 
     def __init__(
-        self, num_experts: int, hidden: int, dtype: torch.dtype, device: torch.device | None
+        self,
+        num_experts: int,
+        hidden: int,
+        dtype: torch.dtype,
+        device: torch.device | None,
+        unknown: dict | None = None,
     ) -> None:
         super().__init__()
         self.prototypes = nn.Parameter(torch.zeros(num_experts, hidden, dtype=dtype, device=device))  # (E, C)
         self.center = nn.Parameter(torch.zeros(hidden, dtype=dtype, device=device))  # (C,)
         self.scale = nn.Parameter(torch.ones((), dtype=dtype, device=device))  # ()
         self.bias = nn.Parameter(torch.zeros(num_experts, dtype=dtype, device=device))  # (E,)
+        if unknown:
+            self.unknown = UnknownDetector(num_experts, hidden, unknown, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`probs`, through the module call so that device-map hooks (accelerate) place and load the router."""
@@ -551,6 +560,78 @@ class MoergeRouter(nn.Module):
         _init_(self.center, torch.zeros_like)
         _init_(self.scale, torch.ones_like)
         _init_(self.bias, torch.zeros_like)
+
+    @torch.no_grad()
+    def grow(self) -> None:
+        """One more output (a composed route added at run time): a zero prototype and a bias of -1e4, so that the
+        router does not pick it before calibration; the detector's new mean repeats the first one."""
+        self.prototypes = nn.Parameter(torch.cat([self.prototypes, self.prototypes.new_zeros(1, self.prototypes.shape[1])]))
+        self.bias = nn.Parameter(torch.cat([self.bias, self.bias.new_full((1,), -1e4)]))
+        det = getattr(self, "unknown", None)
+        if det is not None:
+            det.means = nn.Parameter(torch.cat([det.means, det.means[:1]]))
+
+
+def segment_pool(x: torch.Tensor, mask: torch.Tensor | None, segments: int) -> torch.Tensor:
+    """(B, T, C), mask (B, >=T) of 1 = real token -> (B, S * C) float32: the mean of each of S equal, consecutive
+    segments of the real tokens (a coarse positional bag of features: where in the prompt a word is).  Token j
+    of n real ones is in segment floor(j * S / n); an empty segment (n < S) pools to 0."""
+    x = x.float()
+    batch, tokens, hidden = x.shape
+    if mask is None or mask.dim() != 2 or mask.shape[0] != batch:
+        keep = torch.ones(batch, tokens, device=x.device)
+    else:
+        keep = mask[:, -tokens:].to(x.device).float()  # (B, T)
+    n = keep.sum(1, keepdim=True).clamp_min(1)  # (B, 1)
+    seg = ((keep.cumsum(1) - 1).clamp_min(0) * segments / n).floor().long().clamp(0, segments - 1)  # (B, T)
+    w = F.one_hot(seg, segments).float() * keep.unsqueeze(-1)  # (B, T, S)
+    sums = torch.einsum("bts,btc->bsc", w, torch.where(keep.bool().unsqueeze(-1), x, 0.0))  # (B, S, C)
+    return (sums / w.sum(1).clamp_min(1).unsqueeze(-1)).reshape(batch, segments * hidden)
+
+
+def gaussian_distance(
+    x: torch.Tensor, mean: torch.Tensor, factor: torch.Tensor, inv_var: torch.Tensor
+) -> torch.Tensor:
+    """Squared Mahalanobis distance per dimension under a shrunk covariance ``var * I + V diag(l) V^T``.
+
+    x (B, D), mean (K, D) -> (B, K).  Its inverse is ``(I - V diag(l / (l + var)) V^T) / var``, so the detector
+    stores ``factor`` = rows ``sqrt(l_i / (l_i + var)) v_i`` (r, D) and ``inv_var`` = 1 / var (), r << D."""
+    d = x.float()[:, None, :] - mean.float()[None]  # (B, K, D)
+    proj = d @ factor.float().T  # (B, K, r)
+    return inv_var.float() * (d.pow(2).sum(-1) - proj.pow(2).sum(-1)) / x.shape[-1]
+
+
+class UnknownDetector(nn.Module):
+    """Relative Mahalanobis score of a prompt (Ren et al. 2021, https://arxiv.org/abs/2106.09022) on the
+    segment-pooled router input: the distance to the nearest route's mean under the routes' shared covariance,
+    minus the distance to the mean of all calibration prompts under their own covariance.  High = unlike every
+    known task.  Shapes in ``plan["unknown"]``: ``segments`` S, ``rank`` r, ``background_rank`` r0; D = S * C."""
+
+    def __init__(self, num_outputs: int, hidden: int, spec: dict, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        self.segments = int(spec.get("segments", 1))
+        dim = self.segments * hidden
+
+        def param(*shape: int) -> nn.Parameter:
+            return nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
+
+        self.means = param(num_outputs, dim)  # (E, D)
+        self.factor = param(int(spec["rank"]), dim)  # (r, D)
+        self.inv_var = param()  # ()
+        self.background_mean = param(dim)  # (D,)
+        self.background_factor = param(int(spec["background_rank"]), dim)  # (r0, D)
+        self.background_inv_var = param()  # ()
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Router input (B, T, C) -> score (B,) float32."""
+        pooled = segment_pool(x, mask, self.segments).to(self.means.device)  # (B, D)
+        near = gaussian_distance(pooled, self.means, self.factor, self.inv_var).min(-1).values  # (B,)
+        back = gaussian_distance(pooled, self.background_mean[None], self.background_factor, self.background_inv_var)
+        return near - back[:, 0]
+
+    def reset(self) -> None:
+        for p in self.parameters():
+            _init_(p, torch.zeros_like)
 
 
 def top_k_route(probs: torch.Tensor, top_k: int | None) -> torch.Tensor:
@@ -619,6 +700,11 @@ class RoutedLinear(nn.Module):
     matmul per group.  A mixed-route batch of a kind whose ``shared_plus_deltas`` says so instead runs
     ``x @ W_s^T`` once for all rows plus each group's ``x @ Δ_e^T``, reading W_s once rather than one full
     effective weight per route.  (B, T, E) routes: the kind's ``mix_tokens``, ``x @ W_s^T + Σ_e r_e (x @ Δ_e^T)``.
+
+    Composed routes: a route is a vector over the router's outputs (E experts, then R composed routes); ``mix``
+    (R, E) holds this unit's expert weights of each composed route, and a route r over the outputs means the
+    expert weights ``r[:E] + r[E:] @ mix`` here (`expert_key`).  Without composed routes (``mix`` None) routes are
+    used as they are.  A ``mix`` that requires grad (fitting composed routes) takes the per-row tensor path.
     """
 
     def __init__(
@@ -628,6 +714,7 @@ class RoutedLinear(nn.Module):
         experts: list[dict[str, list[int]]],
         slot: RouteSlot,
         cache_size: int = 4,
+        mix: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if kind not in KIND_IMPLS:
@@ -643,6 +730,41 @@ class RoutedLinear(nn.Module):
         self._weights: OrderedDict[tuple[float, ...], Effective] = OrderedDict()  # LRU: route key -> weight
         self._kind_cache: dict[int, dict[str, torch.Tensor]] = {}  # per expert: what its kind keeps (Δ_e, ...)
         self._signature: tuple = ()
+        self.set_mix(mix)
+
+    def set_mix(self, mix: torch.Tensor | None) -> None:
+        """This unit's composed-route weights (R, E) float32, or None (no composed routes)."""
+        self.mix = mix
+        self._mix_keys: dict[tuple[float, ...], tuple[float, ...]] = {}
+        self._mix_rows = None if mix is None else mix.detach().tolist()
+        # cached effective weights are keyed by expert weights, so they stay valid when the mix changes
+
+    def expert_key(self, key: tuple[float, ...]) -> tuple[float, ...]:
+        """A route over the outputs (O floats) -> expert weights here (E floats): ``r[:E] + r[E:] @ mix``."""
+        hit = self._mix_keys.get(key)
+        if hit is None:
+            n_exp, rows = len(self.experts), self._mix_rows
+            hit = tuple(key[e] + sum(key[n_exp + j] * row[e] for j, row in enumerate(rows)) for e in range(n_exp))
+            if len(self._mix_keys) >= 64:
+                self._mix_keys.clear()
+            self._mix_keys[key] = hit
+        return hit
+
+    def _forward_mixed(self, x: torch.Tensor, caching: bool) -> torch.Tensor:
+        """Composed routes: the slot's route over the outputs translated to this unit's expert weights."""
+        slot = self.slot
+        if slot.route.dim() == 2 and slot.groups is not None and not self.mix.requires_grad:
+            groups = [(self.expert_key(key), span) for key, span in slot.groups]
+            return self._forward_groups(x, groups, caching)
+        route = slot.on(x.device)[0]  # (B, O) or (B, T, O)
+        n_exp = len(self.experts)
+        mix = self.mix.to(route.device)
+        r = route[..., :n_exp] + route[..., n_exp:].to(mix.dtype) @ mix  # (B, E) or (B, T, E)
+        if self.mix.requires_grad:  # every expert: a weight that is 0 now still needs its gradient
+            active = list(range(n_exp))
+        else:
+            active = torch.nonzero(r.detach().reshape(-1, n_exp).ne(0).any(0)).flatten().tolist()
+        return self._forward_tokens(x, r, active, caching)
 
     def extra_repr(self) -> str:
         return (
@@ -797,6 +919,8 @@ class RoutedLinear(nn.Module):
                 f"moerge: input batch {x.shape[0]} does not match the route's {slot.route.shape[0]}"
             )
         caching = self._caching()
+        if self.mix is not None:
+            return self._forward_mixed(x, caching)
         if slot.route.dim() == 2 and slot.groups is not None:
             return self._forward_groups(x, slot.groups, caching)
         return self._forward_tokens(x, slot.on(x.device)[0], slot.active, caching)
@@ -839,11 +963,16 @@ def _init_(t: torch.Tensor, make: Callable[[torch.Tensor], torch.Tensor]) -> Non
 # routing state and hooks
 # --------------------------------------------------------------------------------------------------------------
 class RoutingState:
-    """Everything the hooks share: the plan, the forced route, the current phase and the slots."""
+    """Everything the hooks share: the plan, the forced route, the current phase and the slots.
+
+    Routes are vectors over the router's outputs: the experts, then the composed routes of ``plan["routes"]``
+    (each a per-unit mix of the experts, translated by every routed linear; see :class:`RoutedLinear`)."""
 
     def __init__(self, plan: dict, cache_size: int) -> None:
-        self.plan = plan  # config.moerge: top_k, initialized and fallback are read live from it
+        self.plan = plan  # config.moerge: top_k, initialized, fallback and unknown are read live from it
         self.experts: list[str] = list(plan.get("experts", []))
+        self.routes: dict[str, dict[str, list[float]]] = dict(plan.get("routes") or {})
+        self.outputs: list[str] = [*self.experts, *self.routes]
         self.level: str = plan.get("level", "sequence")
         self.max_groups = cache_size
         self.forced: tuple[torch.Tensor, tuple[float, ...]] | None = None
@@ -852,6 +981,8 @@ class RoutingState:
         self.sequence_slot = RouteSlot()
         self.slots: dict[str, RouteSlot] = {}
         self.stats = {"routed_rows": 0, "fallback_rows": 0}
+        if plan.get("unknown"):
+            self.stats["unknown_rows"] = 0
         self._uniform = self.weights({name: 1.0 for name in self.experts}) if self.experts else None
 
     def slot_for(self, unit: str) -> RouteSlot:
@@ -859,20 +990,37 @@ class RoutingState:
             return self.sequence_slot
         return self.slots.setdefault(unit, RouteSlot())
 
+    def mix_for(self, unit: str) -> torch.Tensor | None:
+        """(R, E) float32: row r = composed route r's expert weights in ``unit`` (absent unit = 0); None when the
+        plan has no composed routes."""
+        if not self.routes:
+            return None
+        rows = []
+        for name, per_unit in self.routes.items():
+            w = [float(v) for v in per_unit.get(unit, [0.0] * len(self.experts))]
+            if len(w) != len(self.experts):
+                raise ValueError(f"moerge: route {name!r} has {len(w)} weights in {unit}, expected {len(self.experts)}")
+            rows.append(w)
+        return torch.tensor(rows, dtype=torch.float32, device="cpu")
+
     def weights(self, route: str | int | dict | None) -> tuple[torch.Tensor, tuple[float, ...]] | None:
-        """force_route's argument -> ((E,) float32 weights summing to 1, the same as floats)."""
+        """force_route's argument -> ((O,) float32 weights over the outputs summing to 1, the same as floats)."""
         if route is None:
             return None
+        names = self.outputs
         if isinstance(route, int) and not isinstance(route, bool):
-            if not 0 <= route < len(self.experts):
-                raise ValueError(f"expert index {route} out of range; experts are {self.experts}")
-            route = {self.experts[route]: 1.0}
+            if not 0 <= route < len(names):
+                raise ValueError(f"route index {route} out of range; routes are {names}")
+            route = {names[route]: 1.0}
         if isinstance(route, str):
             route = {route: 1.0}
-        unknown = [k for k in route if k not in self.experts]
+        if isinstance(route, dict) and not route:  # {}: the zero route, the shared weights only
+            zero = torch.zeros(len(names), dtype=torch.float32, device="cpu")
+            return zero, tuple(zero.tolist())
+        unknown = [k for k in route if k not in names]
         if unknown:
-            raise ValueError(f"unknown expert(s) {unknown}; valid names: {self.experts}")
-        raw = [float(route.get(name, 0.0)) for name in self.experts]
+            raise ValueError(f"unknown expert(s) {unknown}; valid names: {names}")
+        raw = [float(route.get(name, 0.0)) for name in names]
         if min(raw) < 0 or sum(raw) <= 0:
             raise ValueError(f"route weights must be >= 0 with a positive sum, got {route}")
         # on the CPU explicitly: the model may be built under a meta-device context
@@ -892,6 +1040,10 @@ class RoutingState:
     def fallback(self) -> dict | None:
         return self.plan.get("fallback")
 
+    @property
+    def unknown(self) -> dict | None:
+        return self.plan.get("unknown")
+
     def pinned(self) -> tuple[torch.Tensor, tuple[float, ...]] | None:
         """The forced route, or the uniform one for an uninitialised router."""
         if self.forced is not None:
@@ -899,18 +1051,23 @@ class RoutingState:
         return None if self.initialized else self._uniform
 
     def sequence_route(self, router: MoergeRouter, x: torch.Tensor) -> torch.Tensor:
-        """Router input (B, T, C) -> route (B, E): mask-aware mean, softmax, top-k, fallback."""
+        """Router input (B, T, C) -> route (B, O): mask-aware mean, softmax, top-k, fallback, unknown prompts."""
         mask = self.mask if self.phase == "prefill" else None
         pooled = masked_mean(x, mask)  # (B, C), on x's device
         if router.prototypes.device.type != "meta":  # else offloaded: its hook brings it and the input together
             pooled = pooled.to(router.prototypes.device)
-        probs = router(pooled)  # (B, E), on the router's device
+        probs = router(pooled)  # (B, O), on the router's device
         route = top_k_route(probs, self.top_k)
         if self.fallback:
             low = probs.max(-1).values < float(self.fallback.get("threshold", 0.0))  # (B,)
             alt = probs if self.fallback.get("mode", "soft") == "soft" else torch.zeros_like(probs)
             route = torch.where(low[:, None], alt, route)
             self.stats["fallback_rows"] += int(low.sum())
+        spec = self.unknown
+        if spec and getattr(router, "unknown", None) is not None:
+            far = router.unknown(x, mask).to(route.device) > float(spec["threshold"])  # (B,)
+            route = torch.where(far[:, None], torch.zeros_like(route), route)  # the shared weights only
+            self.stats["unknown_rows"] = self.stats.get("unknown_rows", 0) + int(far.sum())
         self.stats["routed_rows"] += route.shape[0]
         return route
 
@@ -1026,19 +1183,19 @@ class MoergeForCausalLM(PreTrainedModel, GenerationMixin):
         units: dict = plan.get("units", {})
         if not units:
             return
-        n_exp, hidden = len(st.experts), self.config.get_text_config().hidden_size
+        n_out, hidden = len(st.outputs), self.config.get_text_config().hidden_size
         dtype, device = self._float_dtype_device()
         if st.level not in ("sequence", "token"):
             raise ValueError(f"moerge: level must be 'sequence' or 'token', got {st.level!r}")
         if st.level == "sequence":
-            self.moerge_router = MoergeRouter(n_exp, hidden, dtype, device)
+            self.moerge_router = MoergeRouter(n_out, hidden, dtype, device, st.unknown)
             source = self.get_submodule(plan.get("router_input") or next(iter(units)))
             source.register_forward_pre_hook(SequenceRouterHook(st, self.moerge_router), with_kwargs=True)
         for unit_name, spec in units.items():
             unit = self.get_submodule(unit_name)
             router = None
             if st.level == "token":
-                router = unit.moerge_router = MoergeRouter(n_exp, hidden, dtype, device)
+                router = unit.moerge_router = MoergeRouter(n_out, hidden, dtype, device)
             unit.register_forward_pre_hook(UnitHook(st, unit_name, router), with_kwargs=True)
             for lin_name, lin_spec in spec["linears"].items():
                 self._route_linear(unit, unit_name, lin_name, spec["kind"], lin_spec)
@@ -1056,7 +1213,9 @@ class MoergeForCausalLM(PreTrainedModel, GenerationMixin):
         parent_name, _, attr = lin_name.rpartition(".")
         parent = unit.get_submodule(parent_name) if parent_name else unit
         slot = self._moerge.slot_for(unit_name)
-        setattr(parent, attr, RoutedLinear(linear, kind, experts, slot, self.cache_size))
+        routed = RoutedLinear(linear, kind, experts, slot, self.cache_size, self._moerge.mix_for(unit_name))
+        routed.unit = unit_name
+        setattr(parent, attr, routed)
 
     def _float_dtype_device(self) -> tuple[torch.dtype, torch.device]:
         p = next(p for p in self._causal_lm.parameters() if p.is_floating_point())
@@ -1065,12 +1224,12 @@ class MoergeForCausalLM(PreTrainedModel, GenerationMixin):
     def initialize_weights(self) -> None:
         """transformers' init, plus defaults for the moerge tensors that were not loaded."""
         for module in self.modules():
-            if isinstance(module, (RoutedLinear, MoergeRouter)):
+            if isinstance(module, (RoutedLinear, MoergeRouter, UnknownDetector)):
                 module.reset()
         super().initialize_weights()
 
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (RoutedLinear, MoergeRouter)):
+        if isinstance(module, (RoutedLinear, MoergeRouter, UnknownDetector)):
             module.reset()
         else:
             self._causal_lm._init_weights(module)
@@ -1096,20 +1255,49 @@ class MoergeForCausalLM(PreTrainedModel, GenerationMixin):
         return list(self._moerge.experts)
 
     @property
+    def route_names(self) -> list[str]:
+        """The router's outputs: the experts, then the composed routes (the columns of `last_routes`)."""
+        return list(self._moerge.outputs)
+
+    @property
     def moerge_stats(self) -> dict[str, int]:
-        """``routed_rows`` (sequence routes computed) and ``fallback_rows`` (of those, how many fell back)."""
+        """``routed_rows`` (sequence routes computed), ``fallback_rows`` (of those, how many fell back) and, with
+        an ``unknown`` detector, ``unknown_rows`` (how many took the shared weights as unlike every known task)."""
         return self._moerge.stats
 
     def reset_moerge_stats(self) -> None:
-        self._moerge.stats.update(routed_rows=0, fallback_rows=0)
+        self._moerge.stats.update({k: 0 for k in self._moerge.stats})
 
     def force_route(self, route: str | int | dict[str, float] | None) -> None:
-        """Pin every unit to expert ``route`` (a name or index), to a mix ``{name: weight}`` (normalised to sum
-        1), or release the pin with None."""
+        """Pin every unit to route ``route`` (an expert or composed route, by name or index), to a mix ``{name:
+        weight}`` (normalised to sum 1), to the shared weights alone with ``{}``, or release the pin with None."""
         self._moerge.forced = self._moerge.weights(route)
         for slot in [self._moerge.sequence_slot, *self._moerge.slots.values()]:
             slot.clear()
         self.clear_route_cache()
+
+    def add_route(self, name: str, weights: dict[str, list[float]]) -> None:
+        """Add a composed route at run time: ``weights[unit]`` = one weight per expert in that routed unit (a unit
+        left out: all 0, the shared weights).  ``force_route(name)`` then selects it; the router gets one more
+        output that it does not pick until calibrated (``moerge calibrate --compose`` fits and stores a route)."""
+        st = self._moerge
+        if name in st.outputs:
+            raise ValueError(f"moerge: {name!r} is already an expert or route: {st.outputs}")
+        units = list(self.config.moerge.get("units", {}))
+        rows = {u: [float(v) for v in weights.get(u, [0.0] * len(st.experts))] for u in units}
+        bad = [u for u, w in rows.items() if len(w) != len(st.experts)] + [u for u in weights if u not in rows]
+        if bad:
+            raise ValueError(f"moerge: route {name!r}: units {bad} are not routed units with {len(st.experts)} weights")
+        st.routes[name] = rows
+        st.outputs.append(name)
+        self.config.moerge["routes"] = {**(self.config.moerge.get("routes") or {}), name: rows}
+        st._uniform = st.weights({n: 1.0 for n in st.experts})
+        self.force_route(None)
+        for module in self.modules():
+            if isinstance(module, MoergeRouter):
+                module.grow()
+            elif isinstance(module, RoutedLinear):
+                module.set_mix(st.mix_for(module.unit))
 
     def clear_route_cache(self) -> None:
         """Drop the cached effective weights / deltas of every routed linear."""
@@ -1122,7 +1310,7 @@ class MoergeForCausalLM(PreTrainedModel, GenerationMixin):
         return sum(m.cache_bytes() for m in self.modules() if isinstance(m, RoutedLinear))
 
     def last_routes(self) -> torch.Tensor | dict[str, torch.Tensor] | None:
-        """(B, E) at sequence level, {unit: (B, T, E)} at token level, from the last forward."""
+        """(B, O) at sequence level, {unit: (B, T, O)} at token level, from the last forward (O = `route_names`)."""
         st = self._moerge
         if st.level == "sequence":
             r = st.sequence_slot.route

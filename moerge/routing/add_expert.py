@@ -45,13 +45,15 @@ ONE_SHARD = 2**62
 
 # ---------------------------------------------------------------- inputs
 
-def check_name(name: str, experts: tuple[str, ...], folder: Path) -> None:
+def check_name(name: str, manifest: Manifest, folder: Path, what: str = "expert") -> None:
+    """A new expert's or composed route's name: a plain word, not yet used by an expert or route."""
     try:
         check_expert_name(name)
     except ValueError as exc:
-        raise DataError(None, "name", str(exc)) from None
-    if name in experts:
-        raise DataError(folder / names.CONFIG, "moerge.experts", f"the checkpoint already has an expert '{name}'")
+        raise DataError(None, "name", str(exc).replace("expert name", f"{what} name", 1)) from None
+    if name in manifest.outputs:
+        used = "an expert" if name in manifest.experts else "a composed route"
+        raise DataError(folder / names.CONFIG, "moerge.experts", f"the checkpoint already has {used} '{name}'")
 
 
 def open_base(base: str | Path | None, recipe: Recipe | None, folder: Path) -> ModelFolder:
@@ -101,7 +103,7 @@ def previous_examples(ckpt: Checkpoint, experts: list[str], missing: list[str], 
 def _table_part(t: dict[str, Any], experts: list[str], wanted: list[str], tok: Any) -> Examples:
     defaults = Defaults(field=t["field"], label_field=t["label_field"], split=t["split"],
                         max_samples=t.get("max_samples"), chat_template=t["chat_template"])
-    ex = from_table(t["data"], experts, tok, defaults, require_labels=True)
+    ex = from_table(t["data"], experts, tok, defaults, require_labels=True, skip_unknown=True)
     return ex.subset([i for i, y in enumerate(ex.labels) if experts[y] in wanted])
 
 
@@ -121,11 +123,18 @@ def gather_examples(ckpt: Checkpoint, data: str | Path | dict, experts: list[str
     counts = new.counts()
     if counts.get(name, 0) == 0 and new.labelled:
         raise DataError(file, name, f"the data has no examples of the new expert '{name}'")
-    missing = [e for e in experts[:-1] if counts.get(e, 0) == 0] if new.labelled else []
-    old = previous_examples(ckpt, experts, missing, tok) if missing else None
+    return completed(ckpt, new, experts, name, tok, opts, file)
+
+
+def completed(ckpt: Checkpoint, new: Examples, outputs: list[str], name: str, tok: Any, opts: CalibrateOptions,
+              file: str) -> Examples:
+    """``new`` examples plus earlier data for the outputs (other than ``name``) that it omits."""
+    counts = new.counts()
+    missing = [e for e in outputs if e != name and counts.get(e, 0) == 0] if new.labelled else []
+    old = previous_examples(ckpt, outputs, missing, tok) if missing else None
     examples = new if old is None else new + old
     if opts.method == "supervised":
-        require_experts(examples, experts, file)
+        require_experts(examples, outputs, file)
     return examples
 
 
@@ -186,7 +195,7 @@ def write_expert(tmp: Path, ckpt: Checkpoint, name: str, src: Source, base: Mode
     files = indexed_files(tmp)
     shard = execute(jobs, tmp, ONE_SHARD, progress=False, prefix=names.expert_shard(name).removesuffix(".safetensors"))[0]
     stored.close()
-    routers = {p: r.grown() for p, r in ckpt.routers().items()}
+    routers = {p: r.grown(at=e) for p, r in ckpt.routers().items()}  # before the composed routes' outputs
     (tmp / names.ROUTER_SHARD).unlink()  # a hard link to the old shard: a new file, not a rewrite in place
     order = write_router_shard(tmp / names.ROUTER_SHARD, routers, ckpt.router_dtype())
     write_index(tmp, [*files, shard.name], {names.ROUTER_SHARD: order})
@@ -222,12 +231,13 @@ def add_expert(checkpoint: str | Path, name: str, source: str | Path, data: str 
         raise NotSupportedError(None, "add-expert", "run add-expert in one process (calibrate can be sharded)")
     ckpt = Checkpoint.open(checkpoint, routed=True)
     manifest = ckpt.require_routed()
-    check_name(name, manifest.experts, ckpt.folder)
+    check_name(name, manifest, ckpt.folder)
     recipe = ckpt.recipe()
     base_model = open_base(base, recipe, ckpt.folder)
     src = open_source(name, Path(source), base_model)
     check_kind(manifest, src)
-    examples = gather_examples(ckpt, data, [*manifest.experts, name], name, ckpt.tokenizer(), opts)
+    outputs = [*manifest.experts, name, *manifest.routes]  # the grown router's outputs
+    examples = gather_examples(ckpt, data, outputs, name, ckpt.tokenizer(), opts)
     note_unrouted(src, manifest)
     target = Path(out) if out is not None else ckpt.folder
     in_place = target.resolve() == ckpt.folder.resolve()

@@ -12,7 +12,9 @@ Steps (all data is loaded and checked before the model is loaded; nothing is wri
    (:func:`.fit.fit_supervised`), then the temperature on the held-out split; ``entropy`` = entropy
    minimisation of the model's predictions (:mod:`.entropy`, no labels used).
 4. Sequence level: the fallback threshold (Mediator style) on the held-out split; rows whose top route
-   probability is below it use the soft mix or the shared weights (``fallback.mode``).
+   probability is below it use the soft mix or the shared weights (``fallback.mode``).  With ``unknown``
+   (``--unknown shared``, kept by later calibrations): the unknown-prompt detector (:mod:`.unknown`) fitted on
+   the training split, its threshold from out-of-fold scores; prompts unlike every route take the shared weights.
 5. Report (accuracy, per-expert precision/recall, entropy, fallback rate, confusion PNG) and an atomic
    write of the router tensors, ``config.json`` and ``calibration.json`` (in place, or into a copy with
    ``out``).
@@ -30,18 +32,19 @@ from typing import Any, Literal
 import torch
 
 from .. import device as devices
-from ..checkpoint import Checkpoint, Fallback, Manifest, RouterTensors, names
-from ..checkpoint.routers import write_router_shard
+from ..checkpoint import Checkpoint, Fallback, Manifest, RouterTensors, Unknown, names
+from ..checkpoint.routers import UnknownTensors, write_router_shard
 from ..errors import DataError
 from ..io.atomic import atomic_output, check_output
 from ..recipe import ROUTER_SCALE
 from . import parallel
 from .commit import Staged, link_copy
-from .data import Defaults, Examples, data_inputs, holdout_split, load_examples, require_experts
+from .data import Defaults, Examples, canonical, data_inputs, holdout_split, load_examples, require_experts
 from .diagnostics import confusion_png, format_metrics, routing_metrics
 from .entropy import minimise_entropy, spread_prototypes
-from .features import pooled_inputs, token_inputs
+from .features import pooled_and_segments, token_inputs
 from .fit import fallback_threshold, fit_supervised, fit_temperature, standardiser
+from .unknown import QUANTILE, SEGMENTS, choose_threshold, fit_unknown, out_of_fold_scores
 
 REPORT_FILE = names.REPORT
 CONFUSION_FILE = names.CONFUSION
@@ -63,6 +66,9 @@ class CalibrateOptions:
     batch_size: int = 8
     tokens_per_text: int = 16  # token level: sampled token features per example and unit
     dtype: str | None = None  # None: the checkpoint's
+    unknown: Literal["keep", "shared", "none"] = "keep"  # keep: refit the checkpoint's detector if it has one
+    unknown_quantile: float = QUANTILE  # share of known (out-of-fold) prompts that stay routed
+    unknown_segments: int = SEGMENTS
     device: str = "auto"  # auto: device_map="auto" (GPUs, then CPU memory); cpu / cuda[:N]: all of it there
     defaults: Defaults = field(default_factory=Defaults)
 
@@ -85,6 +91,20 @@ class CalibrateOptions:
             devices.resolve(self.device)  # a device this machine lacks fails here, before any work
         if self.defaults.max_samples is not None and self.defaults.max_samples < 1:
             raise DataError(None, "max_samples", f"must be >= 1 (or None for all), got {self.defaults.max_samples}")
+        if self.unknown not in ("keep", "shared", "none"):
+            raise DataError(None, "unknown", f"unknown mode '{self.unknown}'; one of keep, shared, none")
+        if not 0.5 <= self.unknown_quantile <= 1.0:
+            raise DataError(None, "unknown_quantile", f"must be in [0.5, 1], got {self.unknown_quantile}")
+        if self.unknown_segments < 1:
+            raise DataError(None, "unknown_segments", f"must be >= 1, got {self.unknown_segments}")
+
+    def segments(self, manifest: Manifest) -> int:
+        """Segments of the unknown-prompt detector to fit (0: none)."""
+        if self.unknown == "none" or manifest.level != "sequence":
+            return 0
+        if self.unknown == "keep":
+            return 0 if manifest.unknown is None else manifest.unknown.segments
+        return self.unknown_segments
 
 
 @dataclass
@@ -94,6 +114,7 @@ class Features:
     rows: dict[str, torch.Tensor]
     owner: torch.Tensor
     n_examples: int
+    segments: torch.Tensor | None = None  # (N, S * C) segment means at the sequence router's input, or None
 
     def select(self, prefix: str, examples: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows of ``examples`` and their position in ``examples``."""
@@ -123,17 +144,25 @@ def extract(model: Any, tok: Any, examples: Examples, manifest: Manifest, opts: 
     """Features of every example (sharded across processes), gathered in example order."""
     prefixes = manifest.router_prefixes()
     units = list(dict.fromkeys(prefixes.values()))
+    segments = opts.segments(manifest)
     if manifest.level == "sequence":
         def fn(idx: list[int]) -> list[dict[str, torch.Tensor]]:
-            feats = pooled_inputs(model, tok, [examples.texts[i] for i in idx], units, batch_size=opts.batch_size)
-            return [{p: feats[u][j:j + 1] for p, u in prefixes.items()} for j in range(len(idx))]
+            feats, segs = pooled_and_segments(model, tok, [examples.texts[i] for i in idx], units, segments,
+                                              batch_size=opts.batch_size)
+            extra = {SEGMENT_KEY: segs[units[0]]} if segments else {}
+            return [{k: v[j:j + 1] for k, v in {**{p: feats[u] for p, u in prefixes.items()}, **extra}.items()}
+                    for j in range(len(idx))]
     else:
         def fn(idx: list[int]) -> list[dict[str, torch.Tensor]]:
             return _token_features(model, tok, examples, idx, prefixes, opts)
     per_example = parallel.sharded_map(fn, len(examples))
     owner = torch.cat([torch.full((f[next(iter(prefixes))].shape[0],), i) for i, f in enumerate(per_example)])
     rows = {p: torch.cat([f[p] for f in per_example]) for p in prefixes}
-    return Features(rows, owner.long(), len(examples))
+    segs = torch.cat([f[SEGMENT_KEY] for f in per_example]) if segments else None
+    return Features(rows, owner.long(), len(examples), segs)
+
+
+SEGMENT_KEY = "#segments"  # not a router prefix
 
 
 def _token_features(model: Any, tok: Any, examples: Examples, idx: list[int], prefixes: dict[str, str],
@@ -236,6 +265,31 @@ def choose_fallback(probs: torch.Tensor, y: torch.Tensor, manifest: Manifest,
     return Fallback(round(float(threshold), 6), opts.fallback)
 
 
+def unknown_detector(feats: Features, examples: Examples, train: list[int], held: list[int], manifest: Manifest,
+                     opts: CalibrateOptions, old: dict[str, RouterTensors],
+                     dtype: torch.dtype) -> tuple[UnknownTensors | None, Unknown | None, dict[str, Any] | None]:
+    """The unknown-prompt detector (fitted on the training split, in the checkpoint's dtype), its manifest
+    block and its report; (None, None, None) when there is none to fit."""
+    segments = opts.segments(manifest)
+    if not segments:
+        return None, None, None
+    if not examples.labelled:  # entropy calibration: nothing to fit the route means on
+        if opts.unknown == "shared":
+            raise DataError(None, "unknown", "the unknown-prompt detector needs labelled data (--method supervised)")
+        return next(iter(old.values())).unknown, manifest.unknown, None
+    assert feats.segments is not None
+    x, y = feats.segments[train], labels_of(examples, train)  # (N, S * C), (N,)
+    n_out = len(examples.experts)
+    threshold = choose_threshold(out_of_fold_scores(x, y, n_out, seed=opts.seed), opts.unknown_quantile)
+    det = fit_unknown(x, y, n_out).map(lambda t: t.to(dtype).float())
+    spec = Unknown(round(threshold, 6), segments, det.factor.shape[0], det.background_factor.shape[0])
+    held_x = feats.segments[held] if held else x
+    rate = float((det.score(held_x) > spec.threshold).float().mean()) if len(held_x) else 0.0
+    report = {**spec.to_dict(), "quantile": opts.unknown_quantile,
+              "known_fallback_rate": rate, "evaluated_on": "heldout" if held else "train"}
+    return det, spec, report
+
+
 # ---------------------------------------------------------------- the command
 
 def prepare(checkpoint: str | Path, data: str | Path | dict[str, Any], out: str | Path | None, force: bool,
@@ -246,13 +300,13 @@ def prepare(checkpoint: str | Path, data: str | Path | dict[str, Any], out: str 
     ckpt = Checkpoint.open(checkpoint, routed=True)
     if out is not None and Path(out).resolve() != ckpt.folder.resolve():
         check_output(Path(out).absolute(), force, [("checkpoint", ckpt.folder), *data_inputs(data)])
-    experts = list(ckpt.require_routed().experts)
+    experts = list(ckpt.require_routed().outputs)
     if examples is None:
         examples = load_examples(data, experts, ckpt.tokenizer(), opts.defaults,
                                  require_labels=opts.method == "supervised")
     if opts.method == "supervised":
         require_experts(examples, experts, str(data) if not isinstance(data, dict) else "data")
-    return ckpt, examples
+    return ckpt, canonical(examples)
 
 
 def calibrate(checkpoint: str | Path, data: str | Path | dict[str, Any], *, out: str | Path | None = None,
@@ -266,7 +320,7 @@ def calibrate(checkpoint: str | Path, data: str | Path | dict[str, Any], *, out:
     clock = Clock()
     opts = options or CalibrateOptions()
     ckpt, examples = prepare(checkpoint, data, out, force, opts, examples)
-    train, held = holdout_split(examples.labels, opts.holdout, opts.seed)
+    train, held = holdout_split(examples.labels, opts.holdout, opts.seed, examples.experts)
     clock.lap("data_s")
     model, tok = load_model(ckpt, opts.dtype, opts.device), ckpt.tokenizer()
     clock.lap("load_s")
@@ -317,6 +371,8 @@ def fit_and_report(model: Any, tok: Any, ckpt: Checkpoint, examples: Examples, f
     else:
         new = entropy_routers(model, tok, feats, examples, train, old, initialized, opts)
     new = {p: r.cast(dtype) for p, r in new.items()}
+    detector, unknown, unknown_report = unknown_detector(feats, examples, train, held, manifest, opts, old, dtype)
+    new = {p: r.with_unknown(detector) for p, r in new.items()}
     eval_idx = held or train
     y_eval = labels_of(examples, eval_idx)
     probs = example_probs(new, feats, eval_idx)
@@ -336,7 +392,8 @@ def fit_and_report(model: Any, tok: Any, ckpt: Checkpoint, examples: Examples, f
                                           examples.experts).get("accuracy"),
     }
     report["accuracy"] = report["heldout"].get("accuracy")  # the headline number (read by `moerge inspect`)
-    return {"routers": new, "fallback": fallback, "report": report}
+    report["unknown"] = unknown_report
+    return {"routers": new, "fallback": fallback, "unknown": unknown, "report": report}
 
 
 def _count(examples: Examples, idx: list[int]) -> dict[str, int]:
@@ -366,7 +423,7 @@ def stage_and_commit(folder: Path, ckpt: Checkpoint, result: dict[str, Any], *, 
     staged = Staged(folder, private=private)
     try:
         write_router_shard(staged.path(names.ROUTER_SHARD), result["routers"], ckpt.router_dtype())
-        config = ckpt.config_with(ckpt.require_routed().calibrated(result["fallback"]))
+        config = ckpt.config_with(ckpt.require_routed().calibrated(result["fallback"], result.get("unknown")))
         staged.write_text(names.CONFIG, json.dumps(config, indent=2) + "\n")
         report = result["report"]
         conf = report["heldout"].get("confusion")
@@ -395,6 +452,10 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append("temperature: " + ", ".join(f"{t:.3g}" for t in report["temperature"].values()))
     fb = report["fallback"]
     lines.append("fallback: " + ("none" if not fb else f"threshold {fb['threshold']:.4f}, mode {fb['mode']}"))
+    unk = report.get("unknown")
+    if unk:
+        lines.append(f"unknown prompts -> shared weights: score > {unk['threshold']:.4f} ({unk['segments']} segments);"
+                     f" known prompts flagged {unk['known_fallback_rate']:.4f} ({unk['evaluated_on']} split)")
     t = report["timing"]
     lines.append(f"time: {t['total_s']:.1f} s (load {t['load_s']:.1f}, features {t['features_s']:.1f}, "
                  f"fit {t['fit_s']:.1f}; {report['processes']} process(es))")

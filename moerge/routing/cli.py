@@ -1,7 +1,9 @@
-"""``moerge calibrate`` and ``moerge add-expert``: registered on the main parser by ``moerge.cli._register_late``.
+"""``moerge calibrate``, ``add-expert`` and ``remove-expert``: registered on the main parser by
+``moerge.cli._register_late``.
 
-Both are thin: they turn flags into :class:`~moerge.routing.calibrate.CalibrateOptions` and call
-:func:`moerge.routing.calibrate.calibrate` / :func:`moerge.routing.add_expert.add_expert`.  Under
+All are thin: they turn flags into :class:`~moerge.routing.calibrate.CalibrateOptions` and call
+:func:`moerge.routing.calibrate.calibrate` (or :func:`moerge.routing.compose.compose` with ``--compose``),
+:func:`moerge.routing.add_expert.add_expert` / :func:`moerge.routing.remove_expert.remove_expert`.  Under
 ``accelerate launch`` only the main process prints.
 """
 
@@ -26,7 +28,7 @@ def _options(args: argparse.Namespace) -> CalibrateOptions:
     return CalibrateOptions(method=args.method, holdout=args.holdout, seed=args.seed, steps=args.steps, lr=args.lr,
                             fallback=args.fallback, threshold=args.threshold, batch_size=args.batch_size,
                             tokens_per_text=args.tokens_per_text, dtype=args.dtype, device=args.device,
-                            defaults=defaults)
+                            unknown=args.unknown, unknown_quantile=args.unknown_quantile, defaults=defaults)
 
 
 def _quiet(args: argparse.Namespace) -> None:
@@ -47,7 +49,25 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibrate import calibrate
 
     _quiet(args)
+    if args.compose:
+        return _compose(args)
     _print(calibrate(args.checkpoint, args.data, out=args.out, force=args.force, options=_options(args)))
+    return 0
+
+
+def _compose(args: argparse.Namespace) -> int:
+    from .compose import ComposeOptions, compose
+
+    over = None if args.compose_over is None else [e for e in args.compose_over.split(",") if e.strip()]
+    copts = ComposeOptions(over=over, level=args.compose_level, steps=args.compose_steps, lr=args.compose_lr,
+                           answer_field=args.answer_field, max_samples=args.compose_samples)
+    report = compose(args.checkpoint, args.data, args.compose, out=args.out, force=args.force,
+                     options=_options(args), compose_options=copts)
+    c = report["compose"]
+    print(f"composed route '{c['route']}' over {', '.join(c['over'])} ({c['level']} weights, {c['n']} examples): "
+          f"answer loss {c['start_losses'][c['start']]:.4f} ({c['start']}) -> {c['final_loss']:.4f} in "
+          f"{c['fit_s']:.0f} s")
+    _print(report)
     return 0
 
 
@@ -60,10 +80,25 @@ def cmd_add_expert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _calibration_args(p: argparse.ArgumentParser) -> None:
+def cmd_remove_expert(args: argparse.Namespace) -> int:
+    from .remove_expert import remove_expert
+
+    _quiet(args)
+    result = remove_expert(args.checkpoint, args.name, out=args.out, force=args.force, data=args.data,
+                           options=_options(args))
+    extra = ""
+    if result["what"] == "expert":
+        extra = (f" ({result['tensors_dropped']} tensors, {result['bytes_dropped'] / 1e6:.1f} MB dropped; "
+                 f"{result['tensors_renamed']} renumbered in {result['shards_rewritten']} rewritten shard(s))")
+    print(f"removed {result['what']} '{result['removed']}' from {result['checkpoint']}{extra}")
+    _print(result["calibration"])
+    return 0
+
+
+def _calibration_args(p: argparse.ArgumentParser, data_required: bool = True) -> None:
     p.add_argument("checkpoint", help="a built moerge checkpoint folder")
-    p.add_argument("--data", required=True, help="YAML/JSON mapping expert -> data source, or one table with a "
-                                                 "text column and an `expert` column")
+    p.add_argument("--data", required=data_required, help="YAML/JSON mapping expert -> data source, or one table "
+                                                          "with a text column and an `expert` column")
     p.add_argument("--method", choices=["supervised", "entropy"], default="supervised")
     p.add_argument("--holdout", type=finite_float(0, 1, open_high=True), default=0.2, help="held-out fraction per expert (default 0.2)")
     p.add_argument("--out", help="write a calibrated copy here instead of changing the checkpoint in place")
@@ -74,6 +109,11 @@ def _calibration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fallback", choices=["soft", "shared", "none"], default="soft",
                    help="below the confidence threshold use the soft mix or the shared weights (sequence level)")
     p.add_argument("--threshold", type=finite_float(0, 1), help="fixed fallback threshold instead of the held-out choice")
+    p.add_argument("--unknown", choices=["keep", "shared", "none"], default="keep",
+                   help="prompts unlike every known task take the shared weights: `shared` fits the detector, "
+                        "`none` drops it, `keep` (default) refits it where the checkpoint has one (sequence level)")
+    p.add_argument("--unknown-quantile", type=finite_float(0.5, 1), default=0.98,
+                   help="share of known (out-of-fold) calibration prompts the detector keeps routed (default 0.98)")
     p.add_argument("--field", default="prompt", help="text field of the data (default prompt)")
     p.add_argument("--label-field", default="expert", help="label column of a table (default expert)")
     p.add_argument("--split", default="train", help="split of hub datasets (default train)")
@@ -87,10 +127,19 @@ def _calibration_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_commands(sub: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]) -> None:
-    """Register ``calibrate`` and ``add-expert``."""
+    """Register ``calibrate``, ``add-expert`` and ``remove-expert``."""
     cal = sub.add_parser("calibrate", help="fit a built checkpoint's router from a little task data")
     common(cal)
     _calibration_args(cal)
+    cal.add_argument("--compose", metavar="NAME", help="learn a route NAME for the task of DATA (a table of prompt "
+                                                       "-> answer rows) as a mix of the existing experts")
+    cal.add_argument("--compose-over", metavar="A,B", help="experts the route may mix (default: all)")
+    cal.add_argument("--compose-level", choices=["unit", "layer", "global"], default="layer",
+                     help="one weight per expert and routed unit, per layer (default) or for the whole model")
+    cal.add_argument("--compose-steps", type=int, default=12, help="Adam steps over the examples (default 12)")
+    cal.add_argument("--compose-lr", type=float, default=0.1, help="learning rate of the route weights (default 0.1)")
+    cal.add_argument("--compose-samples", type=int, default=32, help="examples to learn from (default 32)")
+    cal.add_argument("--answer-field", default="answer", help="answer column of the --compose data (default answer)")
     cal.set_defaults(func=cmd_calibrate)
     add = sub.add_parser("add-expert", help="add an expert to a built checkpoint and recalibrate its router")
     common(add)
@@ -99,3 +148,8 @@ def add_commands(sub: argparse._SubParsersAction, common: Callable[[argparse.Arg
     add.add_argument("--source", required=True, help="full checkpoint or LoRA adapter of the same base")
     add.add_argument("--base", help="the base model folder (default: `base` of the checkpoint's moerge_recipe.yaml)")
     add.set_defaults(func=cmd_add_expert)
+    rem = sub.add_parser("remove-expert", help="drop an expert (or composed route) from a built checkpoint")
+    common(rem)
+    _calibration_args(rem, data_required=False)
+    rem.add_argument("name", help="the expert or composed route to remove")
+    rem.set_defaults(func=cmd_remove_expert)

@@ -27,6 +27,7 @@ any model is loaded, so a bad file fails fast and leaves the checkpoint untouche
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -251,8 +252,9 @@ def from_mapping(mapping: dict[str, Any], experts: list[str], tokenizer: Any, de
 
 
 def from_table(data: str, experts: list[str], tokenizer: Any, defaults: Defaults, *,
-               require_labels: bool) -> Examples:
-    """A table with a text column and (unless not required) a label column naming experts."""
+               require_labels: bool, skip_unknown: bool = False) -> Examples:
+    """A table with a text column and (unless not required) a label column naming experts.  ``skip_unknown``:
+    rows naming an expert not in ``experts`` are left out (old data of a checkpoint that lost an expert)."""
     source = CalibrationData(data=data, field=defaults.field, split=defaults.split, max_samples=None,
                         chat_template=defaults.chat_template)
     table = load_table(source, "--data")
@@ -265,6 +267,9 @@ def from_table(data: str, experts: list[str], tokenizer: Any, defaults: Defaults
                                                     f"columns: {', '.join(columns)}")
     rows = table[defaults.field]
     names = [str(v) for v in table[defaults.label_field]] if has_labels else []
+    if skip_unknown and has_labels:
+        known = [i for i, n in enumerate(names) if n in experts]
+        rows, names = [rows[i] for i in known], [names[i] for i in known]
     labels = _table_labels(names, experts, data, defaults.label_field) if has_labels else [UNLABELLED] * len(rows)
     keep = _cap_per_label(labels, defaults.max_samples)
     if not keep:
@@ -343,16 +348,29 @@ def require_experts(examples: Examples, needed: list[str], file: str) -> None:
         raise DataError(file, None, f"expert(s) {', '.join(few)} have a single example; at least 2 are needed")
 
 
+def canonical(examples: Examples) -> Examples:
+    """The examples grouped by expert name (file order within an expert): calibration then sees the same rows in
+    the same order whatever the experts' indices are."""
+    key = [(examples.experts[y] if y >= 0 else "", i) for i, y in enumerate(examples.labels)]
+    return examples.subset(sorted(range(len(examples)), key=key.__getitem__))
+
+
 # ---------------------------------------------------------------- held-out split
 
-def holdout_split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+def holdout_split(labels: list[int], fraction: float, seed: int,
+                  names: list[str] | None = None) -> tuple[list[int], list[int]]:
     """Stratified, seeded split -> (train indices, held-out indices).  Each label keeps >= 1 training row
-    and, when ``fraction`` > 0 and it has >= 2 rows, holds out >= 1."""
-    gen = torch.Generator().manual_seed(seed)
+    and, when ``fraction`` > 0 and it has >= 2 rows, holds out >= 1.  With ``names`` (label -> expert name) each
+    expert's rows are shuffled by a generator seeded from ``seed`` and its name, so its split depends only on its
+    own rows, not on its index nor on the other experts (an expert removed and added back keeps its split);
+    without, one generator seeded from ``seed`` serves the labels in order."""
+    shared = torch.Generator().manual_seed(seed)
     train: list[int] = []
     held: list[int] = []
     for y in sorted(set(labels)):
         rows = [i for i, v in enumerate(labels) if v == y]
+        gen = shared if names is None or y < 0 else torch.Generator().manual_seed(
+            (seed * 1_000_003 + zlib.crc32(names[y].encode())) % 2**63)
         order = [rows[j] for j in torch.randperm(len(rows), generator=gen).tolist()]
         n_hold = min(max(round(fraction * len(rows)), 1 if fraction > 0 else 0), len(rows) - 1)
         held += order[:n_hold]

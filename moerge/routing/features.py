@@ -1,7 +1,8 @@
 """Pooled features at router inputs: the attention-mask-aware mean of a unit's input hidden states.
 
 ``pooled_inputs`` runs prompts through a model with forward pre-hooks on the named unit modules and returns,
-per unit, an (N, C) tensor of mean input features.  When only early units are needed the forward stops
+per unit, an (N, C) tensor of mean input features (and, with ``segments``, the (N, S * C) segment means the
+unknown-prompt detector reads, :func:`~moerge.modeling.modeling_moerge.segment_pool`).  When only early units are needed the forward stops
 right after the last of them ("one forward up to the router input").  ``token_inputs`` returns, per unit and
 per prompt, the input features of up to ``per_text`` of its real tokens (seeded sample), for token routers.
 """
@@ -14,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..modeling.modeling_moerge import masked_mean
+from ..modeling.modeling_moerge import masked_mean, segment_pool
 
 
 class _Stop(Exception):
@@ -72,11 +73,23 @@ def _run(model: Any, tokenizer: Any, texts: list[str], paths: list[str], reduce:
 def pooled_inputs(model: Any, tokenizer: Any, texts: list[str], paths: list[str], *, batch_size: int = 8,
                   stop_early: bool = True, max_length: int = 512) -> dict[str, torch.Tensor]:
     """Per unit path: (N, C) masked-mean input features for ``texts`` (already templated)."""
-    def reduce(path: str, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return masked_mean(x, mask).cpu()  # (B, C)
+    return pooled_and_segments(model, tokenizer, texts, paths, 0, batch_size=batch_size, stop_early=stop_early,
+                               max_length=max_length)[0]
+
+
+@torch.no_grad()
+def pooled_and_segments(model: Any, tokenizer: Any, texts: list[str], paths: list[str], segments: int, *,
+                        batch_size: int = 8, stop_early: bool = True,
+                        max_length: int = 512) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per unit path: (N, C) masked means and, when ``segments`` > 0, (N, S * C) segment means (else {})."""
+    def reduce(path: str, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        seg = segment_pool(x, mask, segments).cpu() if segments > 0 else None  # (B, S * C)
+        return masked_mean(x, mask).cpu(), seg  # (B, C)
 
     out = _run(model, tokenizer, texts, paths, reduce, batch_size, stop_early, max_length)
-    return {p: torch.cat(v) for p, v in out.items()}
+    means = {p: torch.cat([m for m, _ in v]) for p, v in out.items()}
+    segs = {p: torch.cat([s for _, s in v]) for p, v in out.items()} if segments > 0 else {}
+    return means, segs
 
 
 def sample_tokens(x: torch.Tensor, mask: torch.Tensor, per_text: int, gen: torch.Generator) -> list[torch.Tensor]:

@@ -89,14 +89,14 @@ _CORPUS = (
 )
 
 
-def _training_corpus() -> list[str]:
-    lines = list(_CORPUS)
+def _training_corpus(extra: Sequence[str] = ()) -> list[str]:
+    lines = [*_CORPUS, *extra]
     for task, words in TASK_WORDS.items():
         lines.extend(f"{prefix} {' '.join(words)}" for prefix in _TASK_PREFIXES[task])
     return lines * 4
 
 
-def _train_bpe(vocab_size: int) -> Tokenizer:
+def _train_bpe(vocab_size: int, extra: Sequence[str] = ()) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -107,16 +107,17 @@ def _train_bpe(vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_training_corpus(), trainer=trainer)
+    tok.train_from_iterator(_training_corpus(extra), trainer=trainer)
     return tok
 
 
 def make_tokenizer(
-    out_dir: str | Path | None = None, vocab_size: int = TOKENIZER_VOCAB
+    out_dir: str | Path | None = None, vocab_size: int = TOKENIZER_VOCAB, corpus: Sequence[str] = ()
 ) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer with ChatML special tokens; save it to ``out_dir`` if given."""
+    """Train a byte-level BPE tokenizer with ChatML special tokens (on the built-in corpus plus ``corpus``, lines
+    of text whose words should get their own tokens); save it to ``out_dir`` if given."""
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=_train_bpe(vocab_size),
+        tokenizer_object=_train_bpe(vocab_size, corpus),
         bos_token=BOS_TOKEN,
         unk_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
@@ -209,10 +210,12 @@ def make_base(
     dtype: torch.dtype = torch.float32,
     max_position: int = 256,
     max_shard_size: int | str | None = None,
+    corpus: Sequence[str] = (),
 ) -> Path:
-    """Random-initialise a tiny causal LM of ``family`` and save it (with tokenizer) to ``out_dir``."""
+    """Random-initialise a tiny causal LM of ``family`` and save it (with tokenizer, see :func:`make_tokenizer`
+    for ``corpus``) to ``out_dir``."""
     out = Path(out_dir)
-    tok = make_tokenizer(out)
+    tok = make_tokenizer(out, corpus=corpus)
     vocab = len(tok) if vocab is None else vocab
     intermediate = 2 * hidden if intermediate is None else intermediate
     config = _make_config(
