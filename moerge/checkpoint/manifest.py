@@ -75,12 +75,15 @@ class Manifest:
     shared: str = "merge"  # "merge" | "base"
     units: dict[str, UnitSpec] = field(default_factory=dict)
     version: int = 1
+    # the sequence router's input runs after some routed units: the model computes it with a pre-pass of the
+    # shared model at prefill (written only when true, so older checkpoints read as False)
+    prepass: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.version, "experts": list(self.experts), "level": self.level, "top_k": self.top_k,
                 "router_input": self.router_input, "initialized": self.initialized,
                 "fallback": None if self.fallback is None else self.fallback.to_dict(), "shared": self.shared,
-                "units": {p: u.to_dict() for p, u in self.units.items()}}
+                "units": {p: u.to_dict() for p, u in self.units.items()}, **({"prepass": True} if self.prepass else {})}
 
     @classmethod
     def from_dict(cls, raw: Any, file: str) -> Manifest:
@@ -93,7 +96,7 @@ class Manifest:
                    raw.get("top_k", 1), raw.get("router_input"), bool(raw.get("initialized", True)), fallback,
                    str(raw.get("shared", "merge")),
                    {str(p): UnitSpec.from_dict(u, file, f"moerge.units.{p}") for p, u in units.items()},
-                   int(raw.get("version", 1)))
+                   int(raw.get("version", 1)), bool(raw.get("prepass", False)))
 
     # ---- what callers ask
     @property

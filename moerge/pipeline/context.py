@@ -59,6 +59,10 @@ class BuildContext:
     family: Family
     file: str = "recipe"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # routed linear weight -> the norm weight feeding it: each expert's weight there absorbs its own norm's scale
+    # relative to the written (merged) norm, W_e diag(g_e / g_s), so the expert is exact behind the merged norm
+    folds: dict[str, str] = field(default_factory=dict)
+    ratio_cache: dict[str, list[torch.Tensor]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, recipe: Recipe, file: str | None = None, device: str | torch.device | None = "cpu") -> BuildContext:
@@ -105,7 +109,36 @@ class BuildContext:
         return merge_tensor(self.method, base, taus, self.params, name)
 
     def expert_weights(self, name: str, base: torch.Tensor, taus: list[torch.Tensor | None]) -> list[torch.Tensor]:
-        """Every expert's own fp32 tensor (a full checkpoint's stored weight, else base + task vector)."""
+        """Every expert's own fp32 tensor (a full checkpoint's stored weight, else base + task vector); for a
+        linear in ``folds``, with its input norm's scale folded in (columns times :meth:`fold_ratios`)."""
         base32 = base.float()
-        return [src.weight(name, base).float() if isinstance(src, FullSource) else
-                (base32 + t if t is not None else base32) for src, t in zip(self.sources, taus)]
+        out = [src.weight(name, base).float() if isinstance(src, FullSource) else
+               (base32 + t if t is not None else base32) for src, t in zip(self.sources, taus)]
+        norm = self.folds.get(name)
+        if norm is not None:
+            out = [w * r.to(w.device)[None, :] for w, r in zip(out, self.fold_ratios(norm))]  # (O, I) * (1, I)
+        return out
+
+    def fold_ratios(self, norm: str) -> list[torch.Tensor]:
+        """Per expert (I,): its norm scale over the written merged one, (off + g_e) / (off + g_s), 1 where the
+        merged scale is ~0 (nothing to fold into)."""
+        if norm not in self.ratio_cache:
+            base = self.load(norm).float()
+            taus = self.deltas(norm, base)
+            off = self.family.norm_offset
+            g_s = self.merged(norm, base, taus).to(self.out_dtype).float() + off  # as the static job writes it
+            experts = [src.weight(norm, base).float() if isinstance(src, FullSource) else
+                       base + (t if t is not None else 0.0) for src, t in zip(self.sources, taus)]
+            ok = g_s.abs() > 1e-6 * float(g_s.abs().max().clamp_min(1e-30))
+            self.ratio_cache[norm] = [torch.where(ok, (g_e + off) / torch.where(ok, g_s, 1.0), 1.0).cpu()
+                                      for g_e in experts]
+        return self.ratio_cache[norm]
+
+    def norm_folds(self, linears: list[tuple[int, str, str, str]]) -> dict[str, str]:
+        """``(layer, group, linear name, weight name)`` of routed linears -> {weight: the norm feeding it}."""
+        out = {}
+        for layer, group, lin, weight in linears:
+            norm = self.family.input_norm(layer, group, lin)
+            if norm is not None and norm in self.base.index:
+                out[weight] = norm
+        return out

@@ -59,7 +59,7 @@ def routed_linear_job(plan: Plan, ru: RoutedUnit, lin: Linear) -> Job:
             yield lin.bias_name, b_s.to(dt)
         for e, src in enumerate(ctx.sources):
             factors = src.lora_factors(lin.weight, w_s.device)
-            for k, t in ru.kind.build(w_s, w_experts[e], factors, ru.cfg).items():
+            for k, t in ru.build(lin, e, w_s, w_experts[e], factors).items():
                 yield f"{lin.path}.experts.{e}.{k}", t.to(dt) if t.is_floating_point() else t
             if b_s is not None:
                 yield f"{lin.path}.experts.{e}.bias_delta", (b_experts[e] - b_s).to(dt)
