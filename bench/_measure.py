@@ -82,6 +82,7 @@ class Run:
     hwm: int = 0
     ru_maxrss: int = 0
     samples: int = 0
+    output: str = ""  # the child's stdout + stderr
 
 
 def _poll(run: Run, pid: int, stop: threading.Event, interval: float) -> None:
@@ -118,6 +119,7 @@ def measure(label: str, cmd: list[str], env: dict[str, str], cwd: Path = REPO, i
     stop.set()
     th.join()
     proc.returncode = os.waitstatus_to_exitcode(status)
+    run.output = out.decode(errors="replace")
     if proc.returncode != 0:
         sys.stdout.write(out.decode(errors="replace")[-4000:])
         raise SystemExit(f"{label} failed with exit code {proc.returncode}: {shlex.join(cmd)}")

@@ -1,44 +1,81 @@
-"""The one dtype table: safetensors codes, torch dtypes and their sizes.
+"""The one dtype table: safetensors code <-> torch name <-> bytes per element <-> whether moerge may do float math
+on it.
 
-Every module that maps a safetensors code to a torch dtype (or back), sizes a tensor, or decides whether a
-tensor is merged as numbers asks this module.  Only F64/F32/F16/BF16 tensors are floating weights that merges
-and routed kinds compute on; integer, bool and fp8 tensors are copied from the base untouched (and an expert
-that stores a base float tensor in one of them is refused: it is quantized or relabelled, not a fine-tune).
+Every other dtype map in moerge should be a view of :data:`DTYPES`.  ``mergeable`` is True only for the IEEE
+float types a merge can average (F64, F32, F16, BF16); 8-bit floats, integers and booleans are stored values
+(quantized weights, ids, masks): merging them as numbers writes garbage, so they are refused where a float is
+expected and copied as they are elsewhere.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
-ST_TO_TORCH: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-TORCH_TO_ST: dict[torch.dtype, str] = {v: k for k, v in ST_TO_TORCH.items()}
-FLOAT_CODES = ("F64", "F32", "F16", "BF16")  # what merges compute on
-NAMES: dict[str, torch.dtype] = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
-                                 "bfloat16": torch.bfloat16}
+
+@dataclass(frozen=True)
+class DType:
+    st: str  # safetensors header code, e.g. "BF16"
+    name: str  # torch attribute name, e.g. "bfloat16"
+    nbytes: int
+    mergeable: bool
+
+    @property
+    def torch(self) -> torch.dtype:
+        return getattr(torch, self.name)
+
+
+DTYPES: tuple[DType, ...] = (
+    DType("F64", "float64", 8, True), DType("F32", "float32", 4, True), DType("F16", "float16", 2, True),
+    DType("BF16", "bfloat16", 2, True), DType("F8_E4M3", "float8_e4m3fn", 1, False),
+    DType("F8_E5M2", "float8_e5m2", 1, False), DType("I64", "int64", 8, False), DType("I32", "int32", 4, False),
+    DType("I16", "int16", 2, False), DType("I8", "int8", 1, False), DType("U64", "uint64", 8, False),
+    DType("U32", "uint32", 4, False), DType("U16", "uint16", 2, False), DType("U8", "uint8", 1, False),
+    DType("BOOL", "bool", 1, False),
+)
+BY_ST: dict[str, DType] = {d.st: d for d in DTYPES}
+BY_NAME: dict[str, DType] = {d.name: d for d in DTYPES}
+# names configs use for the float dtypes ("torch_dtype": "float", "half", ...)
+_ALIASES = {"float": "float32", "half": "float16", "double": "float64", "bf16": "bfloat16", "fp16": "float16",
+            "fp32": "float32"}
+
+
+def by_torch(dtype: torch.dtype) -> DType:
+    """The table row of a torch dtype (KeyError when moerge does not know it)."""
+    return BY_NAME[str(dtype).removeprefix("torch.")]
+
+
+def st_code(dtype: torch.dtype) -> str:
+    """torch dtype -> safetensors code: ``torch.bfloat16`` -> ``"BF16"``."""
+    return by_torch(dtype).st
+
+
+def float_dtype_named(name: object) -> DType | None:
+    """The mergeable float dtype a config or recipe names (``"bfloat16"``, ``"torch.float16"``, ``"half"``); None
+    when the name is not one."""
+    if not isinstance(name, str):
+        return None
+    key = name.removeprefix("torch.").strip().lower()
+    row = BY_NAME.get(_ALIASES.get(key, key))
+    return row if row is not None and row.mergeable else None
+
+
+FLOAT_CODES = tuple(d.st for d in DTYPES if d.mergeable)  # what merges compute on
 
 
 def from_st(code: str) -> torch.dtype:
     """``"BF16"`` -> ``torch.bfloat16`` (KeyError for an unknown code)."""
-    return ST_TO_TORCH[code]
+    return BY_ST[code].torch
 
 
 def to_st(dtype: torch.dtype) -> str:
     """``torch.bfloat16`` -> ``"BF16"``."""
-    return TORCH_TO_ST[dtype]
+    return st_code(dtype)
 
 
 def itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def st_itemsize(code: str) -> int:
-    return itemsize(ST_TO_TORCH[code]) if code in ST_TO_TORCH else 4
+    return by_torch(dtype).nbytes
 
 
 def nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -50,20 +87,15 @@ def nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
 
 def name(dtype: torch.dtype) -> str:
     """``torch.bfloat16`` -> ``"bfloat16"`` (the spelling of config.json and recipes)."""
-    return str(dtype).replace("torch.", "")
+    return str(dtype).removeprefix("torch.")
 
 
-def from_name(text: str | None, default: torch.dtype = torch.float32) -> torch.dtype:
-    """A config's ``dtype`` / ``torch_dtype`` string -> torch dtype (``default`` when absent or not a float)."""
-    return NAMES.get(str(text).replace("torch.", ""), default) if text else default
-
-
-def float_dtype_of(config: dict[str, Any], index: Any) -> torch.dtype:
+def float_dtype_of(config: dict, index: object) -> torch.dtype:
     """A model folder's float dtype: its config's ``dtype``, else its first floating tensor's, else float32."""
-    text = config.get("dtype") or config.get("torch_dtype")
-    if text and str(text).replace("torch.", "") in NAMES:
-        return from_name(text)
-    for info in index.tensors.values():
+    row = float_dtype_named(config.get("dtype") or config.get("torch_dtype"))
+    if row is not None:
+        return row.torch
+    for info in index.tensors.values():  # type: ignore[attr-defined]
         if info.dtype in FLOAT_CODES:
-            return ST_TO_TORCH[info.dtype]
+            return from_st(info.dtype)
     return torch.float32

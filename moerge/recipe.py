@@ -18,10 +18,16 @@ to the recipe file.  ``--set a.b=c`` overrides are applied to the raw mapping be
       expert: {kind: twin, rank: 16}
       router: {level: sequence, init: prototype}
     output: {shard_size: 1GB}
+
+Every value is checked against its meaning here, before any file is opened: numbers are finite (NaN and inf are
+refused everywhere), ranges hold (density in (0, 1], top-k >= 1, a budget like ``1.3x``), the weights of a
+``linear`` merge do not sum to zero, names are usable as file names.  ``routing.modules`` is ``mlp``,
+``attention``, ``both``, or a list of the first two (``[attention, mlp]``, as mergekit users write it).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -38,6 +44,7 @@ from pydantic import (
 )
 
 from .errors import RecipeError
+from .io.files import read_text
 from .registry import did_you_mean
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -49,7 +56,7 @@ _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 
 def parse_size(value: int | str) -> int:
     """``"1GB"`` -> 10**9, ``"512MiB"`` -> 2**29, ``1000`` -> 1000."""
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):  # a bool is no size: its text fails below
         return value
     m = _SIZE.match(str(value))
     if not m:
@@ -57,10 +64,34 @@ def parse_size(value: int | str) -> int:
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
 
 
+def parse_budget(value: object) -> float:
+    """``"1.3x"`` / ``1.3`` -> 1.3: a finite storage budget of at least the base's size."""
+    text = str(value).strip().lower().removesuffix("x").strip()
+    try:
+        ratio = float(text)
+    except ValueError:
+        raise ValueError(f"budget '{value}' must look like 1.3x") from None
+    if not math.isfinite(ratio):
+        raise ValueError(f"budget '{value}' must be a finite multiple of the base's size, like 1.3x")
+    if ratio < 1.0:
+        raise ValueError(f"budget {ratio}x is below the base model's size (1.0x)")
+    return ratio
+
+
+def _not_empty_path(value: Any) -> Any:
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("path must not be empty")
+    if isinstance(value, str) and "\x00" in value:
+        raise ValueError("path contains a NUL character")
+    if isinstance(value, str) and any(len(part.encode()) > 255 for part in value.split("/")):
+        raise ValueError("path has a name longer than 255 bytes")
+    return value
+
+
 class Strict(BaseModel):
     """Base model: unknown keys are errors with a "did you mean" hint."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=(), allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -76,27 +107,46 @@ class Strict(BaseModel):
         return data
 
 
-class DataSource(Strict):
+class CalibrationData(Strict):
     """Where calibration prompts come from: a local jsonl/csv/parquet/json file or a datasets name."""
 
-    data: str
-    field: str = "prompt"
+    data: str = Field(min_length=1)
+    field: str = Field("prompt", min_length=1)
+
+    @field_validator("data")
+    @classmethod
+    def _data_ok(cls, v: str) -> str:
+        return _not_empty_path(v)
     split: str = "train"
     max_samples: int | None = Field(64, gt=0)
     chat_template: bool = False
 
 
+def check_expert_name(name: str) -> str:
+    """Letters, digits, ``_ - .``, not only dots (``.``/``..`` are folder names), at most 100 characters."""
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
+        raise ValueError(f"expert name '{name}' may only use letters, digits, '_', '-', '.'")
+    if set(name) == {"."}:
+        raise ValueError(f"expert name '{name}' must have a letter or digit (it is used in file names)")
+    if len(name) > 100:
+        raise ValueError(f"expert name is {len(name)} characters long; at most 100")
+    return name
+
+
 class ExpertSpec(Strict):
     name: str = Field(min_length=1)
     source: Path
-    calibration: DataSource | None = None
+    calibration: CalibrationData | None = None
 
     @field_validator("name")
     @classmethod
     def _name_ok(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", v):
-            raise ValueError(f"expert name '{v}' may only use letters, digits, '_', '-', '.'")
-        return v
+        return check_expert_name(v)
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _source_ok(cls, v: Any) -> Any:
+        return _not_empty_path(v)
 
 
 class MergeSpec(Strict):
@@ -106,8 +156,8 @@ class MergeSpec(Strict):
     density: float | None = None
     lambda_: float = Field(1.0, alias="lambda")
     weights: dict[str, float] = Field(default_factory=dict)
-    epsilon: float | None = None
-    gamma: float | None = None
+    epsilon: float | None = Field(None, ge=0, lt=1)
+    gamma: float | None = Field(None, ge=0, lt=1)
     normalize: bool | None = None
     rescale: bool | None = None
 
@@ -129,6 +179,20 @@ class SelectSpec(Strict):
     budget: str | float | None = None
     all: bool | None = None
 
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and any(i < 0 for i in v):
+            raise ValueError(f"layer indices must be >= 0, got {[i for i in v if i < 0]}")
+        return v
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _budget(cls, v: Any) -> Any:
+        if v is not None:
+            parse_budget(v)
+        return v
+
     @model_validator(mode="after")
     def _one_rule(self) -> SelectSpec:
         rules = [k for k in ("threshold", "top_fraction", "layers", "budget", "all") if getattr(self, k) is not None]
@@ -139,16 +203,7 @@ class SelectSpec(Strict):
         return self
 
     def budget_ratio(self) -> float | None:
-        if self.budget is None:
-            return None
-        text = str(self.budget).strip().lower().rstrip("x")
-        try:
-            ratio = float(text)
-        except ValueError:
-            raise ValueError(f"budget '{self.budget}' must look like 1.3x") from None
-        if ratio < 1.0:
-            raise ValueError(f"budget {ratio}x is below the base model's size (1.0x)")
-        return ratio
+        return None if self.budget is None else parse_budget(self.budget)
 
 
 class ExpertKindSpec(Strict):
@@ -198,6 +253,20 @@ class AllocateSpec(Strict):
 class RoutingSpec(Strict):
     select: SelectSpec = Field(default_factory=SelectSpec)
     modules: Literal["mlp", "attention", "both"] = "mlp"
+
+    @field_validator("modules", mode="before")
+    @classmethod
+    def _modules(cls, v: Any) -> Any:
+        """``[mlp]`` -> mlp, ``[attention, mlp]`` -> both (mergekit style)."""
+        if not isinstance(v, (list, tuple)):
+            return v
+        if not v:
+            raise ValueError("an empty list routes nothing; use mlp, attention, both or a list of mlp / attention")
+        for item in v:
+            if item not in ("mlp", "attention"):
+                hint = did_you_mean(str(item), ["attention", "mlp"])
+                raise ValueError(f"unknown module '{item}'{hint}; a list holds mlp and/or attention")
+        return "both" if set(v) == {"mlp", "attention"} else v[0]
     expert: ExpertKindSpec = Field(default_factory=ExpertKindSpec)
     router: RouterSpec = Field(default_factory=RouterSpec)
     shared: Literal["merge", "base"] | None = None
@@ -235,6 +304,11 @@ class Recipe(Strict):
         """The file the recipe was loaded from: what build-time errors about recipe keys name."""
         return self._file
 
+    @field_validator("base", mode="before")
+    @classmethod
+    def _base_ok(cls, v: Any) -> Any:
+        return _not_empty_path(v)
+
     @field_validator("experts")
     @classmethod
     def _experts_ok(cls, experts: list[ExpertSpec]) -> list[ExpertSpec]:
@@ -254,6 +328,10 @@ class Recipe(Strict):
         for name in self.merge.weights:
             if name not in seen:
                 raise ValueError(f"@merge.weights: unknown expert '{name}'{did_you_mean(name, sorted(seen))}")
+        weights = [self.merge.weights.get(n, 1.0) for n in self.expert_names]
+        if self.merge.method == "linear" and abs(sum(weights)) <= 1e-6 * max(1.0, *map(abs, weights)):
+            raise ValueError(f"@merge.weights: the weights of a linear merge sum to 0 ({', '.join(map(str, weights))}); "
+                             "the average of the experts is undefined (use task_arithmetic for differences)")
         return self
 
     @property
@@ -287,6 +365,22 @@ def _loc(err: dict[str, Any], raw: dict[str, Any]) -> str:
 def _clean_msg(msg: str) -> str:
     for prefix in ("Value error, ", "Assertion failed, "):
         msg = msg.removeprefix(prefix)
+    return " ".join(msg.split())
+
+
+def _message(err: dict[str, Any]) -> str:
+    """One line saying what is wrong with the value (pydantic's words, the value added where it helps)."""
+    if err["type"] == "missing":
+        return "required key is missing"
+    msg = _clean_msg(err["msg"])
+    if msg.startswith("@"):
+        msg = msg.split(": ", 1)[1]
+    if err["type"] == "finite_number":
+        return f"must be a finite number, got {err.get('input')!r}"
+    if err["type"] in ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "too_short",
+                       "string_too_short", "int_parsing", "float_parsing", "literal_error", "bool_parsing"):
+        shown = repr(err.get("input"))
+        return f"{msg}, got {shown if len(shown) <= 60 else shown[:57] + '...'}"
     return msg
 
 
@@ -325,20 +419,31 @@ def _slot(node: Any, key: str, file: str, path: str, parent: str) -> tuple[Any, 
 
 def _resolve_paths(raw: dict[str, Any], root: Path) -> None:
     def fix(value: Any) -> Any:
-        if isinstance(value, str) and value and not Path(value).is_absolute():
-            return str((root / value).resolve())
+        if isinstance(value, str) and value.strip() and "\x00" not in value and not Path(value).is_absolute():
+            try:
+                return str((root / value).resolve())
+            except (OSError, RuntimeError):  # a symlink loop, a name too long: the validator says what is wrong
+                return value
         return value
 
     if "base" in raw:
         raw["base"] = fix(raw["base"])
-    for e in raw.get("experts") or []:
+    experts = raw.get("experts")
+    for e in experts if isinstance(experts, list) else []:
         if isinstance(e, dict):
             e["source"] = fix(e.get("source"))
             cal = e.get("calibration")
-            if isinstance(cal, dict) and isinstance(cal.get("data"), str):
+            if isinstance(cal, dict) and isinstance(cal.get("data"), str) and "\x00" not in cal["data"]:
                 local = root / cal["data"]
-                if local.exists() or "/" in cal["data"] or Path(cal["data"]).suffix:
+                if _exists(local) or "/" in cal["data"] or Path(cal["data"]).suffix:
                     cal["data"] = fix(cal["data"])
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # name too long, NUL byte: not an existing file
+        return False
 
 
 def recipe_from_dict(raw: dict[str, Any], *, file: str = "<recipe>", root: Path | None = None) -> Recipe:
@@ -351,25 +456,20 @@ def recipe_from_dict(raw: dict[str, Any], *, file: str = "<recipe>", root: Path 
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
-        msg = _clean_msg(err["msg"])
-        if msg.startswith("@"):
-            msg = msg.split(": ", 1)[1]
-        if err["type"] == "missing":
-            msg = "required key is missing"
-        raise RecipeError(file, _loc(err, raw), msg) from None
+        raise RecipeError(file, _loc(err, raw), _message(err)) from None
     recipe._file = file
     return recipe
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override, resolve and validate a YAML recipe."""
+
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(path, None, "recipe file not found")
+    text = read_text(path, RecipeError, "recipe file")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise RecipeError(path, None, f"not valid YAML: {exc}") from None
+        raise RecipeError(path, None, f"not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(raw, dict):
         raise RecipeError(path, None, "a recipe must be a mapping of keys to values")
     raw = apply_overrides(raw, overrides or [], str(path))

@@ -1,4 +1,10 @@
-"""Load a checkpoint (merged or moerge MoE) and generate text: what ``moerge generate`` runs."""
+"""Load a checkpoint (merged or moerge MoE) and generate text: what ``moerge generate`` runs.
+
+Never runs code from the checkpoint folder: the model and tokenizer load with ``trust_remote_code=False``, a
+moerge checkpoint through the installed moerge classes (``import moerge`` registers them), anything else through
+the classes transformers ships.  A folder that needs its own code (``auto_map`` for an unknown model type) is
+refused with one line, without the stdin prompt transformers would otherwise show.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +17,14 @@ from .checkpoint import Checkpoint
 from .errors import CheckpointError
 
 
-def load_model(path: Path, dtype: torch.dtype | None = None) -> tuple[Any, Any]:
-    """The model (moerge's installed classes, never the folder's code) and a left-padding tokenizer."""
+def load_model(path: Path, dtype: torch.dtype | None = None, *, chat: bool = False) -> tuple[Any, Any]:
+    """Model (moerge's installed classes, never the folder's code) and a left-padding tokenizer of ``path``
+    (``chat``: the tokenizer must have a chat template)."""
     ckpt = Checkpoint.open(path)
-    return ckpt.load_model(dtype), ckpt.tokenizer(padding_side="left")
+    tok = ckpt.tokenizer(padding_side="left")
+    if chat and not getattr(tok, "chat_template", None):
+        raise CheckpointError(path, "--chat", "the tokenizer has no chat template")
+    return ckpt.load_model(dtype), tok
 
 
 def encode_prompts(tok: Any, prompts: list[str], chat: bool) -> dict[str, torch.Tensor]:
@@ -24,10 +34,12 @@ def encode_prompts(tok: Any, prompts: list[str], chat: bool) -> dict[str, torch.
     return tok(prompts, return_tensors="pt", padding=True, add_special_tokens=not chat)
 
 
-def generate_text(path: Path, prompt: list[str] | str, *, max_new_tokens: int = 32, chat: bool = False,
+def generate_text(path: Path, prompt: str, *, max_new_tokens: int = 32, chat: bool = False,
                   route: str | None = None, do_sample: bool = False) -> list[str]:
-    model, tok = load_model(path)
-    prompts = [" ".join(prompt)] if isinstance(prompt, list) else [prompt]
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise CheckpointError(None, "max_new_tokens", f"must be an integer >= 1, got {max_new_tokens!r}")
+    model, tok = load_model(path, chat=chat)
+    prompts = [prompt]
     if route is not None:
         if not hasattr(model, "force_route"):
             raise CheckpointError(path, "--route", "only moerge MoE checkpoints can force a route")

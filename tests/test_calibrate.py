@@ -27,7 +27,7 @@ from moerge.errors import DataError, MoergeError, SourceError
 from moerge.recipe import recipe_from_dict
 from moerge.routing.add_expert import add_expert
 from moerge.routing.calibrate import CalibrateOptions, calibrate
-from moerge.routing.dataset import Defaults, holdout_split, load_examples
+from moerge.routing.data import Defaults, holdout_split, load_examples
 from moerge.routing.fit import fallback_threshold, fit_temperature
 from moerge.testing import tiny
 

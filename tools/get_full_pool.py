@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from get_base_model import get_base_model  # noqa: E402
+from get_base_model import get_base_model
 
 TASKS = ("imdb", "tweets", "bbc", "arith")
 NAME = "smollm2-135m-instruct-full"

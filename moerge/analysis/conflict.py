@@ -22,6 +22,7 @@ import torch
 from ..merge.sparsify import magnitude
 
 METRICS = ("sign_conflict", "cancellation", "cosine", "merge_error")
+DEFAULT_DENSITY = 0.2  # the trimming density of sign_conflict when the merge has none of its own
 EPS = 1e-12
 
 
@@ -30,7 +31,7 @@ class UnitStats:
     """Running sums over the linears of one unit, for N experts."""
 
     n: int
-    density: float = 0.2
+    density: float = DEFAULT_DENSITY
     gram: torch.Tensor = field(init=False)  # (N, N) sum of <tau_i, tau_j>
     l1_each: float = 0.0
     l1_sum: float = 0.0
@@ -43,20 +44,23 @@ class UnitStats:
         self.gram = torch.zeros(self.n, self.n, dtype=torch.float64)
         self.err_num = torch.zeros(self.n, dtype=torch.float64)
 
-    def add(self, taus: torch.Tensor, merged_tau: torch.Tensor) -> None:
-        """``taus`` (N, *shape) task vectors, ``merged_tau`` (*shape) = W_s - W_base of one linear."""
+    def add(self, taus: torch.Tensor, merged_tau: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """``taus`` (N, *shape) task vectors, ``merged_tau`` (*shape) = W_s - W_base of one linear, or of a row
+        block of it; ``keep`` (N, D): each expert's top-``density`` magnitudes over the whole linear (a block
+        cannot know them; :class:`moerge.merge.streaming.TopK`), computed here when the linear is whole."""
         flat = taus.reshape(self.n, -1).double()  # (N, D)
-        self.gram += flat @ flat.T
+        self.gram += (flat @ flat.T).cpu()
         self.l1_each += float(flat.abs().sum())
         self.l1_sum += float(flat.sum(0).abs().sum())
-        trimmed = torch.stack([magnitude(t, self.density) for t in taus.reshape(self.n, -1).float()])  # (N, D)
+        flat32 = taus.reshape(self.n, -1).float()  # (N, D)
+        trimmed = flat32 * keep if keep is not None else torch.stack([magnitude(t, self.density) for t in flat32])
         nonzero = trimmed != 0
         multi = nonzero.sum(0) >= 2  # (D,)
         pos, neg = (trimmed > 0).any(0), (trimmed < 0).any(0)
         self.overlap += int(multi.sum())
         self.conflicts += int((multi & pos & neg).sum())
         m = merged_tau.reshape(1, -1).double()  # (1, D)
-        self.err_num += ((m - flat) ** 2).sum(1)
+        self.err_num += ((m - flat) ** 2).sum(1).cpu()
         self.shared_sq += float((m ** 2).sum())
 
     def metrics(self) -> dict[str, float]:

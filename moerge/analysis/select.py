@@ -11,6 +11,8 @@ from ..errors import RecipeError
 from ..recipe import SelectSpec
 from .conflict import METRICS, conflict_score
 
+ACTIVATION = "activation"  # the select metric that makes the budget allocator choose the plan (pipeline.allocate)
+
 
 def needs_metrics(spec: SelectSpec) -> bool:
     return spec.threshold is not None or spec.top_fraction is not None or spec.budget is not None

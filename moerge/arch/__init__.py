@@ -1,5 +1,7 @@
 """Architecture families as data: where the layers, attention and MLP linears, norms and embeddings live.
 
+Every tensor name moerge needs is spelled here, native MoE targets included (:mod:`.native`).
+
 Every supported family (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text) uses the same Hugging Face
 naming for what moerge touches; they differ in biases (qwen2 q/k/v), extra norms (qwen3 q/k norms, gemma2/3
 pre/post feed-forward norms) and tied embeddings, which the code reads from the checkpoint itself.  A new
@@ -31,28 +33,42 @@ class Family:
         "mlp": ("post_attention_layernorm", ("gate_proj", "up_proj")),
     })
     norm_offset: float = 0.0  # the norm multiplies by offset + weight (gemma: 1 + weight)
+    mlp_norm: str = "post_attention_layernorm"
 
     def input_norm(self, layer: int, group: str, linear: str) -> str | None:
         """The norm weight whose output is ``linear``'s input (None: its input is not a norm's output)."""
         norm, fed = self.input_norms.get(group, ("", ()))
-        return f"{self.layer_prefix}.{layer}.{norm}.weight" if linear in fed else None
+        return f"{self.layer_path(layer)}.{norm}.weight" if linear in fed else None
 
     def unit_path(self, layer: int, group: str) -> str:
-        return f"{self.layer_prefix}.{layer}.{self.groups[group][0]}"
+        return f"{self.layer_path(layer)}.{self.groups[group][0]}"
 
     def linears(self, group: str) -> tuple[str, ...]:
         return self.groups[group][1]
 
-    def classify(self, name: str) -> tuple[int, str, str] | None:
-        """``model.layers.3.mlp.up_proj.weight`` -> (3, "mlp", "up_proj"); None for anything not a unit linear."""
-        m = re.fullmatch(rf"{re.escape(self.layer_prefix)}\.(\d+)\.(\w+)\.(\w+)\.(weight|bias)", name)
-        if not m:
+    def layer_path(self, layer: int) -> str:
+        return f"{self.layer_prefix}.{layer}"
+
+    def layer_of(self, name: str) -> int | None:
+        """``model.layers.3.mlp.up_proj.weight`` -> 3; None for a tensor outside the decoder layers."""
+        m = re.match(rf"{re.escape(self.layer_prefix)}\.(\d+)\.", name + ".")
+        return int(m.group(1)) if m else None
+
+    def mlp_weight(self, layer: int, linear: str) -> str:
+        """``(3, "up_proj")`` -> ``model.layers.3.mlp.up_proj.weight``."""
+        return f"{self.unit_path(layer, 'mlp')}.{linear}.weight"
+
+    def parse_mlp_weight(self, name: str) -> tuple[int, str] | None:
+        """``model.layers.3.mlp.up_proj.weight`` -> ``(3, "up_proj")``; None for anything else."""
+        layer = self.layer_of(name)
+        if layer is None:
             return None
-        layer, module, linear = int(m.group(1)), m.group(2), m.group(3)
-        for group, (mod, lins) in self.groups.items():
-            if module == mod and linear in lins:
-                return layer, group, linear
-        return None
+        lin = name.removeprefix(f"{self.unit_path(layer, 'mlp')}.").removesuffix(".weight")
+        return (layer, lin) if lin in self.linears("mlp") and name == self.mlp_weight(layer, lin) else None
+
+    def post_attention_norm(self, layer: int) -> str:
+        """The norm whose output is the MLP's input (what a native router reads)."""
+        return f"{self.layer_path(layer)}.{self.mlp_norm}.weight"
 
 
 _GEMMA2_NORMS = {"attention": ("input_layernorm", ("q_proj", "k_proj", "v_proj")),

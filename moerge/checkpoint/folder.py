@@ -6,7 +6,6 @@ installed moerge classes and ``trust_remote_code=False``: moerge never runs code
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,10 @@ import yaml
 
 from ..dtypes import float_dtype_of
 from ..errors import CheckpointError
-from ..io.index import CheckpointIndex
+from ..io.files import read_json, read_text
+from ..io.index import CheckpointIndex, read_safetensors_header
 from ..io.loader import TensorLoader
+from ..modeling import register
 from ..recipe import Recipe
 from . import names
 from .manifest import Manifest
@@ -25,16 +26,10 @@ from .routers import RouterTensors, read_routers
 
 
 def read_config(folder: Path) -> dict[str, Any]:
-    path = folder / names.CONFIG
-    if not path.is_file():
-        raise CheckpointError(path, None, "file not found")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(path, None, f"cannot be read ({' '.join(str(exc).split())})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(path, None, f"expected a JSON mapping, got {type(config).__name__}")
-    return config
+    """config.json of a model folder (one-line errors for a missing, unreadable or malformed file)."""
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(folder, None, "not a model folder")
+    return read_json(folder / names.CONFIG)
 
 
 @dataclass
@@ -53,10 +48,17 @@ class Checkpoint:
         manifest = None
         if config.get("model_type") == "moerge" and "moerge" in config:
             manifest = Manifest.from_dict(config["moerge"], str(folder / names.CONFIG))
+            if not isinstance(config.get("base_config"), dict):
+                raise CheckpointError(folder / names.CONFIG, "base_config", "malformed moerge checkpoint (base_config "
+                                                                            "is not an object)")
         ckpt = cls(folder, config, manifest)
         if routed:
             ckpt.require_routed()
         return ckpt
+
+    def config_with(self, manifest: Manifest) -> dict[str, Any]:
+        """config.json's content with ``manifest`` in place of the stored one."""
+        return {**self.config, "moerge": manifest.to_dict()}
 
     def require_routed(self) -> Manifest:
         if self.manifest is None or not self.manifest.routed:
@@ -64,6 +66,7 @@ class Checkpoint:
                                   "not a routed moerge checkpoint (nothing to calibrate)")
         if not (self.folder / names.ROUTER_SHARD).is_file():
             raise CheckpointError(self.folder / names.ROUTER_SHARD, None, "router shard missing")
+        read_safetensors_header(self.folder / names.ROUTER_SHARD)  # a corrupt router fails before any model loads
         return self.manifest
 
     # ---- what it holds
@@ -93,7 +96,9 @@ class Checkpoint:
         if not path.is_file():
             return None
         try:
-            return Recipe.model_validate(yaml.safe_load(path.read_text()))
+            return Recipe.model_validate(yaml.safe_load(read_text(path)))
+        except CheckpointError:
+            raise
         except Exception as exc:  # noqa: BLE001 - yaml and pydantic errors alike: the stored recipe is unusable
             raise CheckpointError(path, None, f"cannot read the checkpoint's recipe ({' '.join(str(exc).split())})"
                                   ) from None
@@ -111,7 +116,10 @@ class Checkpoint:
     def tokenizer(self, padding_side: str | None = None) -> Any:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(self.folder, trust_remote_code=False)
+        try:
+            tok = AutoTokenizer.from_pretrained(self.folder, trust_remote_code=False)
+        except Exception as exc:  # noqa: BLE001 - transformers raises many types: all mean "cannot load this folder"
+            raise CheckpointError(self.folder, None, f"cannot load the tokenizer ({why(exc)})") from None
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         if padding_side is not None:
@@ -127,10 +135,18 @@ def load_model(folder: Path, dtype: torch.dtype | str | None = None, device_map:
     """``AutoModelForCausalLM`` of ``folder`` with ``trust_remote_code=False`` (moerge's classes registered)."""
     from transformers import AutoModelForCausalLM
 
-    from ..modeling import register
-
     register()
     kwargs: dict[str, Any] = {"dtype": dtype or "auto", "trust_remote_code": False}
     if device_map is not None:
         kwargs["device_map"] = device_map
-    return AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
+    try:
+        return AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types: all mean "cannot load this folder"
+        raise CheckpointError(folder, None, f"cannot load the model ({why(exc)})") from None
+
+
+def why(exc: Exception) -> str:
+    """One line saying why transformers could not load a folder."""
+    if "trust_remote_code" in str(exc):
+        return "it needs code from its own folder (auto_map), and moerge never runs code from a checkpoint"
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]

@@ -87,7 +87,8 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, raw: Any, file: str) -> Manifest:
-        raw = _mapping(raw, file, "moerge")
+        if not isinstance(raw, dict) or not all(k in raw for k in ("experts", "level", "units")):
+            raise CheckpointError(file, "moerge", "malformed moerge block (needs experts, level, units)")
         units = _get(raw, "units", dict, file, "moerge")
         fb = raw.get("fallback")
         fallback = None if not fb else Fallback(float(_get(fb, "threshold", (int, float), file, "moerge.fallback")),

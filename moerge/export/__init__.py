@@ -53,15 +53,17 @@ from typing import Any
 import torch
 
 from .. import dtypes
+from ..arch import FAMILIES
 from ..checkpoint import names
 from ..checkpoint.index import write_index
 from ..errors import RecipeError
-from ..io.atomic import atomic_output, check_output
+from ..io.atomic import Inputs, atomic_output, check_output
 from ..io.index import CheckpointIndex
 from ..io.loader import TensorLoader
 from ..io.writer import ShardedWriter
 from ..pipeline.execute import Job, run_jobs
 from ..pipeline.plan import Plan
+from ..routing.data import load_texts
 from .formats import FORMATS, NativeFormat, check_base, get_format, native_config
 from .gates import collect_stats, fit_rows, fit_temperature, prototype_rows, rows_from_prototypes
 from .inputs import CheckpointInput, PlanInput
@@ -70,9 +72,10 @@ from .materialize import MaterializedInput
 from .report import REPORT_FILE, logit_report
 
 __all__ = ["FORMATS", "REPORT_FILE", "export_checkpoint", "export_from_plan"]
+LLAMA = FAMILIES["llama"]  # the layout native targets keep outside their MoE blocks (:mod:`moerge.arch.native`)
 
 def export_from_plan(plan: Plan, out: str | Path, *, force: bool = False, progress: bool = True,
-                     calibrate: bool = False) -> Path:
+                     calibrate: bool = False, inputs: Inputs = ()) -> Path:
     """Write the routed build ``plan`` in the recipe's native ``output.format``."""
     recipe = plan.ctx.recipe
     file = plan.ctx.file
@@ -91,13 +94,13 @@ def export_from_plan(plan: Plan, out: str | Path, *, force: bool = False, progre
     card = _card(fmt, src.names, f"recipe `{file}`", top_k=recipe.output.experts_per_token)
     return _export(src, fmt, Path(out), top_k=recipe.output.experts_per_token, shard_size=recipe.output.shard_size,
                    force=force, progress=progress, calibrate=calibrate, card=card,
-                   extra={"moerge_recipe.yaml": recipe.to_yaml()})
+                   extra={"moerge_recipe.yaml": recipe.to_yaml()}, inputs=inputs)
 
 
 def export_checkpoint(checkpoint: str | Path, to: str, out: str | Path, *, force: bool = False,
                       progress: bool = True, experts_per_token: int | None = None, calibrate: bool = False,
                       from_data: bool = False, shard_size: int = 10**9, materialize: bool = False,
-                      report: bool = True) -> Path:
+                      report: bool = True, device: str | torch.device | None = "auto") -> Path:
     """Write a built moerge checkpoint as a native ``to`` checkpoint in ``out``.
 
     Routed units must be MLPs without bias deltas; their experts must be dense unless ``materialize`` (then every
@@ -105,8 +108,10 @@ def export_checkpoint(checkpoint: str | Path, to: str, out: str | Path, *, force
     prototypes converted to rows, or (sequence level, ``from_data`` or ``calibrate``) measured from the calibration
     data of the checkpoint's ``moerge_recipe.yaml``.  ``report``: compare the export with the checkpoint, expert by
     expert, and write ``export_report.json`` (:mod:`.report`)."""
-    check_output(Path(out).absolute(), force)
-    src = MaterializedInput(checkpoint) if materialize else CheckpointInput(checkpoint)
+    check_output(Path(out).absolute(), force, [("source checkpoint", Path(checkpoint))])
+    if experts_per_token is not None and (isinstance(experts_per_token, bool) or experts_per_token < 1):
+        raise RecipeError(None, "--experts-per-token", f"must be an integer >= 1, got {experts_per_token!r}")
+    src = (MaterializedInput if materialize else CheckpointInput)(checkpoint, device)
     fmt = get_format(to, str(checkpoint), "--to")
     top_k = experts_per_token or src.stored_top_k() or 2
     kinds = {unit: spec.kind for unit, spec in src.manifest.units.items()}
@@ -120,12 +125,13 @@ def export_checkpoint(checkpoint: str | Path, to: str, out: str | Path, *, force
         (tmp / REPORT_FILE).write_text(json.dumps(rep, indent=2) + "\n")
 
     return _export(src, fmt, Path(out), top_k=top_k, shard_size=shard_size, force=force, progress=progress,
-                   calibrate=calibrate, from_data=from_data, card=card, finish=finish if report else None)
+                   calibrate=calibrate, from_data=from_data, card=card, finish=finish if report else None,
+                   inputs=[("source checkpoint", Path(checkpoint))])
 
 
 def _export(src: Any, fmt: NativeFormat, out: Path, *, top_k: int, shard_size: int, force: bool, progress: bool,
             calibrate: bool, card: str, from_data: bool = False, extra: dict[str, str] | None = None,
-            finish: Callable[[Path], None] | None = None) -> Path:
+            finish: Callable[[Path], None] | None = None, inputs: Inputs = ()) -> Path:
     check_base(fmt, src.base_cfg, src.base_names, src.file)
     n = len(src.names)
     if top_k > n:
@@ -134,7 +140,7 @@ def _export(src: Any, fmt: NativeFormat, out: Path, *, top_k: int, shard_size: i
     config = native_config(fmt, src.base_cfg, n_experts=n, top_k=top_k, routed=src.routed,
                            dtype=dtypes.name(src.out_dtype))
     _warn_engines(fmt, config)
-    with atomic_output(out, force) as tmp:
+    with atomic_output(out, force, inputs) as tmp:
         files = write_tensors(src, fmt, tmp, shard_size, progress=progress, calibrate=calibrate, from_data=from_data)
         write_index(tmp, files)
         _side_files(src.side_folder, tmp)
@@ -174,10 +180,10 @@ def write_tensors(src: Any, fmt: NativeFormat, tmp: Path, shard_size: int, *, pr
 def untied_head(jobs: list[Job]) -> list[Job]:
     """A tied base's ``lm_head.weight``: the exported embedding written a second time (the config says untied),
     because SGLang's Mixtral / Qwen2-MoE / Qwen3-MoE classes never tie it and would leave it uninitialised."""
-    if any(job.label == "lm_head.weight" for job in jobs):
+    if any(job.label == LLAMA.lm_head for job in jobs):
         return []
-    embed = next(job for job in jobs if job.label == "model.embed_tokens.weight")
-    spec = replace(embed.specs[0], name="lm_head.weight")  # (V, C)
+    embed = next(job for job in jobs if job.label == LLAMA.embed)
+    spec = replace(embed.specs[0], name=LLAMA.lm_head)  # (V, C)
 
     def run() -> Iterator[tuple[str, torch.Tensor]]:
         for _, tensor in embed.run():
@@ -225,14 +231,12 @@ def router_rows(src: Any, fmt: NativeFormat, loader: TensorLoader, *, calibrate:
         return {}
     from transformers import AutoTokenizer
 
-    from ..routing.data import load_texts
-
     tok = AutoTokenizer.from_pretrained(src.side_folder, trust_remote_code=False)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     texts = [load_texts(ds, tok, file=f"experts[{e}].calibration") for e, ds in enumerate(init.calibration)]
     n_layers = int(src.base_cfg["num_hidden_layers"])
-    embed = loader.get("model.embed_tokens.weight")  # the export's float dtype: the pass computes in it
+    embed = loader.get(LLAMA.embed)  # the export's float dtype: the pass computes in it
     moe = set(fmt.moe_layers(n_layers, src.routed))
     weights = layer_weights(loader, fmt, moe, int(src.base_cfg["intermediate_size"]), embed.dtype)
     stats = collect_stats(src.base_cfg, embed, weights, texts, tok, moe, sorted(src.routed))
@@ -257,7 +261,7 @@ def layer_weights(loader: TensorLoader, fmt: NativeFormat, moe: set[int], inter:
                 if fmt.residual_experts:
                     t = t[:, :inter] if lin == "down_proj" else t[:inter]
             else:
-                t = loader.get(f"model.layers.{layer}.{key}")
+                t = loader.get(f"{LLAMA.layer_path(layer)}.{key}")
             sd[key] = t.to(dtype)
         return sd
 

@@ -1,14 +1,5 @@
-"""Native transformers MoE formats as data: tensor names, which bases map exactly, and the config to write.
-
-Tensor names are the ones ``save_pretrained`` of the transformers class writes (transformers 5 keeps experts
-fused in memory, ``experts.gate_up_proj (E, 2I, C)``, and splits them back to per-expert tensors on save through
-its conversion mapping; engines such as vLLM and llama.cpp's converter read the per-expert names):
-
-| format | MoE MLP of layer i (prefix ``model.layers.{i}``) | router | dense (unrouted) MLP |
-|---|---|---|---|
-| mixtral | ``block_sparse_moe.experts.{e}.w1`` (gate), ``w3`` (up), ``w2`` (down) | ``block_sparse_moe.gate`` | none: every layer is MoE |
-| qwen2_moe | ``mlp.experts.{e}.{gate,up,down}_proj`` + ``mlp.shared_expert.*`` + ``mlp.shared_expert_gate`` | ``mlp.gate`` | ``mlp.{gate,up,down}_proj`` (``mlp_only_layers``) |
-| qwen3_moe | ``mlp.experts.{e}.{gate,up,down}_proj`` | ``mlp.gate`` | ``mlp.{gate,up,down}_proj`` (``mlp_only_layers``) |
+"""Native transformers MoE formats: which bases each maps exactly, and the config to write (tensor names:
+:mod:`moerge.arch.native`).
 
 A format is exact for a base when its attention and norms are the base's: Mixtral has no attention biases and
 no q/k norms (llama, mistral); Qwen2-MoE always has q/k/v biases (qwen2; llama and mistral get zero biases);
@@ -17,65 +8,20 @@ Qwen3-MoE has q/k norms (qwen3 only).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
+from ..arch.native import FORMATS, MLP_LINEARS, MLP_UNIT, NativeFormat, mlp_linear, routed_layers
 from ..errors import NotSupportedError
 
-MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+__all__ = ["FORMATS", "MLP_LINEARS", "MLP_UNIT", "NativeFormat", "check_base", "get_format", "mlp_linear",
+           "native_config", "routed_layers"]
+
 ATTN_BIASES = ("q_proj", "k_proj", "v_proj")
 # base config keys that mean the same thing in every target config
 COMMON_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
                "rope_parameters", "rope_theta", "rope_scaling", "partial_rotary_factor", "initializer_range",
                "attention_dropout", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "use_cache")
-
-
-@dataclass(frozen=True)
-class NativeFormat:
-    name: str
-    architecture: str
-    bases: tuple[str, ...]  # base model_types this format represents exactly
-    block: str  # module of the MoE block inside a layer, as save_pretrained names it
-    expert_linears: dict[str, str]  # base MLP linear -> the expert's linear name
-    every_layer_moe: bool  # Mixtral: yes (unrouted layers get the merged MLP as every expert)
-    shared_expert: bool  # Qwen2-MoE: the merged MLP as shared expert (see moerge.export docstring)
-    zero_qkv_bias: bool  # Qwen2-MoE: q/k/v always have biases
-
-    @property
-    def residual_experts(self) -> bool:
-        """Experts stored as ``MLP_e - 0.5 * MLP_shared`` (2x intermediate), so the sigmoid(0) = 0.5 gated shared
-        expert plus the routed experts give exactly ``sum_k r_k MLP_k``."""
-        return self.shared_expert
-
-    def prefix(self, layer: int) -> str:
-        return f"model.layers.{layer}.{self.block}"
-
-    def expert_name(self, layer: int, e: int, lin: str) -> str:
-        return f"{self.prefix(layer)}.experts.{e}.{self.expert_linears[lin]}.weight"
-
-    def router_name(self, layer: int) -> str:
-        return f"{self.prefix(layer)}.gate.weight"
-
-    def shared_name(self, layer: int, lin: str) -> str:
-        return f"{self.prefix(layer)}.shared_expert.{lin}.weight"
-
-    def shared_gate_name(self, layer: int) -> str:
-        return f"{self.prefix(layer)}.shared_expert_gate.weight"
-
-    def moe_layers(self, n_layers: int, routed: set[int]) -> list[int]:
-        return list(range(n_layers)) if self.every_layer_moe else sorted(routed)
-
-
-_QWEN_LINEARS = {lin: lin for lin in MLP_LINEARS}
-FORMATS: dict[str, NativeFormat] = {
-    "mixtral": NativeFormat("mixtral", "MixtralForCausalLM", ("llama", "mistral"), "block_sparse_moe",
-                            {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}, True, False, False),
-    "qwen2_moe": NativeFormat("qwen2_moe", "Qwen2MoeForCausalLM", ("llama", "mistral", "qwen2"), "mlp",
-                              _QWEN_LINEARS, False, True, True),
-    "qwen3_moe": NativeFormat("qwen3_moe", "Qwen3MoeForCausalLM", ("qwen3",), "mlp", _QWEN_LINEARS, False, False,
-                              False),
-}
 
 
 def get_format(name: str, file: str, field: str) -> NativeFormat:
@@ -129,3 +75,4 @@ def native_config(fmt: NativeFormat, base_cfg: dict[str, Any], *, n_experts: int
     else:
         cfg["attention_bias"] = bool(base_cfg.get("attention_bias", False))
     return cfg
+

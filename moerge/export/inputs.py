@@ -8,31 +8,31 @@ and per-expert weights (float), and what the router needs (calibration prompts, 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .. import device as devices
 from .. import dtypes
+from ..arch import family_for
 from ..checkpoint import Checkpoint, names
-from ..errors import CheckpointError, NotSupportedError, RecipeError
+from ..errors import CheckpointError, NotSupportedError
 from ..io.sources import FullSource
 from ..io.writer import TensorSpec
 from ..pipeline.execute import Job
 from ..pipeline.jobs import static_job
 from ..pipeline.plan import Plan
-from ..recipe import DataSource, Recipe
-
-_MLP_UNIT = re.compile(r"model\.layers\.(\d+)\.mlp")
+from ..recipe import CalibrationData, Recipe
+from .formats import MLP_UNIT, routed_layers
 
 
 @dataclass
 class RouterInit:
     """What the router rows can be initialised from."""
 
-    calibration: list[DataSource] | None  # one per expert, or None when any expert has none
+    calibration: list[CalibrationData] | None  # one per expert, or None when any expert has none
     uniform: bool = False  # the recipe asked for uniform routing: leave the rows zero
     prototypes: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # layer -> stored token router
 
@@ -48,7 +48,7 @@ class PlanInput:
         self.out_dtype: torch.dtype = self.ctx.out_dtype
         self.side_folder: Path = self.ctx.base.folder
         self.base_names: set[str] = set(self.ctx.base.names)
-        self.routed: set[int] = _routed_layers([ru.unit.path for ru in plan.routed], self.file, "routing.modules")
+        self.routed: set[int] = routed_layers([ru.unit.path for ru in plan.routed], self.file, "routing.modules")
 
     def jobs(self) -> list[Job]:
         """The static merge of every base tensor, in the base's order."""
@@ -59,7 +59,7 @@ class PlanInput:
         float32).  The shared weight of an unrouted layer is the static merge; of a routed layer, the plan's shared
         weight (the merge, or the base)."""
         ctx = self.ctx
-        name = f"model.layers.{layer}.mlp.{lin}.weight"
+        name = ctx.family.mlp_weight(layer, lin)
         merge = shared and not (routed and self.plan.shared_is_base)
         values = shared or any(not isinstance(s, FullSource) for s in ctx.sources)  # else only its shape is read
         base = ctx.load(name) if values else torch.empty(ctx.base.index[name].shape, device=ctx.device)
@@ -91,7 +91,8 @@ class CheckpointInput:
 
     kinds: tuple[str, ...] = ("dense",)  # expert kinds read as stored (``.materialize``: every kind)
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, device: str | torch.device | None = "cpu") -> None:
+        self.device = devices.resolve(device)  # where materialized experts are computed
         self.ckpt = Checkpoint.open(folder)
         self.folder = self.ckpt.folder
         self.file = str(self.folder / names.CONFIG)
@@ -100,9 +101,10 @@ class CheckpointInput:
                                                            f"'{self.ckpt.config.get('model_type')}')")
         self.manifest = self.ckpt.manifest
         self.base_cfg = self.ckpt.base_config
+        self.family = family_for(self.base_cfg, self.file)
         self.names = list(self.manifest.experts)
         self._check_units()
-        self.routed = _routed_layers(list(self.manifest.units), self.file, "moerge.units")
+        self.routed = routed_layers(list(self.manifest.units), self.file, "moerge.units")
         self.index = self.ckpt.index()
         self.loader = self.ckpt.loader()
         self.base_names = {n for n in self.index.names() if not names.is_moerge_only(n)}
@@ -111,7 +113,7 @@ class CheckpointInput:
 
     def _check_units(self) -> None:
         for unit, spec in self.manifest.units.items():
-            if not _MLP_UNIT.fullmatch(unit):
+            if not MLP_UNIT.fullmatch(unit):
                 raise NotSupportedError(self.file, f"moerge.units.{unit}", "routed attention (or any non-MLP unit) "
                                         "has no place in a native MoE format, which keeps one attention per layer")
             if spec.kind not in self.kinds:
@@ -135,9 +137,11 @@ class CheckpointInput:
         return jobs
 
     def mlp(self, layer: int, lin: str, *, routed: bool, shared: bool) -> tuple[torch.Tensor | None, list | None]:
-        path = f"model.layers.{layer}.mlp.{lin}"
-        experts = [self.loader.get(f"{path}.experts.{e}.weight") for e in range(len(self.names))] if routed else None
-        return (self.loader.get(f"{path}.weight").float() if shared else None), experts
+        weight = self.family.mlp_weight(layer, lin)
+        path = weight.removesuffix(".weight")
+        experts = [self.loader.get(names.expert_tensor(path, e, "weight")) for e in range(len(self.names))] if routed \
+            else None
+        return (self.loader.get(weight).float() if shared else None), experts
 
     def router_init(self) -> RouterInit:
         recipe = self.ckpt.recipe()
@@ -145,30 +149,12 @@ class CheckpointInput:
         init = RouterInit(cal if cal and all(c is not None for c in cal) else None)
         if self.manifest.level == "token" and self.manifest.initialized:
             for unit in self.manifest.units:
-                layer = int(_MLP_UNIT.fullmatch(unit).group(1))  # type: ignore[union-attr]
+                layer = int(MLP_UNIT.fullmatch(unit).group(1))  # type: ignore[union-attr]
                 init.prototypes[layer] = {k: self.loader.get(f"{unit}.moerge_router.{k}").float()
                                           for k in ("prototypes", "center", "scale", "bias")
                                           if f"{unit}.moerge_router.{k}" in self.index}
-                init.prototypes[layer]["norm"] = self.loader.get(
-                    f"model.layers.{layer}.post_attention_layernorm.weight").float()
+                init.prototypes[layer]["norm"] = self.loader.get(self.family.post_attention_norm(layer)).float()
         return init
 
     def stored_top_k(self) -> int | None:
         return self.manifest.top_k
-
-
-def _routed_layers(paths: list[str], file: str, field: str) -> set[int]:
-    layers = set()
-    for p in paths:
-        m = _MLP_UNIT.fullmatch(p)
-        if not m:
-            raise RecipeError(file, field, f"routed unit {p} cannot be exported: a native MoE format keeps one "
-                                           "attention per layer (the static merge); route only MLPs (modules: mlp)")
-        layers.add(int(m.group(1)))
-    return layers
-
-
-def mlp_linear(name: str) -> tuple[int, str] | None:
-    """``model.layers.3.mlp.up_proj.weight`` -> (3, "up_proj")."""
-    m = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight", name)
-    return (int(m.group(1)), m.group(2)) if m else None

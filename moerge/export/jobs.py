@@ -14,8 +14,7 @@ import torch
 
 from ..io.writer import TensorSpec
 from ..pipeline.execute import Job
-from .formats import MLP_LINEARS, NativeFormat
-from .inputs import mlp_linear
+from .formats import MLP_LINEARS, NativeFormat, mlp_linear
 
 
 def export_jobs(src: Any, fmt: NativeFormat, n_experts: int) -> list[Job]:
@@ -82,7 +81,7 @@ def moe_linear_job(src: Any, fmt: NativeFormat, layer: int, lin: str, n_experts:
         if shared is not None and fmt.shared_expert:
             yield specs[-1].name, shared
 
-    return Job(f"model.layers.{layer}.mlp.{lin}", specs, run)
+    return Job(f"{fmt.prefix(layer)}.{lin}", specs, run)
 
 
 def expert_tensor(fmt: NativeFormat, lin: str, w: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:

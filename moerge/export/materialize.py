@@ -35,16 +35,15 @@ class MaterializedInput(CheckpointInput):
 
     def mlp(self, layer: int, lin: str, *, routed: bool, shared: bool) -> tuple[torch.Tensor | None, list | None]:
         """(shared W_s (O, I) float32 | None, [W_e (O, I)] | None) for one MLP linear of one layer."""
-        path = f"model.layers.{layer}.mlp.{lin}"
-        w_s = self.loader.get(f"{path}.weight")  # (O, I)
+        w_s = self.loader.get(self.family.mlp_weight(layer, lin)).to(self.device)  # (O, I)
         experts = self._experts(layer, lin, w_s) if routed else None
         return (w_s.float() if shared else None), experts
 
     def _experts(self, layer: int, lin: str, w_s: torch.Tensor) -> list[torch.Tensor]:
-        spec = self.manifest.units[f"model.layers.{layer}.mlp"]
+        spec = self.manifest.units[self.family.unit_path(layer, "mlp")]
         linear = spec.linears.get(lin)
         if linear is None:  # a linear the unit does not route: every expert is W_s
             return [w_s] * len(self.names)
-        path = f"model.layers.{layer}.mlp.{lin}"
-        return [dense_expert(spec.kind, {t: self.loader.get(names.expert_tensor(path, e, t)) for t in shapes}, w_s)
+        path = self.family.mlp_weight(layer, lin).removesuffix(".weight")
+        return [dense_expert(spec.kind, {t: self.loader.get(names.expert_tensor(path, e, t)).to(self.device) for t in shapes}, w_s)
                 for e, shapes in enumerate(linear.experts)]

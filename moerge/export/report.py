@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..modeling import MoergeForCausalLM
+
 REPORT_FILE = "export_report.json"
 PROMPTS = (
     "The quick brown fox jumps over the lazy dog.",
@@ -49,7 +51,6 @@ def prompt_ids(folder: Path, vocab: int) -> list[torch.Tensor]:
 @torch.no_grad()
 def moerge_logits(checkpoint: Path, ids: list[torch.Tensor], n_experts: int) -> list[list[torch.Tensor]]:
     """[expert][prompt] -> (T, V) float32 logits of the moerge checkpoint pinned to that expert."""
-    from ..modeling import MoergeForCausalLM
 
     model = MoergeForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     out = []

@@ -30,15 +30,19 @@ class TensorLoader:
                 raise CheckpointError(path, None, f"truncated or corrupt safetensors file ({exc})") from None
         return self._handles[path]
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Tensor ``name``, or only its rows ``[a, b)`` of dimension 0 (nothing else is read)."""
         if name not in self.index:
             raise CheckpointError(self.index.folder, name, "tensor missing")
         info = self.index[name]
         if self.index.format == "pickle":
             if info.file not in self._pickled:
                 self._pickled[info.file] = torch.load(info.file, map_location="cpu", weights_only=True, mmap=True)
-            return self._pickled[info.file][name]
+            t = self._pickled[info.file][name]
+            return t if rows is None else t[rows[0]:rows[1]]
         try:
+            if rows is not None:
+                return self._handle(info.file).get_slice(name)[rows[0]:rows[1]]
             return self._handle(info.file).get_tensor(name)
         except CheckpointError:
             raise

@@ -7,12 +7,14 @@
   honoured), computed only when that module is asked for.  DoRA is refused.
 
 Both raise :class:`~moerge.errors.SourceError` naming the file and the tensor on missing tensors, shape
-mismatches, NaN/Inf values, or an adapter made for another base.
+mismatches, NaN/Inf values, or an adapter made for another base.  Everything that can be checked from configs
+and headers is checked when a source is opened: a quantized checkpoint (``quantization_config``) or a tensor
+stored as an integer / 8-bit float where the base has a float is refused (merging those as numbers writes
+garbage), and an adapter's ``r`` / ``lora_alpha`` / patterns must be usable numbers.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -21,20 +23,24 @@ from typing import Any
 import torch
 
 from ..arch import check_compatible
+from ..dtypes import float_dtype_named
 from ..errors import CheckpointError, NotSupportedError, SourceError
+from .files import read_json
 from .index import CheckpointIndex
 from .loader import TensorLoader, check_finite
 
 PEFT_PREFIX = "base_model.model."
+__all__ = ["FullSource", "LoraSource", "ModelFolder", "open_source", "read_json"]
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(path, None, "file not found")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as exc:
-        raise CheckpointError(path, None, f"not valid JSON ({exc})") from None
+def check_not_quantized(config: dict[str, Any], path: Path) -> None:
+    """Refuse a quantized checkpoint (bitsandbytes, GPTQ, AWQ, FP8...): its stored numbers are not weights."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    quant = config.get("quantization_config") or text.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+        raise CheckpointError(path, "quantization_config", f"quantized checkpoint ({method}): its weights cannot be "
+                                                           "merged as numbers; dequantize it to float first")
 
 
 class ModelFolder:
@@ -45,11 +51,12 @@ class ModelFolder:
         if not self.folder.exists():
             raise CheckpointError(self.folder, None, f"{what} path not found")
         self.config = read_json(self.folder / "config.json")
+        check_not_quantized(self.config, self.folder / "config.json")
         self.index = CheckpointIndex.from_folder(self.folder, allow_pickle=allow_pickle)
         self.loader = TensorLoader(self.index)
 
-    def get(self, name: str) -> torch.Tensor:
-        return self.loader.get(name)
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        return self.loader.get(name, rows)
 
     @property
     def names(self) -> list[str]:
@@ -58,12 +65,19 @@ class ModelFolder:
     @property
     def tied(self) -> bool:
         text = self.config.get("text_config", self.config)
+        text = text if isinstance(text, dict) else self.config
         return bool(text.get("tie_word_embeddings", self.config.get("tie_word_embeddings", False)))
 
     @property
     def dtype(self) -> torch.dtype:
-        name = self.config.get("dtype") or self.config.get("torch_dtype") or "float32"
-        return getattr(torch, str(name).replace("torch.", ""), torch.float32)
+        """The float dtype the config names (default float32); an integer or unknown one is an error."""
+        key = "dtype" if self.config.get("dtype") else "torch_dtype"
+        name = self.config.get(key) or "float32"
+        row = float_dtype_named(name)
+        if row is None:
+            raise CheckpointError(self.folder / "config.json", key, f"{name!r} is not a float dtype (float32, "
+                                                                    "float16, bfloat16 or float64)")
+        return row.torch
 
 
 class FullSource:
@@ -75,18 +89,30 @@ class FullSource:
         self.name, self.path = name, folder
         self.model = ModelFolder(folder, allow_pickle=allow_pickle, what=f"expert '{name}'")
         check_compatible(base.config, self.model.config, str(folder / "config.json"))
+        self._check_dtypes(base)
 
-    def weight(self, tname: str, base: torch.Tensor) -> torch.Tensor:
+    def _check_dtypes(self, base: ModelFolder) -> None:
+        """Where the base stores a float, the expert must too (an int8 / relabelled tensor is not a weight)."""
+        for tname, want in base.index.tensors.items():
+            got = self.model.index.tensors.get(tname)
+            if got is not None and want.mergeable and not got.mergeable:
+                raise SourceError(got.file, tname, f"stored as {got.dtype} where the base has {want.dtype}: an "
+                                                   "integer or quantized tensor cannot be merged as numbers "
+                                                   "(dequantize the checkpoint to float first)")
+
+    def weight(self, tname: str, base: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The expert's tensor (its rows ``[a, b)`` when ``base`` is that block of the base's), on base's device."""
         if tname not in self.model.index:
             raise SourceError(self.path, tname, f"tensor missing in expert '{self.name}'")
         info = self.model.index[tname]
-        if tuple(info.shape) != tuple(base.shape):
+        t = self.model.get(tname, rows)
+        if tuple(t.shape) != tuple(base.shape):
             raise SourceError(info.file, tname, f"shape {list(info.shape)} does not match the base's {list(base.shape)}")
-        return check_finite(self.model.get(tname), info.file, tname).to(base.device)
+        return check_finite(t, info.file, tname).to(base.device)
 
-    def delta(self, tname: str, base: torch.Tensor) -> torch.Tensor | None:
-        """Task vector (fp32)."""
-        return self.weight(tname, base).float() - base.float()
+    def delta(self, tname: str, base: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor | None:
+        """Task vector (fp32), or its rows ``[a, b)`` when ``base`` is that block of the base tensor."""
+        return self.weight(tname, base, rows).float() - base.float()
 
     def lora_factors(self, tname: str, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
@@ -104,7 +130,7 @@ class LoraSource:
 
     is_lora = True
 
-    def __init__(self, name: str, folder: Path, base: ModelFolder) -> None:
+    def __init__(self, name: str, folder: Path, base: ModelFolder, *, allow_pickle: bool = False) -> None:
         self.name, self.path = name, folder
         cfg_path = folder / "adapter_config.json"
         self.cfg = read_json(cfg_path)
@@ -113,7 +139,8 @@ class LoraSource:
                                                            "(only LoRA)")
         if self.cfg.get("use_dora"):
             raise NotSupportedError(cfg_path, "use_dora", "DoRA adapters are not supported yet")
-        self.index = CheckpointIndex.from_folder(folder, prefix="adapter_model")
+        check_lora_config(self.cfg, cfg_path)
+        self.index = CheckpointIndex.from_folder(folder, allow_pickle=allow_pickle, prefix="adapter_model")
         self.loader = TensorLoader(self.index)
         self.modules = self._collect(base)
 
@@ -138,9 +165,22 @@ class LoraSource:
             if tname not in base.index:
                 raise SourceError(self.path, tname, f"LoRA adapter for a different base: module not in the base "
                                                     f"model {base.folder}")
+            for key in parts.values():
+                if not self.index[key].mergeable:
+                    raise SourceError(self.index[key].file, key, f"stored as {self.index[key].dtype}: an integer or "
+                                                                 "quantized adapter tensor cannot be merged")
             if "A" in parts and "B" in parts:
                 self._check_shapes(tname, parts, base.index[tname].shape)
+                self._check_rank(tname, parts)
         return out
+
+    def _check_rank(self, tname: str, parts: dict[str, str]) -> None:
+        """lora_A's rank is the ``r`` (or ``rank_pattern`` value) the config gives this module."""
+        got = self.index[parts["A"]].shape[0]
+        want, _ = self._scaling(tname.rsplit(".", 1)[0])
+        if got != want:
+            raise SourceError(self.index[parts["A"]].file, tname, f"lora_A has rank {got} but adapter_config.json "
+                                                                  f"gives r {want} for this module")
 
     def _check_shapes(self, tname: str, parts: dict[str, str], base_shape: tuple[int, ...]) -> None:
         a, b = self.index[parts["A"]].shape, self.index[parts["B"]].shape  # (r, in), (out, r)
@@ -155,8 +195,8 @@ class LoraSource:
         alpha = float(_pattern_value(self.cfg.get("alpha_pattern") or {}, module, self.cfg.get("lora_alpha", r)))
         return r, alpha / (math.sqrt(r) if self.cfg.get("use_rslora") else r)
 
-    def _get(self, key: str, device: torch.device | None = None) -> torch.Tensor:
-        t = check_finite(self.loader.get(key), self.index[key].file, key)
+    def _get(self, key: str, device: torch.device | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        t = check_finite(self.loader.get(key, rows), self.index[key].file, key)
         return (t if device is None else t.to(device)).float()
 
     def lora_factors(self, tname: str, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -170,28 +210,29 @@ class LoraSource:
             A, B = B.T.contiguous(), A.T.contiguous()  # base weight is stored (in, out)
         return A, B
 
-    def delta(self, tname: str, base: torch.Tensor) -> torch.Tensor | None:
+    def delta(self, tname: str, base: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor | None:
+        """Task vector (fp32) of ``tname``, or of its rows ``[a, b)`` when ``base`` is that block of the base."""
         parts = self.modules.get(tname)
         if not parts:
             return None
-        dev = base.device
+        dev, sl = base.device, slice(*rows) if rows else slice(None)
         if "full" in parts:
-            return self._checked(tname, self._get(parts["full"], dev), base) - base.float()
+            return self._checked(tname, self._get(parts["full"], dev, rows), base) - base.float()
+        _, scale = self._scaling(tname.rsplit(".", 1)[0])
         if "bias" in parts:
-            _, scale = self._scaling(tname.rsplit(".", 1)[0])
-            return self._checked(tname, self._get(parts["bias"], dev) * scale, base)
+            return self._checked(tname, self._get(parts["bias"], dev, rows) * scale, base)
         if "EA" in parts:  # embedding LoRA: A (r, vocab), B (dim, r) -> (vocab, dim)
-            _, scale = self._scaling(tname.rsplit(".", 1)[0])
-            return self._checked(tname, (self._get(parts["EB"], dev) @ self._get(parts["EA"], dev)).T * scale, base)
+            ea = self._get(parts["EA"], dev)[:, sl]  # (r, rows)
+            return self._checked(tname, (self._get(parts["EB"], dev) @ ea).T * scale, base)
         factors = self.lora_factors(tname, dev)
         if factors is None:
             raise SourceError(self.path, tname, "LoRA module has lora_A or lora_B but not both")
         A, B = factors
-        return self._checked(tname, B @ A, base)  # (out, r) @ (r, in) -> (out, in)
+        return self._checked(tname, B[sl] @ A, base)  # (rows, r) @ (r, in) -> (rows, in)
 
-    def weight(self, tname: str, base: torch.Tensor) -> torch.Tensor:
-        """The expert's own fp32 tensor: base + its delta (the base where the adapter leaves it alone)."""
-        delta = self.delta(tname, base)
+    def weight(self, tname: str, base: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The expert's own fp32 tensor (or rows): base + its delta (the base where the adapter leaves it alone)."""
+        delta = self.delta(tname, base, rows)
         return base.float() if delta is None else base.float() + delta
 
     def _checked(self, tname: str, delta: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
@@ -202,11 +243,42 @@ class LoraSource:
         return delta
 
 
+def _positive_int(value: Any) -> bool:
+    return type(value) is int and value > 0
+
+
+def _finite_number(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def check_lora_config(cfg: dict[str, Any], path: Path) -> None:
+    """``r`` a positive int, ``lora_alpha`` a finite number, patterns mappings of those, flags booleans."""
+    if not _positive_int(cfg.get("r", 8)):
+        raise SourceError(path, "r", f"must be a positive integer (the LoRA rank), got {cfg.get('r')!r}")
+    if "lora_alpha" in cfg and not _finite_number(cfg["lora_alpha"]):
+        raise SourceError(path, "lora_alpha", f"must be a finite number, got {cfg['lora_alpha']!r}")
+    for key, ok, what in (("rank_pattern", _positive_int, "a positive integer"),
+                          ("alpha_pattern", _finite_number, "a finite number")):
+        pattern = cfg.get(key) or {}
+        if not isinstance(pattern, dict):
+            raise SourceError(path, key, f"must be a mapping of module pattern -> value, got {pattern!r}")
+        for module, value in pattern.items():
+            if not ok(value):
+                raise SourceError(path, f"{key}.{module}", f"must be {what}, got {value!r}")
+            try:
+                re.compile(module)
+            except re.error as exc:
+                raise SourceError(path, f"{key}.{module}", f"not a valid module pattern ({exc})") from None
+    for flag in ("fan_in_fan_out", "use_rslora", "use_dora"):
+        if flag in cfg and not isinstance(cfg[flag], bool) and cfg[flag] is not None:
+            raise SourceError(path, flag, f"must be true or false, got {cfg[flag]!r}")
+
+
 def open_source(name: str, path: Path, base: ModelFolder, *, allow_pickle: bool = False) -> FullSource | LoraSource:
     """A LoRA adapter folder if it has ``adapter_config.json``, else a full checkpoint."""
     path = Path(path)
     if not path.exists():
         raise SourceError(path, None, f"expert '{name}' path not found")
     if (path / "adapter_config.json").is_file():
-        return LoraSource(name, path, base)
+        return LoraSource(name, path, base, allow_pickle=allow_pickle)
     return FullSource(name, path, base, allow_pickle=allow_pickle)

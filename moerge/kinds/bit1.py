@@ -9,7 +9,7 @@ import torch
 from einops import rearrange
 
 from ..modeling.modeling_moerge import unpack_bits
-from . import ExpertKind, KindConfig, Shapes, register
+from .base import KindConfig, RowWise, Shapes, register
 
 
 def pack_signs(delta: torch.Tensor) -> torch.Tensor:
@@ -31,7 +31,7 @@ def bit1_delta(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @register
-class Bit1(ExpertKind):
+class Bit1(RowWise):
     name = "bit1"
 
     def shapes(self, out: int, in_: int, cfg: KindConfig, lora_rank: int | None) -> Shapes:

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from . import ExpertKind, KindConfig, Shapes, register
+from .base import FullMatrix, register
 
 
 @register
-class Dense(ExpertKind):
-    name = "dense"
+class Dense(FullMatrix):
+    name, key = "dense", "weight"
 
-    def shapes(self, out: int, in_: int, cfg: KindConfig, lora_rank: int | None) -> Shapes:
-        return {"weight": ((out, in_), None)}
-
-    def build(self, w_s: torch.Tensor, w_e: torch.Tensor, factors: object, cfg: KindConfig) -> dict[str, torch.Tensor]:
-        return {"weight": w_e}
+    def matrix(self, w_s: torch.Tensor, w_e: torch.Tensor) -> torch.Tensor:
+        return w_e  # (out, in)

@@ -3,9 +3,11 @@ expert e gives base + B_e A_e * scaling).  A linear the adapter does not target 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
-from . import ExpertKind, KindConfig, Shapes, register
+from .base import ExpertKind, KindConfig, Read, Rows, Shapes, register
 
 
 @register
@@ -23,3 +25,9 @@ class Lora(ExpertKind):
             return {"A": w_s.new_zeros(0, w_s.shape[1]), "B": w_s.new_zeros(w_s.shape[0], 0)}
         A, B = factors  # (r, in), (out, r) with scaling folded into B
         return {"A": A, "B": B}
+
+    def build_rows(self, shape: tuple[int, int], ranges: list[Rows], read: Read,
+                   factors: tuple[torch.Tensor, torch.Tensor] | None, cfg: KindConfig) -> Iterator[tuple[str, torch.Tensor]]:
+        """The adapter's factors as they are: no weight is read."""
+        w_s = torch.empty(1, 1).expand(*shape)  # (out, in): its shape only, one float of storage
+        yield from self.build(w_s, w_s, factors, cfg).items()

@@ -3,10 +3,13 @@ as in Mediator, Lai et al. 2025, https://arxiv.org/abs/2502.04411).  Exact at de
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from ..merge.sparsify import keep_count
-from . import ExpertKind, KindConfig, Shapes, register
+from ..merge.streaming import TopK
+from .base import ExpertKind, KindConfig, Read, Rows, Shapes, register
 
 DEFAULT_DENSITY = 0.1
 
@@ -28,3 +31,21 @@ class Sparse(ExpertKind):
         flat = (w_e - w_s).reshape(-1)  # (out * in,)
         idx = torch.topk(flat.abs(), self.nnz(*w_s.shape, cfg), sorted=False).indices.sort().values  # (k,)
         return {"indices": idx.to(torch.int32), "values": flat[idx]}
+
+    def build_rows(self, shape: tuple[int, int], ranges: list[Rows], read: Read,
+                   factors: object, cfg: KindConfig) -> Iterator[tuple[str, torch.Tensor]]:
+        """The top magnitudes over row blocks: an exact streamed top-k (ties at the cut keep the lowest flat
+        indices), then the kept entries block by block."""
+        def deltas() -> Iterator[torch.Tensor]:
+            for rows in ranges:
+                w_s, w_e = read(rows)
+                yield (w_e - w_s).reshape(-1)  # (b * in,)
+
+        top = TopK(shape[0] * shape[1], self.nnz(*shape, cfg)).fit(lambda: (d.abs() for d in deltas()))
+        idx, values = [], []
+        for rows, flat in zip(ranges, deltas()):
+            keep = torch.nonzero(top.mask(flat.abs())).flatten()  # (k_b,) sorted
+            idx.append(keep + rows[0] * shape[1])
+            values.append(flat[keep])
+        yield "indices", torch.cat(idx).to(torch.int32)
+        yield "values", torch.cat(values)

@@ -1,52 +1,40 @@
-"""``twin``: exclusive knowledge ``W_e - W_s`` compressed by truncated SVD at ``rank`` (Twin-Merging,
+"""``twin``: exclusive knowledge ``W_e - W_s`` compressed by a truncated SVD at ``rank`` (Twin-Merging,
 Lu et al. 2024, https://arxiv.org/abs/2406.15479).  Stored as factors U (out, r) = U_r S_r and V (r, in);
 exact at full rank.
 
-When the expert is a LoRA adapter whose factors reproduce ``W_e - W_s`` (the shared weight is the base), the
-SVD is taken through the factors (two thin QRs and an r x r SVD) instead of the full (out, in) matrix: the
-same result, a small fraction of the work."""
+The factorisation (:mod:`moerge.linalg`) is exact for small matrices and a seeded randomized SVD for large ones
+(``routing.expert.svd: auto | exact | randomized``; randomized stays within 1% of the exact truncated SVD's
+error, at a small fraction of the time).  A matrix larger than one block is factorised over its row blocks
+(:meth:`Twin.build_rows`): the randomized SVD only needs products with the delta, one pass over the blocks
+each.  When the expert is a LoRA adapter whose factors reproduce ``W_e - W_s`` (the shared weight is the base),
+the SVD is taken through the factors (two thin QRs and an r x r SVD) instead of the (out, in) matrix."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
-from . import ExpertKind, KindConfig, Shapes, register
+from ..linalg import (
+    choose_method,
+    factors_match,
+    low_rank_factors,
+    randomized_factors,
+    row_block_operator,
+    svd_factors,
+    svd_of_product,
+)
+from .base import ExpertKind, KindConfig, Read, Rows, Shapes, register
+
+__all__ = ["DEFAULT_RANK", "Twin", "factors_match", "svd_factors", "svd_of_product"]
 
 DEFAULT_RANK = 16
-
-
-def svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best rank-``rank`` factors of ``delta`` (out, in): U (out, r) with singular values folded in, V (r, in)."""
-    u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)  # (out, k), (k,), (k, in)
-    return (u[:, :rank] * s[:rank]).contiguous(), vh[:rank].contiguous()
-
-
-def svd_of_product(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`svd_factors` of ``B @ A`` for A (q, in), B (out, q), without forming the product's SVD in full."""
-    qb, rb = torch.linalg.qr(B.float())  # (out, q), (q, q)
-    qa, ra = torch.linalg.qr(A.float().T)  # (in, q), (q, q)
-    u, s, vh = torch.linalg.svd(rb @ ra.T)  # (q, q) each; B @ A = qb (rb ra^T) qa^T
-    U = (qb @ u[:, :rank]) * s[:rank]  # (out, r)
-    V = vh[:rank] @ qa.T  # (r, in)
-    return U.contiguous(), V.contiguous()
-
-
-def factors_match(delta: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor] | None,
-                  magnitude: float) -> bool:
-    """Whether LoRA factors (A (q, in), B (out, q)) reproduce ``delta`` up to the float32 rounding of weights of
-    size ``magnitude`` (``delta`` is a difference of two such weights)."""
-    if factors is None or factors[0].shape[0] == 0:
-        return False
-    A, B = factors
-    err = (delta.float() - B.float() @ A.float()).abs().max()
-    tol = 4 * torch.finfo(torch.float32).eps * magnitude + 1e-6 * float(delta.abs().max())
-    return bool(err <= tol)
 
 
 @register
 class Twin(ExpertKind):
     name = "twin"
-    params = ("rank",)
+    params = ("rank", "svd")
 
     @staticmethod
     def rank(out: int, in_: int, cfg: KindConfig) -> int:
@@ -66,6 +54,27 @@ class Twin(ExpertKind):
                 U = torch.nn.functional.pad(U, (0, rank - U.shape[1]))
                 V = torch.nn.functional.pad(V, (0, 0, 0, rank - V.shape[0]))
         else:
-            U, V = svd_factors(delta, rank)
+            U, V = low_rank_factors(delta, rank, method=cfg.svd or "auto")
         return {"U": U, "V": V}
 
+    def build_rows(self, shape: tuple[int, int], ranges: list[Rows], read: Read,
+                   factors: tuple[torch.Tensor, torch.Tensor] | None, cfg: KindConfig) -> Iterator[tuple[str, torch.Tensor]]:
+        """Randomized factors over the row blocks of ``W_e - W_s``; the whole matrix when an exact SVD is asked
+        for (or chosen) or the expert's LoRA factors may give the delta exactly."""
+        rank = self.rank(*shape, cfg)
+        method = cfg.svd or "auto"
+        if method == "auto":
+            method = choose_method(shape, rank)
+        if method == "exact" or factors is not None:
+            yield from super().build_rows(shape, ranges, read, factors, cfg)
+            return
+
+        def blocks() -> Iterator[tuple[int, torch.Tensor]]:
+            for rows in ranges:
+                w_s, w_e = read(rows)
+                yield rows[0], w_e - w_s  # (b, in)
+
+        device = read(ranges[0])[0].device
+        U, V = randomized_factors(row_block_operator(shape, blocks, device), rank)
+        yield "U", U
+        yield "V", V

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from . import ExpertKind, KindConfig, Shapes, register
+from .base import FullMatrix, register
 
 
 @register
-class WEMoE(ExpertKind):
-    name = "wemoe"
+class WEMoE(FullMatrix):
+    name, key = "wemoe", "delta"
 
-    def shapes(self, out: int, in_: int, cfg: KindConfig, lora_rank: int | None) -> Shapes:
-        return {"delta": ((out, in_), None)}
-
-    def build(self, w_s: torch.Tensor, w_e: torch.Tensor, factors: object, cfg: KindConfig) -> dict[str, torch.Tensor]:
-        return {"delta": w_e - w_s}  # (out, in)
+    def matrix(self, w_s: torch.Tensor, w_e: torch.Tensor) -> torch.Tensor:
+        return w_e - w_s  # (out, in)

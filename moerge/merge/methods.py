@@ -15,7 +15,7 @@ https://arxiv.org/abs/2203.05482); ``task_arithmetic`` is Ilharco et al. 2023, h
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -47,7 +47,6 @@ class MergeParams:
     normalize: bool = False
     rescale: bool = False
     seed: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 METHODS: Registry[MergeMethod] = Registry("merge method")
@@ -70,16 +69,26 @@ def tensor_generator(seed: int, tensor_name: str, expert_index: int) -> torch.Ge
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
-def merge_task_vectors(method: MergeMethod, taus: list[torch.Tensor], p: MergeParams, tensor_name: str = "") -> torch.Tensor:
-    """Combine task vectors (each shaped like the weight) into one merged task vector (before lambda)."""
+def weighted_task_vectors(method: MergeMethod, taus: list[torch.Tensor], p: MergeParams, tensor_name: str = "",
+                          masks: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """(N, ...) sparsified task vectors times their weights.  ``masks``: keep-masks computed elsewhere (a row
+    block of a tensor streamed in blocks, :mod:`.streaming`) instead of the method's sparsifier."""
     shape = taus[0].shape
-    w = torch.tensor(p.weights, dtype=torch.float32).reshape(-1, *([1] * len(shape)))  # (N, 1, ...)
-    deltas = torch.empty((len(taus), *shape), dtype=torch.float32)  # (N, ...) weighted, sparsified
+    w = torch.tensor(p.weights, dtype=torch.float32, device=taus[0].device).reshape(-1, *([1] * len(shape)))
+    deltas = torch.empty((len(taus), *shape), dtype=torch.float32, device=taus[0].device)  # (N, ...)
     for i, tau in enumerate(taus):
-        if method.sparsify:
+        if masks is not None:
+            tau = tau * masks[i]
+        elif method.sparsify:
             tau = SPARSIFIERS[method.sparsify](tau, p.density, rescale=p.rescale, gamma=p.gamma, epsilon=p.epsilon,
                                                generator=tensor_generator(p.seed, tensor_name, i))
         torch.mul(tau, w[i], out=deltas[i])
+    return deltas
+
+
+def combine(method: MergeMethod, deltas: torch.Tensor, p: MergeParams) -> torch.Tensor:
+    """Sign consensus (if any) and normalisation of the (N, ...) weighted task vectors -> merged task vector."""
+    w = torch.tensor(p.weights, dtype=torch.float32, device=deltas.device).reshape(-1, *([1] * (deltas.dim() - 1)))
     if method.consensus:
         mask = sign_mask(deltas, method.consensus)  # (N, ...) bool
         merged = deltas.mul_(mask).sum(0)
@@ -96,9 +105,16 @@ def merge_task_vectors(method: MergeMethod, taus: list[torch.Tensor], p: MergePa
     return merged.div_(divisor)
 
 
+def merge_task_vectors(method: MergeMethod, taus: list[torch.Tensor], p: MergeParams, tensor_name: str = "",
+                       masks: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Combine task vectors (each shaped like the weight) into one merged task vector (before lambda)."""
+    return combine(method, weighted_task_vectors(method, taus, p, tensor_name, masks), p)
+
+
 def merge_tensor(method: MergeMethod, base: torch.Tensor, taus: list[torch.Tensor | None], p: MergeParams,
-                 tensor_name: str = "") -> torch.Tensor:
-    """Merged fp32 weight from the base and the experts' task vectors (``None`` = zero task vector)."""
+                 tensor_name: str = "", masks: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Merged fp32 weight from the base and the experts' task vectors (``None`` = zero task vector); ``masks`` as
+    in :func:`weighted_task_vectors`."""
     base32 = base.float()
     if method.name == "linear":
         total = sum(p.weights)
@@ -109,7 +125,7 @@ def merge_tensor(method: MergeMethod, base: torch.Tensor, taus: list[torch.Tenso
     if all(t is None for t in taus):
         return base32
     full = [t if t is not None else torch.zeros_like(base32) for t in taus]
-    merged = merge_task_vectors(method, full, p, tensor_name)
+    merged = merge_task_vectors(method, full, p, tensor_name, masks)
     del full
     if p.lambda_ != 1:
         merged.mul_(p.lambda_)

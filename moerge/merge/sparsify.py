@@ -44,7 +44,7 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     if n < _SELECT_DIRECT:
         return torch.kthvalue(values, n - k + 1).values
     idx = torch.randint(n, (_SAMPLE,), generator=torch.Generator().manual_seed(n * 1_000_003 + k))
-    sample = values[idx].sort().values  # (m,)
+    sample = values[idx.to(values.device)].sort().values  # (m,)
     below = (n - k) / n  # fraction of the values under the answer
     centre, margin = below * _SAMPLE, 6.0 * math.sqrt(_SAMPLE * below * (1 - below)) + 8
     lo = sample[max(0, int(centre - margin))]
@@ -102,7 +102,8 @@ def random(tau: torch.Tensor, density: float, *, rescale: bool = True, generator
            **_: object) -> torch.Tensor:
     if density >= 1:
         return tau
-    mask = torch.bernoulli(torch.full_like(tau, density), generator=generator)
+    # drawn on the CPU (the generator's device) whatever tau's device: the same mask on every device
+    mask = torch.bernoulli(torch.full(tau.shape, density), generator=generator).to(tau.device)
     return _finish(tau, mask, rescale)
 
 
@@ -134,7 +135,7 @@ def magprune(tau: torch.Tensor, density: float, *, epsilon: float = 0.15, rescal
     ranks = rows.abs().argsort(dim=1).argsort(dim=1).float()  # (R, N), 0 = smallest
     span = (ranks.max(dim=1, keepdim=True).values - ranks.min(dim=1, keepdim=True).values).clamp_min(1)
     probs = (density - epsilon) + (ranks / span).clamp(0, 1) * 2 * epsilon
-    mask = torch.bernoulli(probs, generator=generator)
+    mask = torch.bernoulli(probs.cpu(), generator=generator).to(probs.device)
     out = rows * mask
     if rescale:
         out = rescale_l1(rows, out)

@@ -110,19 +110,11 @@ class MoergeConfig(PreTrainedConfig):
     def expert_names(self) -> list[str]:
         return list(self.moerge.get("experts", []))
 
-    # read/write views on the base config
-    vocab_size = _mirror("vocab_size")
-    hidden_size = _mirror("hidden_size")
-    num_hidden_layers = _mirror("num_hidden_layers")
-    num_attention_heads = _mirror("num_attention_heads")
-    num_key_value_heads = _mirror("num_key_value_heads")
-    head_dim = _mirror("head_dim")
-    intermediate_size = _mirror("intermediate_size")
-    max_position_embeddings = _mirror("max_position_embeddings")
-    pad_token_id = _mirror("pad_token_id")
-    bos_token_id = _mirror("bos_token_id")
-    eos_token_id = _mirror("eos_token_id")
-    initializer_range = _mirror("initializer_range")
+
+
+for _name in MIRRORED:  # read/write views on the base config
+    setattr(MoergeConfig, _name, _mirror(_name))
+del _name
 
 
 __all__ = ["AUTO_MAP", "MoergeConfig", "build_base_config"]

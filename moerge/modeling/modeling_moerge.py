@@ -1147,18 +1147,8 @@ class MoergeForCausalLM(PreTrainedModel, GenerationMixin):
         return {u: s.as_tokens().detach().clone() for u, s in st.slots.items() if s.route is not None}
 
     # ---- forward ---------------------------------------------------------------------------------------------
-    def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        position_ids=None,
-        cache=None,
-        inputs_embeds=None,
-        labels=None,
-        use_cache=None,
-        logits_to_keep=0,
-        **kwargs,
-    ):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                labels=None, use_cache=None, logits_to_keep=0, **kwargs):
         """The base causal LM's forward; routes are set by the hooks (prefill = no or empty cache)."""
         if cache is None:
             cache = kwargs.pop("past_key_values", None)
@@ -1171,16 +1161,8 @@ class MoergeForCausalLM(PreTrainedModel, GenerationMixin):
         if "logits_to_keep" in self._forward_params:
             extra["logits_to_keep"] = logits_to_keep
         try:
-            return self._causal_lm(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                inputs_embeds=inputs_embeds,
-                labels=labels,
-                use_cache=use_cache,
-                **extra,
-                **kwargs,
-            )
+            return self._causal_lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache, **extra, **kwargs)
         finally:
             self._moerge.phase, self._moerge.mask = None, None
             for slot in (self._moerge.sequence_slot, *self._moerge.slots.values()):

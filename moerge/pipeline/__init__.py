@@ -15,44 +15,42 @@ from pathlib import Path
 
 import torch
 
-from ..errors import RecipeError
+from ..export import export_from_plan
 from ..io.atomic import atomic_output, check_output
 from ..recipe import Recipe
 from .context import BuildContext
+from .memory import estimate
+from .output import write_moerge
 from .plan import Plan, describe, make_plan, static_plan
+from .preflight import preflight, recipe_inputs
 
 
 def plan_for(recipe: Recipe, file: str | None = None, *, progress: bool = True,
              device: str | torch.device | None = "auto") -> Plan:
-    """Open the recipe's inputs and plan the build (the conflict analysis runs here when needed)."""
-    ctx = BuildContext.open(recipe, file, device)
-    if recipe.routing is None:
-        if recipe.output.format != "moerge":
-            raise RecipeError(ctx.file, "output.format", f"format {recipe.output.format} needs a routing section")
-        return static_plan(ctx)
-    return make_plan(ctx, progress)
+    """Open and check every input (:func:`.preflight.preflight`: nothing computed), then plan the build (the
+    conflict analysis runs here when the selection needs it)."""
+    ctx = preflight(recipe, file, device)
+    return make_plan(ctx, progress) if recipe.routing is not None else static_plan(ctx)
 
 
 def build(recipe: Recipe, out: str | Path, *, force: bool = False, progress: bool = True, file: str | None = None,
           device: str | torch.device | None = "auto") -> Path:
     """Build the checkpoint described by ``recipe`` into ``out`` (atomically); returns ``out``."""
     out = Path(out)
-    check_output(out.absolute(), force)
+    inputs = recipe_inputs(recipe)
+    check_output(out.absolute(), force, inputs)
     plan = plan_for(recipe, file, progress=progress, device=device)
     if recipe.output.format != "moerge":
-        from ..export import export_from_plan
-
-        return export_from_plan(plan, out, force=force, progress=progress)
-    from .output import write_moerge
-
-    with atomic_output(out, force) as tmp:
+        return export_from_plan(plan, out, force=force, progress=progress, inputs=inputs)
+    with atomic_output(out, force, inputs) as tmp:
         write_moerge(plan, tmp, progress=progress)
     return out
 
 
 def plan_text(recipe: Recipe, file: str | None = None, device: str | torch.device | None = "auto") -> str:
-    """What ``moerge plan`` prints."""
-    return describe(plan_for(recipe, file, progress=False, device=device))
+    """What ``moerge plan`` prints: the plan, the output's bytes and a peak-memory estimate."""
+    plan = plan_for(recipe, file, progress=False, device=device)
+    return "\n".join([*describe(plan), estimate(plan).describe()])
 
 
 __all__ = ["BuildContext", "Plan", "build", "make_plan", "plan_for", "plan_text"]

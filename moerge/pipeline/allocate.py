@@ -36,7 +36,7 @@ from ..kinds.bit1 import pack_signs
 from ..recipe import AllocateSpec, MergeSpec
 from . import moments as mom
 from .context import BuildContext, resolve_merge
-from .plan import Maker, RoutedUnit, empty_shapes
+from .routed import Maker, RoutedUnit, empty_shapes
 from .units import Linear, Unit
 
 VERSION = 1
@@ -308,13 +308,11 @@ def choose(ctx: BuildContext, units: list[Unit], scores: dict[str, Scores], mome
 def allocate_plan(ctx: BuildContext, units: list[Unit], ratio: float, base_bytes: int,
                   progress: bool = True) -> Allocation:
     """Measure every unit (per shared candidate) and choose the plan within ``ratio`` x ``base_bytes``."""
-    from .output import tokenizer
-
     routing = ctx.recipe.routing
     assert routing is not None
     spec = routing.allocate or AllocateSpec()
     linears = [lin.path for u in units for lin in u.linears]
-    tok = tokenizer(ctx.base.folder)
+    tok = ctx.tokenizer()
     moments = [mom.expert_moments(ctx, e, tok, linears, progress) for e in range(len(ctx.sources))]
     keys = [mom.moments_key(ctx, e, linears) for e in range(len(ctx.sources))]
     budget = int((ratio - 1.0) * base_bytes) - reserved_bytes(ctx, units)

@@ -9,20 +9,22 @@ and the heatmap PNG.
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from ..analysis import cache as analysis_cache
-from ..analysis.conflict import METRICS, UnitStats
+from ..analysis.conflict import DEFAULT_DENSITY, METRICS, UnitStats
 from ..analysis.report import conflict_table, heatmap
 from ..errors import OutputError
+from ..merge.sparsify import keep_count
+from ..merge.streaming import Rows, TopK, fit_tops, merged_blocks, streamable
 from ..recipe import Recipe
 from .context import BuildContext
 from .units import Unit, candidate_units
-
-DEFAULT_DENSITY = 0.2  # the trimming density of sign_conflict when the merge has none of its own
 
 
 def analysis_density(ctx: BuildContext) -> float:
@@ -35,11 +37,36 @@ def analysis_density(ctx: BuildContext) -> float:
 def unit_metrics(ctx: BuildContext, unit: Unit, density: float) -> dict[str, float]:
     stats = UnitStats(len(ctx.sources), density)
     for lin in unit.linears:
+        ranges = ctx.blocks(lin.weight)
+        if len(ranges) > 1 and streamable(ctx.method, ctx.params):
+            add_blocks(ctx, stats, lin.weight, ranges)
+            continue
         base = ctx.load(lin.weight).float()
         taus = ctx.deltas(lin.weight, base)
-        full = torch.stack([t if t is not None else torch.zeros_like(base) for t in taus])  # (N, out, in)
-        stats.add(full, ctx.merged(lin.weight, base, taus) - base)
+        stats.add(_stack(taus, base), ctx.merged(lin.weight, base, taus) - base)
     return stats.metrics()
+
+
+def _stack(taus: list[torch.Tensor | None], base: torch.Tensor) -> torch.Tensor:
+    return torch.stack([t if t is not None else torch.zeros_like(base, dtype=torch.float32) for t in taus])
+
+
+def add_blocks(ctx: BuildContext, stats: UnitStats, name: str, ranges: list[Rows]) -> None:
+    """One linear's statistics over its row blocks: each expert's top magnitudes fitted first (two passes)."""
+    read = ctx.read(name)
+    n = math.prod(ctx.base.index[name].shape)
+    def values() -> Iterator[list[torch.Tensor]]:  # per block, every expert's |task vector|
+        for rows in ranges:
+            base, taus = read(rows)
+            yield list(_stack(taus, base).abs().reshape(stats.n, -1))
+
+    tops = fit_tops([TopK(n, keep_count(n, stats.density)) for _ in range(stats.n)], values)
+    merged = merged_blocks(ctx.method, ctx.params, name, tuple(ctx.base.index[name].shape), ranges, read)
+    for rows, w_s in zip(ranges, merged):
+        base, taus = read(rows)
+        full = _stack(taus, base)  # (N, b, in)
+        keep = torch.stack([top.mask(t.abs().reshape(-1)) for top, t in zip(tops, full)])  # (N, D)
+        stats.add(full, w_s - base.float(), keep)
 
 
 def analyze_units(ctx: BuildContext, units: list[Unit], progress: bool = True) -> dict[str, dict[str, float]]:

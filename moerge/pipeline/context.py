@@ -8,7 +8,11 @@ the base tensor, the experts' task vectors, the static merge, each expert's own 
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -17,9 +21,11 @@ from ..arch import Family, family_for
 from ..errors import RecipeError, SourceError
 from ..io.sources import FullSource, LoraSource, ModelFolder, open_source
 from ..merge.methods import METHODS, MergeMethod, MergeParams, merge_tensor
+from ..merge.streaming import Rows, row_blocks
 from ..recipe import Recipe
 
 Source = FullSource | LoraSource
+WORK_BYTES = 768 << 20  # the working memory of one job; bigger tensors are read in row blocks
 
 
 def resolve_merge(recipe: Recipe, file: str | None = None) -> tuple[MergeMethod, MergeParams]:
@@ -59,6 +65,7 @@ class BuildContext:
     family: Family
     file: str = "recipe"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    scratch: Path | None = None  # where big routed linears keep their shared weight (the build's temp folder)
     # routed linear weight -> the norm weight feeding it: each expert's weight there absorbs its own norm's scale
     # relative to the written (merged) norm, W_e diag(g_e / g_s), so the expert is exact behind the merged norm
     folds: dict[str, str] = field(default_factory=dict)
@@ -97,13 +104,39 @@ class BuildContext:
     def n_layers(self) -> int:
         return int(self.base.config.get("num_hidden_layers", 0))
 
-    def load(self, name: str) -> torch.Tensor:
-        """The base tensor ``name`` on the compute device (its stored dtype)."""
-        return self.base.get(name).to(self.device)
+    def tokenizer(self) -> Any:
+        """The base's tokenizer (pad = eos when it has none)."""
+        from transformers import AutoTokenizer
 
-    def deltas(self, name: str, base: torch.Tensor) -> list[torch.Tensor | None]:
-        """Every expert's fp32 task vector for one tensor, on ``base``'s device (None = zero)."""
-        return [src.delta(name, base) for src in self.sources]
+        tok = AutoTokenizer.from_pretrained(self.base.folder, trust_remote_code=False)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return tok
+
+    def load(self, name: str, rows: Rows | None = None) -> torch.Tensor:
+        """The base tensor ``name`` (or its rows ``[a, b)``) on the compute device, in its stored dtype."""
+        return self.base.get(name, rows).to(self.device)
+
+    def deltas(self, name: str, base: torch.Tensor, rows: Rows | None = None) -> list[torch.Tensor | None]:
+        """Every expert's fp32 task vector for one tensor (or the rows ``base`` holds), on ``base``'s device
+        (None = zero)."""
+        return [src.delta(name, base, rows) for src in self.sources]
+
+    def read(self, name: str) -> Callable[[Rows], tuple[torch.Tensor, list[torch.Tensor | None]]]:
+        """``rows -> (base block, task-vector blocks)`` of tensor ``name``."""
+        def read(rows: Rows) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+            base = self.load(name, rows)
+            return base, self.deltas(name, base, rows)
+
+        return read
+
+    def blocks(self, name: str) -> list[Rows]:
+        """Row ranges of tensor ``name`` that keep one job's working set within :data:`WORK_BYTES`: about
+        (2 N + 4) fp32 blocks (base, N task vectors, N weighted ones, masks, the result).  ``MOERGE_BLOCK_BYTES``
+        sets the block size directly (tests use tiny blocks)."""
+        shape = tuple(self.base.index[name].shape)
+        block = int(os.environ.get("MOERGE_BLOCK_BYTES") or 0) or WORK_BYTES // (2 * len(self.sources) + 4)
+        return row_blocks(shape, block)
 
     def merged(self, name: str, base: torch.Tensor, taus: list[torch.Tensor | None]) -> torch.Tensor:
         return merge_tensor(self.method, base, taus, self.params, name)
@@ -114,10 +147,14 @@ class BuildContext:
         base32 = base.float()
         out = [src.weight(name, base).float() if isinstance(src, FullSource) else
                (base32 + t if t is not None else base32) for src, t in zip(self.sources, taus)]
+        return [self.folded(name, e, w) for e, w in enumerate(out)]
+
+    def folded(self, name: str, e: int, w: torch.Tensor) -> torch.Tensor:
+        """Expert e's weight (or row block) of linear ``name`` (O, I) with its input norm's scale folded in."""
         norm = self.folds.get(name)
-        if norm is not None:
-            out = [w * r.to(w.device)[None, :] for w, r in zip(out, self.fold_ratios(norm))]  # (O, I) * (1, I)
-        return out
+        if norm is None:
+            return w
+        return w * self.fold_ratios(norm)[e].to(w.device)[None, :]  # (O, I) * (1, I)
 
     def fold_ratios(self, norm: str) -> list[torch.Tensor]:
         """Per expert (I,): its norm scale over the written merged one, (off + g_e) / (off + g_s), 1 where the

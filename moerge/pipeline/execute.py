@@ -11,6 +11,9 @@ Torch ops release the GIL, so with one worker the next tensors are computed whil
 with several, whole tensors run in parallel on ``threads // workers`` intra-op threads each (on a few cores
 that beats one tensor at a time on all threads: no per-op fork/join).  :func:`choose_workers` picks the count
 from the largest job, so big tensors still run one at a time; ``MOERGE_WORKERS`` overrides it.
+
+``MOERGE_TEST_DELAY_PER_TENSOR`` (seconds, test-only) sleeps before each tensor is written, so that fault tests
+can kill a build of a tiny model halfway through its output.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,6 +37,7 @@ from ..io.loader import all_finite
 from ..io.writer import ShardedWriter, TensorSpec
 
 Output = tuple[str, torch.Tensor]
+TEST_DELAY = "MOERGE_TEST_DELAY_PER_TENSOR"
 QUEUE_ITEMS = 4  # outputs (tensors or row blocks) a finished-ahead job may hold
 
 
@@ -118,7 +123,10 @@ class _Running:
 
 
 def _write(writer: ShardedWriter, folder: Path, outputs: Iterator[Output]) -> None:
+    delay = float(os.environ.get(TEST_DELAY, "") or 0)
     for name, tensor in outputs:
+        if delay:
+            time.sleep(delay)
         if not all_finite(tensor):
             raise CheckpointError(folder, name, "the merge produced NaN/Inf values")
         writer.write(name, tensor)

@@ -18,19 +18,28 @@ from collections.abc import Iterator
 
 import torch
 
+from ..io.scratch import scratch_matrix
 from ..io.writer import TensorSpec
-from .context import BuildContext
-from .execute import Job
+from ..merge.streaming import Rows, merged_blocks, streamable
+from .context import BuildContext, Source
+from .execute import Job, Output
 from .plan import Plan, RoutedUnit, routed_specs, static_dtype
 from .units import Linear
 
 
 def static_job(ctx: BuildContext, name: str) -> Job:
+    """The static merge of one base tensor: whole, or row block by row block when it is larger than a block
+    and the method streams (:mod:`moerge.merge.streaming`; the same bytes either way)."""
     spec = TensorSpec(name, tuple(ctx.base.index[name].shape), static_dtype(ctx, name))
 
     def run() -> Iterator[tuple[str, torch.Tensor]]:
         if not spec.dtype.is_floating_point or spec.dtype.itemsize == 1:  # int, bool, fp8: the base's bytes
             yield name, ctx.base.get(name)
+            return
+        ranges = ctx.blocks(name)
+        if len(ranges) > 1 and streamable(ctx.method, ctx.params):
+            for block in merged_blocks(ctx.method, ctx.params, name, spec.shape, ranges, ctx.read(name)):
+                yield name, block.to(spec.dtype)
             return
         base = ctx.load(name)
         yield name, ctx.merged(name, base, ctx.deltas(name, base)).to(spec.dtype)
@@ -49,22 +58,68 @@ def shared_and_experts(plan: Plan, name: str) -> tuple[torch.Tensor, list[torch.
 
 
 def routed_linear_job(plan: Plan, ru: RoutedUnit, lin: Linear) -> Job:
+    """Shared weight, bias, then every expert's tensors of one routed linear (row blocks when it is large)."""
+    ranges = plan.ctx.blocks(lin.weight)
+    run = _routed_whole if len(ranges) == 1 or not ru.uniform else _routed_blocks
+    return Job(lin.path, routed_specs(plan, ru, lin), lambda: run(plan, ru, lin, ranges))
+
+
+def _routed_whole(plan: Plan, ru: RoutedUnit, lin: Linear, ranges: list[Rows]) -> Iterator[Output]:
     ctx, dt = plan.ctx, plan.float_dtype
+    w_s, w_experts = shared_and_experts(plan, lin.weight)
+    yield lin.weight, w_s.to(dt)
+    yield from _bias_shared(plan, lin)
+    for e, src in enumerate(ctx.sources):
+        factors = src.lora_factors(lin.weight, w_s.device)
+        for k, t in ru.build(lin, e, w_s, w_experts[e], factors).items():
+            yield f"{lin.path}.experts.{e}.{k}", t.to(dt) if t.is_floating_point() else t
+        yield from _bias_delta(plan, lin, e)
 
-    def run() -> Iterator[tuple[str, torch.Tensor]]:
-        w_s, w_experts = shared_and_experts(plan, lin.weight)
-        yield lin.weight, w_s.to(dt)
-        b_s, b_experts = shared_and_experts(plan, lin.bias_name) if lin.bias else (None, [])
-        if b_s is not None:
-            yield lin.bias_name, b_s.to(dt)
-        for e, src in enumerate(ctx.sources):
-            factors = src.lora_factors(lin.weight, w_s.device)
-            for k, t in ru.build(lin, e, w_s, w_experts[e], factors).items():
-                yield f"{lin.path}.experts.{e}.{k}", t.to(dt) if t.is_floating_point() else t
-            if b_s is not None:
-                yield f"{lin.path}.experts.{e}.bias_delta", (b_experts[e] - b_s).to(dt)
 
-    return Job(lin.path, routed_specs(plan, ru, lin), run)
+def _routed_blocks(plan: Plan, ru: RoutedUnit, lin: Linear, ranges: list[Rows]) -> Iterator[Output]:
+    """The same outputs over row blocks: W_s is written block by block and kept in a file-backed scratch matrix
+    (no heap copy), then each expert's kind reads (W_s rows, W_e rows) pairs (:meth:`ExpertKind.build_rows`)."""
+    ctx, dt = plan.ctx, plan.float_dtype
+    scratch = scratch_matrix(ctx.scratch, lin.shape)  # (O, I) float32
+    for rows, block in zip(ranges, _shared_blocks(plan, lin.weight, ranges)):
+        scratch[rows[0]:rows[1]] = block.cpu()
+        yield lin.weight, block.to(dt)
+    yield from _bias_shared(plan, lin)
+    for e, src in enumerate(ctx.sources):
+        def read(rows: Rows, src: Source = src, e: int = e) -> tuple[torch.Tensor, torch.Tensor]:
+            base = ctx.load(lin.weight, rows)
+            w_e = ctx.folded(lin.weight, e, src.weight(lin.weight, base, rows).float())
+            return scratch[rows[0]:rows[1]].to(ctx.device), w_e
+
+        factors = src.lora_factors(lin.weight, ctx.device)
+        for k, t in ru.kind.build_rows(lin.shape, ranges, read, factors, ru.cfg):
+            yield f"{lin.path}.experts.{e}.{k}", t.to(dt) if t.is_floating_point() else t
+        yield from _bias_delta(plan, lin, e)
+
+
+def _shared_blocks(plan: Plan, name: str, ranges: list[Rows]) -> Iterator[torch.Tensor]:
+    """W_s row block by row block: the base's rows, or the static merge's (:mod:`moerge.merge.streaming`)."""
+    ctx = plan.ctx
+    if plan.shared_is_base:
+        yield from (ctx.load(name, rows).float() for rows in ranges)
+        return
+    if not streamable(ctx.method, ctx.params):  # DARE / DELLA need the whole tensor: one merge, then its rows
+        merged = ctx.merged(name, ctx.load(name), ctx.deltas(name, ctx.load(name)))
+        yield from (merged[a:b] for a, b in ranges)
+        return
+    shape = tuple(ctx.base.index[name].shape)
+    yield from merged_blocks(ctx.method, ctx.params, name, shape, ranges, ctx.read(name))
+
+
+def _bias_shared(plan: Plan, lin: Linear) -> Iterator[Output]:
+    if lin.bias:
+        yield lin.bias_name, shared_and_experts(plan, lin.bias_name)[0].to(plan.float_dtype)
+
+
+def _bias_delta(plan: Plan, lin: Linear, e: int) -> Iterator[Output]:
+    if lin.bias:
+        b_s, b_experts = shared_and_experts(plan, lin.bias_name)  # (O,): cheap to recompute
+        yield f"{lin.path}.experts.{e}.bias_delta", (b_experts[e] - b_s).to(plan.float_dtype)
 
 
 def plan_jobs(plan: Plan) -> list[Job]:

@@ -51,8 +51,11 @@ class Moments:
 
 
 def moments_dir() -> Path | None:
+    """``$MOERGE_CACHE/moments`` beside the analysis cache (inside ``$MOERGE_ANALYSIS_CACHE`` when that is set)."""
     root = analysis_cache.cache_dir()
-    return None if root is None else root.parent / "moments"
+    if root is None:
+        return None
+    return root / "moments" if os.environ.get("MOERGE_ANALYSIS_CACHE") else root.parent / "moments"
 
 
 def moments_key(ctx: BuildContext, e: int, linears: list[str]) -> str:

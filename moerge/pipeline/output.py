@@ -22,6 +22,7 @@ from ..checkpoint.manifest import Manifest
 from ..checkpoint.routers import RouterTensors, uniform_router, write_router_shard
 from ..modeling import auto_map, write_remote_code
 from ..recipe import Recipe
+from ..routing.prototype import feature_model, prototype_routers
 from .execute import execute
 from .jobs import plan_jobs
 from .plan import Plan
@@ -73,26 +74,17 @@ def initial_routers(plan: Plan, weights: list[Path], progress: bool) -> tuple[di
                           stacklevel=3)
         return {p: uniform_router(len(plan.ctx.sources), int(plan.ctx.base.config["hidden_size"]), router.scale)
                 for p in uninit.router_prefixes()}, False
-    from ..routing.prototype import feature_model, prototype_routers
 
     model = feature_model(moerge_config(plan, uninit), uninit, weights)
-    tok = tokenizer(plan.ctx.base.folder)
+    tok = plan.ctx.tokenizer()
     calibration = [e.calibration for e in recipe.experts]
     return prototype_routers(model, tok, uninit, calibration, router.scale), True  # type: ignore[arg-type]
-
-
-def tokenizer(folder: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 def write_moerge(plan: Plan, tmp: Path, *, progress: bool = True) -> None:
     """A static merge or a routed moerge checkpoint of ``plan`` into the empty folder ``tmp``."""
     recipe, routed = plan.ctx.recipe, bool(plan.routed)
+    plan.ctx.scratch = tmp  # big routed linears keep W_s in a scratch file there (unlinked at once)
     files = execute(plan_jobs(plan), tmp, recipe.output.shard_size, progress=progress,
                     desc="build" if recipe.routing else "merge", indexed=routed)
     order: dict[str, list[str]] = {}

@@ -9,70 +9,25 @@ work), the bytes of the result, a peak-memory estimate, and the checkpoint's :cl
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from .. import dtypes
 from ..analysis.conflict import METRICS
-from ..analysis.select import needs_metrics, select_units
+from ..analysis.select import ACTIVATION, needs_metrics, select_units
 from ..checkpoint.manifest import LinearSpec, Manifest, UnitSpec
 from ..errors import RecipeError
 from ..io.sources import FullSource, LoraSource
 from ..io.writer import TensorSpec
-from ..kinds import KINDS, ExpertKind, KindConfig, Shapes
+from ..kinds import KINDS, ExpertKind, KindConfig
+from .allocate import allocate_plan
 from .analyze import analyze_units
 from .context import BuildContext
+from .routed import RoutedUnit
 from .units import GROUPS, Linear, Unit, candidate_units
-
-ACTIVATION = "activation"  # the select metric that makes the allocation choose the plan
-Maker = Callable[[Linear, int, torch.Tensor, torch.Tensor, KindConfig | None], dict[str, torch.Tensor]]
-
-
-@dataclass(frozen=True)
-class RoutedUnit:
-    """A unit that becomes routed, with its storage kind and the kind's parameters.
-
-    An allocated plan (:mod:`.allocate`) also gives each (linear name, expert) its own parameters in ``per``
-    (None: nothing stored for that expert there, its delta is left to the shared weight) and builds the tensors
-    with ``maker`` (activation-aware factors); ``gain`` is the measured error the unit's experts remove."""
-
-    unit: Unit
-    kind: ExpertKind
-    cfg: KindConfig
-    per: dict[tuple[str, int], KindConfig | None] | None = field(default=None, compare=False)
-    maker: Maker | None = field(default=None, compare=False)
-    gain: dict[str, float] | None = field(default=None, compare=False)
-
-    def cfg_for(self, lin: Linear, e: int) -> KindConfig | None:
-        return self.cfg if self.per is None else self.per[(lin.name, e)]
-
-    def shapes(self, lin: Linear, e: int, lora_rank: int | None) -> Shapes:
-        """Expert e's stored tensors in ``lin`` (without the bias delta)."""
-        cfg = self.cfg_for(lin, e)
-        if cfg is None:
-            return empty_shapes(self.kind.name, *lin.shape)
-        return self.kind.shapes(*lin.shape, cfg, lora_rank)
-
-    def build(self, lin: Linear, e: int, w_s: torch.Tensor, w_e: torch.Tensor,
-              factors: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-        """Expert e's stored tensors in ``lin`` from the shared weight and its own (fp32, (O, I))."""
-        cfg = self.cfg_for(lin, e)
-        if self.maker is not None:
-            return self.maker(lin, e, w_s, w_e, cfg)
-        assert cfg is not None
-        return self.kind.build(w_s, w_e, factors, cfg)
-
-
-def empty_shapes(kind: str, out: int, in_: int) -> Shapes:
-    """What a kind stores for an expert that keeps nothing in a linear (rank 0 / no entries)."""
-    if kind == "twin":
-        return {"U": ((out, 0), None), "V": ((0, in_), None)}
-    if kind == "sparse":
-        return {"indices": ((0,), torch.int32), "values": ((0,), None)}
-    raise ValueError(f"internal: kind {kind} cannot store nothing for one expert")
 
 
 @dataclass
@@ -237,8 +192,6 @@ def check_tap(ctx: BuildContext) -> None:
 def allocated_plan(ctx: BuildContext, units: list[Unit], progress: bool) -> Plan:
     """``select: {budget: ..., metric: activation}``: merge or route, kind and size per unit from activations
     (:mod:`.allocate`)."""
-    from .allocate import allocate_plan
-
     routing = ctx.recipe.routing
     assert routing is not None
     try:
@@ -298,8 +251,8 @@ def option_summary(plan: Plan, ru: RoutedUnit) -> str:
     return ", ".join(parts)
 
 
-def describe(plan: Plan) -> str:
-    """What ``moerge plan`` prints: the unit table (routed builds) and the totals."""
+def describe(plan: Plan) -> list[str]:
+    """The unit table (routed builds) and the totals: what ``moerge plan`` prints before the memory estimate."""
     base, extra = plan.base_bytes(), plan.extra_bytes()
     dt = dtypes.name(plan.float_dtype)
     if plan.ctx.recipe.routing is None:
@@ -311,4 +264,7 @@ def describe(plan: Plan) -> str:
             head.append("shared weight (measured error left after the allocation, lower is better): " + "; ".join(
                 f"{k}: {v:.4g}" for k, v in plan.shared_left.items()) + f" -> {plan.ctx.recipe.merge.method}" +
                 (" (routed linears over the base)" if plan.shared_is_base else ""))
-    return "\n".join(head)
+    out = sum(s.nbytes for s in plan.outputs())
+    shards = max(1, math.ceil(out / plan.ctx.recipe.output.shard_size))
+    return [*head, (f"output: {out:,} bytes of weights in about {shards} shard(s) of at most "
+                   f"{plan.ctx.recipe.output.shard_size:,} bytes (routers and gates aside)")]

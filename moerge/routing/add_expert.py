@@ -14,7 +14,6 @@ there, and swapped in only when complete.  All data is loaded and checked before
 from __future__ import annotations
 
 import json
-import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,11 +33,11 @@ from ..io.sources import FullSource, LoraSource, ModelFolder, open_source
 from ..io.writer import TensorSpec
 from ..kinds import KINDS, ExpertKind, KindConfig
 from ..pipeline.execute import Job, execute
-from ..recipe import Recipe
+from ..recipe import Recipe, check_expert_name
 from . import parallel
 from .calibrate import CalibrateOptions, calibrate
 from .commit import link_copy
-from .dataset import Defaults, Examples, from_mapping, from_table, load_examples, require_experts
+from .data import Defaults, Examples, data_inputs, from_mapping, from_table, load_examples, require_experts
 
 Source = FullSource | LoraSource
 ONE_SHARD = 2**62
@@ -47,8 +46,10 @@ ONE_SHARD = 2**62
 # ---------------------------------------------------------------- inputs
 
 def check_name(name: str, experts: tuple[str, ...], folder: Path) -> None:
-    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name) or name in (".", ".."):
-        raise DataError(None, "name", f"expert name '{name}' may only use letters, digits, '_', '-', '.'")
+    try:
+        check_expert_name(name)
+    except ValueError as exc:
+        raise DataError(None, "name", str(exc)) from None
     if name in experts:
         raise DataError(folder / names.CONFIG, "moerge.experts", f"the checkpoint already has an expert '{name}'")
 
@@ -189,8 +190,7 @@ def write_expert(tmp: Path, ckpt: Checkpoint, name: str, src: Source, base: Mode
     (tmp / names.ROUTER_SHARD).unlink()  # a hard link to the old shard: a new file, not a rewrite in place
     order = write_router_shard(tmp / names.ROUTER_SHARD, routers, ckpt.router_dtype())
     write_index(tmp, [*files, shard.name], {names.ROUTER_SHARD: order})
-    config = dict(ckpt.config)
-    config["moerge"] = manifest.with_expert(name, shapes).to_dict()
+    config = ckpt.config_with(manifest.with_expert(name, shapes))
     (tmp / names.CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     card = tmp / names.CARD
     if card.is_file():
@@ -231,7 +231,9 @@ def add_expert(checkpoint: str | Path, name: str, source: str | Path, data: str 
     note_unrouted(src, manifest)
     target = Path(out) if out is not None else ckpt.folder
     in_place = target.resolve() == ckpt.folder.resolve()
-    with atomic_output(target, force=force or in_place) as tmp:
+    inputs = [] if in_place else [("checkpoint", ckpt.folder), ("expert source", Path(source)),
+                                  ("base", base_model.folder), *data_inputs(data)]
+    with atomic_output(target, force=force or in_place, inputs=inputs) as tmp:
         link_copy(ckpt.folder, tmp)
         write_expert(tmp, ckpt, name, src, base_model, kind_config(recipe))
         report = calibrate(tmp, data, options=opts, examples=examples)

@@ -2,7 +2,7 @@
 
 Steps (all data is loaded and checked before the model is loaded; nothing is written before the end):
 
-1. DATA -> templated texts + expert labels (:mod:`moerge.routing.dataset`); a stratified, seeded held-out
+1. DATA -> templated texts + expert labels (:mod:`moerge.routing.data`); a stratified, seeded held-out
    split that is never used for training or model selection.
 2. Features, computed once per example (sharded across ``accelerate`` processes, :mod:`.parallel`):
    sequence level: the pooled input of ``router_input``, whose forward stops right there (routes do not
@@ -21,6 +21,7 @@ Steps (all data is loaded and checked before the model is loaded; nothing is wri
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Any, Literal
 
 import torch
 
+from .. import device as devices
 from ..checkpoint import Checkpoint, Fallback, Manifest, RouterTensors, names
 from ..checkpoint.routers import write_router_shard
 from ..errors import DataError
@@ -35,8 +37,9 @@ from ..io.atomic import atomic_output, check_output
 from ..recipe import ROUTER_SCALE
 from . import parallel
 from .commit import Staged, link_copy
-from .dataset import Defaults, Examples, holdout_split, load_examples, require_experts
+from .data import Defaults, Examples, data_inputs, holdout_split, load_examples, require_experts
 from .diagnostics import confusion_png, format_metrics, routing_metrics
+from .entropy import minimise_entropy, spread_prototypes
 from .features import pooled_inputs, token_inputs
 from .fit import fallback_threshold, fit_supervised, fit_temperature, standardiser
 
@@ -60,17 +63,28 @@ class CalibrateOptions:
     batch_size: int = 8
     tokens_per_text: int = 16  # token level: sampled token features per example and unit
     dtype: str | None = None  # None: the checkpoint's
+    device: str = "auto"  # auto: device_map="auto" (GPUs, then CPU memory); cpu / cuda[:N]: all of it there
     defaults: Defaults = field(default_factory=Defaults)
 
     def check(self) -> None:
         if self.method not in DEFAULT_STEPS:
             raise DataError(None, "method", f"unknown method '{self.method}'; one of supervised, entropy")
-        if not 0.0 <= self.holdout < 1.0:
+        if not (math.isfinite(self.holdout) and 0.0 <= self.holdout < 1.0):
             raise DataError(None, "holdout", f"must be in [0, 1), got {self.holdout}")
         if self.fallback not in ("soft", "shared", "none"):
             raise DataError(None, "fallback", f"unknown fallback mode '{self.fallback}'; one of soft, shared, none")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise DataError(None, "threshold", f"must be in [0, 1], got {self.threshold}")
+        for name in ("steps", "batch_size", "tokens_per_text"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise DataError(None, name, f"must be an integer >= 1, got {value!r}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise DataError(None, "lr", f"must be a finite number > 0, got {self.lr}")
+        if self.device != "auto":
+            devices.resolve(self.device)  # a device this machine lacks fails here, before any work
+        if self.defaults.max_samples is not None and self.defaults.max_samples < 1:
+            raise DataError(None, "max_samples", f"must be >= 1 (or None for all), got {self.defaults.max_samples}")
 
 
 @dataclass
@@ -92,11 +106,14 @@ class Features:
 
 # ---------------------------------------------------------------- checkpoint and model
 
-def load_model(ckpt: Checkpoint, dtype: str | None) -> Any:
-    """The checkpoint on this process's device (one process: ``device_map="auto"``, which spreads a large
-    model over the available GPUs and CPU memory)."""
+def load_model(ckpt: Checkpoint, dtype: str | None, device: str = "auto") -> Any:
+    """The checkpoint on this process's device (one process: ``--device auto`` is ``device_map="auto"``, which
+    spreads a large model over the available GPUs and CPU memory; ``cpu`` / ``cuda[:N]`` put all of it there)."""
     st = parallel.state()
-    device_map: Any = {"": st.device} if st.num_processes > 1 else "auto"
+    if st.num_processes > 1:
+        device_map: Any = {"": st.device}
+    else:
+        device_map = "auto" if device == "auto" else {"": str(devices.resolve(device))}
     return ckpt.load_model(getattr(torch, dtype) if dtype else "auto", device_map)
 
 
@@ -188,7 +205,6 @@ def entropy_routers(model: Any, tok: Any, feats: Features, examples: Examples, t
                     old: dict[str, RouterTensors], initialized: bool,
                     opts: CalibrateOptions) -> dict[str, RouterTensors]:
     """Entropy minimisation from the stored routers (an uninitialised one starts near uniform)."""
-    from .entropy import minimise_entropy, spread_prototypes
 
     inits, stats = {}, {}
     for prefix, router in old.items():
@@ -229,7 +245,7 @@ def prepare(checkpoint: str | Path, data: str | Path | dict[str, Any], out: str 
     opts.check()
     ckpt = Checkpoint.open(checkpoint, routed=True)
     if out is not None and Path(out).resolve() != ckpt.folder.resolve():
-        check_output(Path(out).absolute(), force)
+        check_output(Path(out).absolute(), force, [("checkpoint", ckpt.folder), *data_inputs(data)])
     experts = list(ckpt.require_routed().experts)
     if examples is None:
         examples = load_examples(data, experts, ckpt.tokenizer(), opts.defaults,
@@ -252,7 +268,7 @@ def calibrate(checkpoint: str | Path, data: str | Path | dict[str, Any], *, out:
     ckpt, examples = prepare(checkpoint, data, out, force, opts, examples)
     train, held = holdout_split(examples.labels, opts.holdout, opts.seed)
     clock.lap("data_s")
-    model, tok = load_model(ckpt, opts.dtype), ckpt.tokenizer()
+    model, tok = load_model(ckpt, opts.dtype, opts.device), ckpt.tokenizer()
     clock.lap("load_s")
     feats = extract(model, tok, examples, ckpt.require_routed(), opts)
     clock.lap("features_s")
@@ -338,19 +354,19 @@ def write_result(ckpt: Checkpoint, out: Path | None, force: bool, result: dict[s
     if out is None or out.resolve() == folder.resolve():
         stage_and_commit(folder, ckpt, result)
         return folder
-    with atomic_output(out, force) as tmp:
+    with atomic_output(out, force, [("checkpoint", folder)]) as tmp:
         link_copy(folder, tmp)
-        stage_and_commit(tmp, ckpt, result)
+        stage_and_commit(tmp, ckpt, result, private=True)
     return out
 
 
-def stage_and_commit(folder: Path, ckpt: Checkpoint, result: dict[str, Any]) -> None:
-    """Router shard, config.json, calibration.json and the confusion PNG, swapped in together."""
-    staged = Staged(folder)
+def stage_and_commit(folder: Path, ckpt: Checkpoint, result: dict[str, Any], *, private: bool = False) -> None:
+    """Router shard, config.json, calibration.json and the confusion PNG, swapped in together (``private``: the
+    folder is an output being assembled, nobody reads it yet)."""
+    staged = Staged(folder, private=private)
     try:
         write_router_shard(staged.path(names.ROUTER_SHARD), result["routers"], ckpt.router_dtype())
-        config = dict(ckpt.config)
-        config["moerge"] = ckpt.require_routed().calibrated(result["fallback"]).to_dict()
+        config = ckpt.config_with(ckpt.require_routed().calibrated(result["fallback"]))
         staged.write_text(names.CONFIG, json.dumps(config, indent=2) + "\n")
         report = result["report"]
         conf = report["heldout"].get("confusion")

@@ -11,7 +11,8 @@ import argparse
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .dataset import Defaults
+from ..cliargs import device_arg, finite_float, int_at_least
+from .data import Defaults
 
 if TYPE_CHECKING:
     from .calibrate import CalibrateOptions
@@ -24,7 +25,8 @@ def _options(args: argparse.Namespace) -> CalibrateOptions:
                         max_samples=args.max_samples or None, chat_template=args.chat_template)
     return CalibrateOptions(method=args.method, holdout=args.holdout, seed=args.seed, steps=args.steps, lr=args.lr,
                             fallback=args.fallback, threshold=args.threshold, batch_size=args.batch_size,
-                            tokens_per_text=args.tokens_per_text, dtype=args.dtype, defaults=defaults)
+                            tokens_per_text=args.tokens_per_text, dtype=args.dtype, device=args.device,
+                            defaults=defaults)
 
 
 def _quiet(args: argparse.Namespace) -> None:
@@ -63,24 +65,25 @@ def _calibration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="YAML/JSON mapping expert -> data source, or one table with a "
                                                  "text column and an `expert` column")
     p.add_argument("--method", choices=["supervised", "entropy"], default="supervised")
-    p.add_argument("--holdout", type=float, default=0.2, help="held-out fraction per expert (default 0.2)")
+    p.add_argument("--holdout", type=finite_float(0, 1, open_high=True), default=0.2, help="held-out fraction per expert (default 0.2)")
     p.add_argument("--out", help="write a calibrated copy here instead of changing the checkpoint in place")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
-    p.add_argument("--seed", type=int, default=0, help="held-out split and sampling seed")
-    p.add_argument("--steps", type=int, help="optimiser steps (default 300 supervised, 50 entropy)")
-    p.add_argument("--lr", type=float, help="learning rate (default 0.02 supervised, 0.05 entropy)")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="held-out split and sampling seed")
+    p.add_argument("--steps", type=int_at_least(1), help="optimiser steps (default 300 supervised, 50 entropy)")
+    p.add_argument("--lr", type=finite_float(0, open_low=True), help="learning rate (default 0.02 supervised, 0.05 entropy)")
     p.add_argument("--fallback", choices=["soft", "shared", "none"], default="soft",
                    help="below the confidence threshold use the soft mix or the shared weights (sequence level)")
-    p.add_argument("--threshold", type=float, help="fixed fallback threshold instead of the held-out choice")
+    p.add_argument("--threshold", type=finite_float(0, 1), help="fixed fallback threshold instead of the held-out choice")
     p.add_argument("--field", default="prompt", help="text field of the data (default prompt)")
     p.add_argument("--label-field", default="expert", help="label column of a table (default expert)")
     p.add_argument("--split", default="train", help="split of hub datasets (default train)")
-    p.add_argument("--max-samples", type=int, default=64, help="examples per expert (default 64; 0 = all)")
+    p.add_argument("--max-samples", type=int_at_least(0), default=64, help="examples per expert (default 64; 0 = all)")
     p.add_argument("--chat-template", action="store_true",
                    help="wrap texts as a user message with the chat template (sources may set chat_template)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--tokens-per-text", type=int, default=16, help="token level: sampled tokens per example")
+    p.add_argument("--batch-size", type=int_at_least(1), default=8)
+    p.add_argument("--tokens-per-text", type=int_at_least(1), default=16, help="token level: sampled tokens per example")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: the checkpoint's")
+    device_arg(p)
 
 
 def add_commands(sub: argparse._SubParsersAction, common: Callable[[argparse.ArgumentParser], None]) -> None:

@@ -14,15 +14,11 @@ from typing import Any
 
 import torch
 
+from ..modeling.modeling_moerge import masked_mean
+
 
 class _Stop(Exception):
     pass
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, T, C), (B, T) -> (B, C)."""
-    m = mask.to(x.dtype).unsqueeze(-1)  # (B, T, 1)
-    return (x * m).sum(1) / m.sum(1).clamp_min(1)
 
 
 Reduce = Callable[[str, torch.Tensor, torch.Tensor], Any]  # path, (B, T, C) float32, (B, T) mask -> kept

@@ -46,7 +46,3 @@ def sharded_map(fn: Callable[[list[int]], list[T]], n_items: int) -> list[T]:
 
 def is_main() -> bool:
     return bool(state().is_main_process)
-
-
-def wait() -> None:
-    state().wait_for_everyone()

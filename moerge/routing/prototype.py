@@ -16,7 +16,6 @@ Computed from the build's weight shards before any router or config is written:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -24,13 +23,13 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from ..arch import family_for
 from ..checkpoint.manifest import Manifest
 from ..checkpoint.routers import RouterTensors
-from ..recipe import DataSource
+from ..modeling import MoergeConfig, MoergeForCausalLM
+from ..recipe import CalibrationData
 from .data import load_texts
 from .features import pooled_inputs
-
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def read_state(files: Iterable[Path], keep: set[str] | None = None, dtype: torch.dtype = torch.float32) -> dict:
@@ -59,7 +58,8 @@ def truncated_base(base_config: dict[str, Any], files: list[Path], last_layer: i
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     wanted = set(model.state_dict())
     state = read_state(files, wanted)
-    missing = {k for k in wanted - set(state) if not k.startswith("lm_head.")}
+    head = family_for(base_config, "config.json").lm_head
+    missing = {k for k in wanted - set(state) if k != head}
     if missing:
         raise RuntimeError(f"internal: the build's shards lack {sorted(missing)[:3]}")
     model.load_state_dict(state, strict=False)
@@ -69,7 +69,6 @@ def truncated_base(base_config: dict[str, Any], files: list[Path], last_layer: i
 
 def moerge_model(config: dict[str, Any], files: list[Path]) -> Any:
     """The whole moerge model of ``config`` (a config.json dict), its weights read from ``files`` (float32)."""
-    from ..modeling import MoergeConfig, MoergeForCausalLM
 
     cfg = MoergeConfig(**{k: v for k, v in config.items() if k not in ("model_type", "auto_map")})
     return MoergeForCausalLM.from_pretrained(None, config=cfg, state_dict=read_state(files),
@@ -79,9 +78,9 @@ def moerge_model(config: dict[str, Any], files: list[Path]) -> Any:
 def feature_model(config: dict[str, Any], manifest: Manifest, files: list[Path]) -> Any:
     """What the routers' features are read from (see the module docstring)."""
     if manifest.level == "sequence":
-        m = _LAYER.match(manifest.router_input or "")
-        if m is not None:
-            return truncated_base(config["base_config"], files, int(m.group(1)))
+        layer = family_for(config["base_config"], "config.json").layer_of(manifest.router_input or "")
+        if layer is not None:
+            return truncated_base(config["base_config"], files, layer)
     return moerge_model(config, files)
 
 
@@ -105,7 +104,7 @@ def prototypes_from_features(per_expert: list[torch.Tensor]) -> tuple[torch.Tens
     return means - center, center
 
 
-def prototype_routers(model: Any, tok: Any, manifest: Manifest, calibration: list[DataSource],
+def prototype_routers(model: Any, tok: Any, manifest: Manifest, calibration: list[CalibrationData],
                       scale: float) -> dict[str, RouterTensors]:
     """One router per prefix: centred prototypes of each expert's calibration prompts, bias 0."""
     prefixes = manifest.router_prefixes()

@@ -301,15 +301,7 @@ def make_lora_expert(
     seed: int,
     r: int = 4,
     alpha: int = 8,
-    target_modules: Sequence[str] = (
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ),
+    target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     use_rslora: bool = False,
     fan_in_fan_out: bool = False,
     scale: float = 0.05,
@@ -323,16 +315,8 @@ def make_lora_expert(
 
     base, out = Path(base_dir).resolve(), Path(out_dir)
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    config = LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        target_modules=list(target_modules),
-        lora_dropout=0.0,
-        bias="none",
-        use_rslora=use_rslora,
-        fan_in_fan_out=fan_in_fan_out,
-        task_type="CAUSAL_LM",
-    )
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=0.0, bias="none",
+                        use_rslora=use_rslora, fan_in_fan_out=fan_in_fan_out, task_type="CAUSAL_LM")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5: is_gradient_checkpointing
         peft_model = get_peft_model(model, config)

@@ -1,0 +1,138 @@
+"""Benchmark: the twin kind on the full fine-tune pool, exact vs randomized SVD, next to a dense build.
+
+Issue 11's target: a twin r16 build of every unit of the real full-fine-tune pool (SmolLM2-135M-Instruct, four
+experts that change every tensor, cached by ``tools/get_full_pool.py``) costs at most 1.5x the dense build of the
+same pool, with accuracy unchanged within noise.  In one run, interleaved, each as a user would run it
+(``python -m moerge build recipe out --quiet``, routers uniform so only the tensor work is timed):
+
+* ``dense``: every unit routed as dense experts (the peer);
+* ``twin r16 randomized``: ``svd: randomized`` (what ``auto`` picks for these 576 x 1536 linears);
+* ``twin r16 exact``: ``svd: exact`` (a full SVD per delta, the behaviour before).
+
+Then, per twin build, each task's dev accuracy with the route forced to its own expert (isolating what the
+stored factors keep, not the router) and the relative Frobenius error of the stored factors against the exact
+delta, over every linear and expert.
+
+    python bench/twin_svd.py [--n 200] [--reps 1] [--threads 2] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+from _measure import machine_with_transformers, measure, record
+
+from bench.real.evaluate import TASKS, accuracy, load_tasks, predict
+
+WORK = HERE / "_work" / "twin_svd"
+POOL = HERE.parent.parent / "shared" / "pool"
+CACHE = Path(os.environ.get("MOERGE_CACHE") or Path.home() / ".cache" / "moerge")
+BUILDS = {"dense": {"kind": "dense"}, "twin r16 randomized": {"kind": "twin", "rank": 16, "svd": "randomized"},
+          "twin r16 exact": {"kind": "twin", "rank": 16, "svd": "exact"}}
+
+
+def recipe(expert: dict) -> dict:
+    experts = [{"name": t, "source": str(CACHE / "smollm2-135m-instruct-full" / t)} for t in TASKS]
+    return {"base": str(CACHE / "smollm2-135m-instruct"), "seed": 0, "experts": experts,
+            "merge": {"method": "task_arithmetic", "lambda": 1.0},
+            "routing": {"select": {"all": True}, "modules": "both", "expert": expert,
+                        "router": {"level": "sequence", "init": "uniform", "top_k": 1}}}
+
+
+def build(label: str, expert: dict, threads: int) -> float:
+    path = WORK / f"{label.replace(' ', '_')}.yaml"
+    path.write_text(yaml.safe_dump(recipe(expert), sort_keys=False))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MOERGE_NO_CACHE": "1"}
+    run = measure(label, [sys.executable, "-m", "moerge", "build", str(path), str(path.with_suffix("")), "--force",
+                          "--quiet", "--device", "cpu"], env)
+    return run.wall_s
+
+
+def factor_errors(folder: Path, base: Path) -> list[float]:
+    """Relative Frobenius error of U V against the exact W_e - W_s, every routed linear and expert."""
+    from moerge.checkpoint import Checkpoint
+    from moerge.io.sources import ModelFolder
+
+    ckpt = Checkpoint.open(folder)
+    loader = ckpt.loader()
+    experts = [ModelFolder(CACHE / "smollm2-135m-instruct-full" / t) for t in ckpt.manifest.experts]
+    errs = []
+    for unit, lin, _ in ckpt.manifest.linears():
+        w_s = loader.get(f"{unit}.{lin}.weight").float()
+        for e, model in enumerate(experts):
+            delta = model.get(f"{unit}.{lin}.weight").float() - w_s  # (O, I)
+            uv = loader.get(f"{unit}.{lin}.experts.{e}.U").float() @ loader.get(f"{unit}.{lin}.experts.{e}.V").float()
+            errs.append(float(torch.linalg.matrix_norm(delta - uv) / torch.linalg.matrix_norm(delta)))
+    return errs
+
+
+def forced_accuracy(folder: Path, n: int) -> dict[str, float]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import moerge  # noqa: F401  (registers the model type)
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    out = {}
+    for task in load_tasks(POOL, tok, n):
+        model.force_route(task.name)
+        out[task.name] = accuracy(task, predict(model, tok, task))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=200, help="dev prompts per task (0 = all 200)")
+    ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--write", action="store_true", help="append the table to bench/RESULTS.md")
+    args = ap.parse_args()
+    WORK.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    times: dict[str, list[float]] = {k: [] for k in BUILDS}
+    for _ in range(args.reps):
+        for label, expert in BUILDS.items():
+            times[label].append(build(label, expert, args.threads))
+            print(f"{label}: {times[label][-1]:.1f} s", flush=True)
+    rows = table(times, args.n or None)
+    print("\n".join(rows))
+    if args.write:
+        record("\n".join([(f"### {time.strftime('%Y-%m-%d %H:%M')} `python bench/twin_svd.py --n {args.n} --reps "
+                          f"{args.reps} --threads {args.threads}`"), "", (f"- machine: "
+                          f"{machine_with_transformers(args.threads)}"), "", *rows, ""]),
+               "## twin: exact vs randomized SVD on the full fine-tune pool (issue 11)")
+
+
+def table(times: dict[str, list[float]], n: int | None) -> list[str]:
+    dense = statistics.median(times["dense"])
+    rows = ["| build | wall s (median) | / dense | imdb | tweets | bbc | arith | factor error (median / max) |",
+            "|---|---|---|---|---|---|---|---|"]
+    for label, ts in times.items():
+        folder = WORK / label.replace(" ", "_")
+        acc = forced_accuracy(folder, n or 200)
+        err = "-"
+        if label != "dense":
+            errs = factor_errors(folder, CACHE / "smollm2-135m-instruct")
+            err = f"{statistics.median(errs):.4f} / {max(errs):.4f}"
+        med = statistics.median(ts)
+        rows.append(f"| {label} | {med:.1f} | {med / dense:.2f}x | " + " | ".join(f"{acc[t]:.3f}" for t in TASKS)
+                    + f" | {err} |")
+        print(json.dumps({"build": label, "acc": acc}), flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""Static merges of a tensor read in row blocks: the same bytes as the whole-tensor merge, in bounded memory.
+
+A tensor larger than one block (an embedding, a 70B MLP) is read ``rows [a, b)`` at a time.  Methods whose
+sparsifier looks at one element at a time (``linear``, ``task_arithmetic``) merge each block on its own.
+Methods that keep the top magnitudes of the *whole* task vector (``ties``, ``breadcrumbs``) first fit an exact
+:class:`TopK` per expert in two passes over the blocks (a seeded sample brackets the k-th largest value, one
+pass counts above the bracket and gathers the values inside it), then mask each block; ties at the cut keep the
+lowest flat indices, exactly like :func:`moerge.merge.sparsify.top_mask`, so the result is bit-identical.
+Methods with a random mask rescaled by the whole tensor's L1 norm (DARE, DELLA) are merged whole.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+
+from .methods import MergeMethod, MergeParams, merge_tensor
+from .sparsify import _SAMPLE, _SELECT_DIRECT, keep_count
+
+Rows = tuple[int, int]
+Blocks = Callable[[], Iterable[torch.Tensor]]  # a fresh pass over 1-D blocks of values, in order
+
+
+def row_blocks(shape: tuple[int, ...], block_bytes: int, itemsize: int = 4) -> list[Rows]:
+    """Row ranges covering dimension 0 with at most ``block_bytes`` per block (one row at least)."""
+    rows = shape[0] if shape else 1
+    per_row = itemsize * math.prod(shape[1:]) if len(shape) > 1 else itemsize
+    step = max(1, block_bytes // max(1, per_row))
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+
+def streamable(method: MergeMethod, p: MergeParams) -> bool:
+    """Whether the method merges row blocks to the same bytes as the whole tensor."""
+    if method.name in ("linear", "task_arithmetic"):
+        return True
+    return method.sparsify in ("magnitude", "outliers") and not p.rescale and method.consensus in (None, "sum")
+
+
+class TopK:
+    """Mask of exactly the k largest of n values, fitted over blocks (:func:`fit_tops`), then applied block by
+    block in order; ties at the cut keep the lowest flat indices, like :func:`moerge.merge.sparsify.top_mask`."""
+
+    def __init__(self, n: int, k: int) -> None:
+        self.n, self.k = n, k
+        self.cut: torch.Tensor | None = None
+        self.quota = 0  # ties at the cut still to keep (lowest flat indices first)
+
+    @property
+    def trivial(self) -> bool:
+        return not 0 < self.k < self.n
+
+    def fit(self, blocks: Blocks) -> TopK:
+        """Fit this mask alone (:func:`fit_tops` over single-value blocks)."""
+        fit_tops([self], lambda: ([b] for b in blocks()))
+        return self
+
+    def settle(self, cut: torch.Tensor, above: int) -> None:
+        self.cut, self.quota = cut, self.k - above
+
+    def mask(self, values: torch.Tensor) -> torch.Tensor:
+        """Bool mask of one block of values (1-D), the next in order."""
+        if self.trivial:
+            return torch.full_like(values, self.k > 0, dtype=torch.bool)
+        cut = self.cut.to(values.device)  # type: ignore[union-attr]
+        keep = values > cut
+        tied = torch.nonzero(values == cut).flatten()
+        take = min(self.quota, tied.numel())
+        keep[tied[:take]] = True
+        self.quota -= take
+        return keep
+
+
+Passes = Callable[[], Iterable[list[torch.Tensor]]]  # a fresh pass: per block, one 1-D value block per mask
+
+
+def fit_tops(tops: list[TopK], blocks: Passes) -> list[TopK]:
+    """Fit every mask in two passes over the blocks: a seeded sample brackets each k-th largest value, then one
+    pass counts the values above the bracket and gathers those inside it, where the exact cut is.  The same
+    sample and the same cut as :func:`moerge.merge.sparsify.kth_largest` on the whole tensor; a bracket that
+    misses (rare) costs one more pass over that mask's values."""
+    active = [i for i, t in enumerate(tops) if not t.trivial]
+    if not active:
+        return tops
+    brackets = {i: _bracket(tops[i], sample) for i, sample in zip(active, _samples(tops, active, blocks))}
+    above = dict.fromkeys(active, 0)
+    bands: dict[int, list[torch.Tensor]] = {i: [] for i in active}
+    for values in blocks():
+        for i in active:
+            v, (lo, hi) = values[i], brackets[i]
+            above[i] += int(torch.count_nonzero(v > hi.to(v.device)))
+            bands[i].append(v[(v >= lo.to(v.device)) & (v <= hi.to(v.device))].cpu())
+    for i in active:
+        _settle(tops[i], above[i], torch.cat(bands[i]), lambda i=i: (v[i] for v in blocks()))
+    return tops
+
+
+def _samples(tops: list[TopK], active: list[int], blocks: Passes) -> list[torch.Tensor]:
+    """Per active mask, the sorted values at kth_largest's seeded sample positions (every value when small)."""
+    idx = {i: None if tops[i].n < _SELECT_DIRECT else torch.randint(
+        tops[i].n, (_SAMPLE,), generator=torch.Generator().manual_seed(tops[i].n * 1_000_003 + tops[i].k)).sort().values
+        for i in active}
+    parts: dict[int, list[torch.Tensor]] = {i: [] for i in active}
+    start = 0
+    for values in blocks():
+        end = start + values[active[0]].numel()
+        for i in active:
+            pos = idx[i]
+            if pos is None:
+                parts[i].append(values[i].cpu())
+            else:
+                lo, hi = int(torch.searchsorted(pos, start)), int(torch.searchsorted(pos, end))
+                parts[i].append(values[i][(pos[lo:hi] - start).to(values[i].device)].cpu())
+        start = end
+    return [torch.cat(parts[i]).sort().values for i in active]
+
+
+def _bracket(top: TopK, sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[lo, hi] around the k-th largest (the whole range when the sample is every value)."""
+    if top.n < _SELECT_DIRECT:
+        return sample[0], sample[-1]
+    below = (top.n - top.k) / top.n
+    centre, margin = below * _SAMPLE, 6.0 * math.sqrt(_SAMPLE * below * (1 - below)) + 8
+    return sample[max(0, int(centre - margin))], sample[min(_SAMPLE - 1, int(centre + margin))]
+
+
+def _settle(top: TopK, above_hi: int, band: torch.Tensor, values: Blocks) -> None:
+    """The exact cut from the band (or, when the bracket missed, from every value) and the count above it."""
+    rank = top.k - above_hi  # rank of the cut inside the band, counted from its top
+    if not 0 < rank <= band.numel():
+        band, above_hi, rank = torch.cat([v.cpu() for v in values()]), 0, top.k
+    cut = torch.kthvalue(band, band.numel() - rank + 1).values
+    top.settle(cut, above_hi + int(torch.count_nonzero(band > cut)))
+
+
+def fit_masks(method: MergeMethod, p: MergeParams, n: int, values: Passes,
+              n_experts: int) -> list[tuple[TopK, TopK | None]] | None:
+    """Per expert, the fitted top-k masks of its |task vector| (``outliers``: keep-top minus drop-top), all fitted
+    in the same two passes (``values()`` yields, per block, every expert's |task vector| block)."""
+    if method.sparsify is None or p.density >= 1:
+        return None
+    if method.sparsify == "magnitude":
+        tops = [TopK(n, keep_count(n, p.density)) for _ in range(n_experts)]
+        fit_tops(tops, values)
+        return [(t, None) for t in tops]
+    n_keep, n_top = int(p.density * n), int(p.gamma * n)
+    n_bottom = max(0, n - n_keep - n_top)
+    drop = (n - n_bottom) - n_keep
+    pairs = [(TopK(n, n - n_bottom), TopK(n, drop) if drop > 0 else None) for _ in range(n_experts)]
+    per = 2 if drop > 0 else 1
+    fit_tops([t for pair in pairs for t in pair if t is not None],
+             lambda: ([v for v in vs for _ in range(per)] for vs in values()))
+    return pairs
+
+
+def _block_mask(fitted: tuple[TopK, TopK | None], tau: torch.Tensor) -> torch.Tensor:
+    flat = tau.abs().reshape(-1)
+    keep, drop = fitted
+    mask = keep.mask(flat)
+    if drop is not None:
+        mask &= ~drop.mask(flat)
+    return mask.reshape(tau.shape)
+
+
+def merged_blocks(method: MergeMethod, p: MergeParams, name: str, shape: tuple[int, ...], ranges: list[Rows],
+                  read: Callable[[Rows], tuple[torch.Tensor, list[torch.Tensor | None]]]) -> Iterator[torch.Tensor]:
+    """The fp32 merge of ``name`` block by block; ``read(rows)`` gives the base block and the task-vector blocks."""
+    n_experts = len(p.weights)
+
+    def values() -> Iterator[list[torch.Tensor]]:
+        for rows in ranges:
+            base, taus = read(rows)
+            yield [(t if t is not None else torch.zeros_like(base, dtype=torch.float32)).abs().reshape(-1)
+                   for t in taus]
+
+    fitted = fit_masks(method, p, math.prod(shape), values, n_experts)
+    for rows in ranges:
+        base, taus = read(rows)
+        full = [t if t is not None else torch.zeros_like(base, dtype=torch.float32) for t in taus]
+        masks = None if fitted is None else [_block_mask(f, t) for f, t in zip(fitted, full)]
+        yield merge_tensor(method, base, taus if fitted is None else full, p, name, masks)
