@@ -130,7 +130,7 @@ def sparse_error(delta: torch.Tensor, c: torch.Tensor, density: float, total: fl
     keep = sparse_keep(delta, c.diagonal(), density)
     out_f, in_f = delta.shape
     vals = delta.reshape(-1)[keep].float()
-    k = torch.sparse_coo_tensor(torch.stack([keep // in_f, keep % in_f]), vals, (out_f, in_f))
+    k = torch.sparse_coo_tensor(torch.stack([keep // in_f, keep % in_f]), vals, (out_f, in_f), check_invariants=False)
     kc = torch.sparse.mm(k, c.float())  # (O, I) dense
     total = quad_error(delta, c) if total is None else total
     cross = float((kc * delta.float()).sum(dtype=torch.float64))

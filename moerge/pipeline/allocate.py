@@ -36,7 +36,7 @@ from ..kinds.bit1 import pack_signs
 from ..recipe import AllocateSpec, MergeSpec
 from . import moments as mom
 from .context import BuildContext, resolve_merge
-from .routed import Maker, RoutedUnit, empty_shapes
+from .routed import Maker, RoutedUnit, empty_tensors
 from .units import Linear, Unit
 
 VERSION = 1
@@ -228,7 +228,7 @@ def aware_maker(ctx: BuildContext, moments: list[mom.Moments], kind: str, damp: 
         if kind == "dense":
             return {"weight": w_e}
         if cfg is None:
-            return {k: torch.zeros(s, dtype=d or torch.float32) for k, (s, d) in empty_shapes(kind, out_f, in_f).items()}
+            return empty_tensors(kind, out_f, in_f)
         c = moment(ctx, moments, lin.path, lin.weight, e).to(delta.device)  # (I, I)
         if kind == "twin":
             U, V = act.twin_factors(delta, act.Whitener.of(c, damp), min(cfg.rank or 1, out_f, in_f))

@@ -55,7 +55,8 @@ class RoutedUnit:
         cfg = self.cfg_for(lin, e)
         if self.maker is not None:
             return self.maker(lin, e, w_s, w_e, cfg)
-        assert cfg is not None
+        if cfg is None:
+            return empty_tensors(self.kind.name, *lin.shape)
         return self.kind.build(w_s, w_e, factors, cfg)
 
 
@@ -66,3 +67,8 @@ def empty_shapes(kind: str, out: int, in_: int) -> Shapes:
     if kind == "sparse":
         return {"indices": ((0,), torch.int32), "values": ((0,), None)}
     raise ValueError(f"internal: kind {kind} cannot store nothing for one expert")
+
+
+def empty_tensors(kind: str, out: int, in_: int) -> dict[str, torch.Tensor]:
+    """The zero-size tensors of :func:`empty_shapes` (float32; the writer casts them)."""
+    return {k: torch.zeros(s, dtype=d or torch.float32) for k, (s, d) in empty_shapes(kind, out, in_).items()}
