@@ -65,9 +65,16 @@ def moments_key(ctx: BuildContext, e: int, linears: list[str]) -> str:
     blob = json.dumps({"v": VERSION, "base": analysis_cache.folder_stamp(ctx.base.folder),
                        "expert": analysis_cache.folder_stamp(Path(ctx.sources[e].path)),
                        "calibration": spec.model_dump(mode="json"),
-                       "data": [str(data.resolve()), data.stat().st_size, data.stat().st_mtime_ns] if data.is_file()
-                       else None, "linears": linears}, sort_keys=True, default=str)
+                       "data": data_stamp(data), "linears": linears}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def data_stamp(data: Path) -> str | None:
+    """A calibration file by its content (calibration files are small; a copy or a remount keeps the moments),
+    None for a datasets name."""
+    if not data.is_file():
+        return None
+    return hashlib.sha256(data.read_bytes()).hexdigest()
 
 
 def expert_model(ctx: BuildContext, e: int) -> torch.nn.Module:
