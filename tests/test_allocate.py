@@ -216,3 +216,14 @@ def test_twin_spectrum_tail_is_the_factor_error() -> None:
         u, v = act.twin_factors(delta, wh, r)
         got = act.quad_error(delta - u @ v, act.damped(c, 1e-6))
         assert abs(got - float(spec[r:].sum())) <= 1e-3 * float(spec.sum())
+
+
+def test_upgrade_spends_the_room_a_fixed_kind_leaves() -> None:
+    """A unit left at bit1 (one fixed size) switches to twin when the room left buys a lower error there."""
+    groups = {"u": {"merged": {"a": [_opt("none", 0, 10.0)]},
+                    "bit1": {"a": [_opt("none", 0, 10.0), _opt("bit1", 10, 2.0)]},
+                    "twin": {"a": [_opt("r0", 0, 10.0), _opt("r1", 8, 4.0), _opt("r4", 30, 0.5)]}}}
+    start = {"u": ("bit1", {"a": groups["u"]["bit1"]["a"][1]})}
+    kind, picks = act.upgrade(groups, dict(start), 40)["u"]
+    assert (kind, picks["a"].label) == ("twin", "r4")
+    assert act.upgrade(groups, dict(start), 20)["u"] == start["u"]  # twin r4 does not fit: bit1 stays

@@ -241,4 +241,37 @@ def allocate(groups: Groups, budget: int, iters: int = 80) -> dict[str, tuple[st
     for key, opt in picked.items():
         g, i = key.split("\x00", 1)
         out[g][1][i] = opt
-    return out
+    return upgrade(groups, out, budget)
+
+
+Choice = dict[str, tuple[str, dict[str, Option]]]  # group -> (kind, item -> option)
+
+
+def _cost(picks: dict[str, Option]) -> tuple[float, int]:
+    return sum(o.error for o in picks.values()), sum(o.nbytes for o in picks.values())
+
+
+def upgrade(groups: Groups, choice: Choice, budget: int, max_steps: int = 10_000) -> Choice:
+    """Spend what the relaxation left: while some group can switch to another kind (its items refilled within
+    the room left plus its own bytes) and remove error, take the switch with the most error removed per extra
+    byte (a switch that also saves bytes first)."""
+    room = budget - sum(_cost(p)[1] for _, p in choice.values())
+    for _ in range(max_steps):
+        best: tuple[float, str, str, dict[str, Option]] | None = None
+        for g, (kind, picks) in choice.items():
+            err, nbytes = _cost(picks)
+            for other, items in groups[g].items():
+                if other == kind or sum(min(o.nbytes for o in v) for v in items.values()) > room + nbytes:
+                    continue
+                alt = fill(items, room + nbytes)
+                a_err, a_bytes = _cost(alt)
+                if a_err < err * (1 - 1e-9):
+                    score = (err - a_err) / max(a_bytes - nbytes, 0.5)  # (0.5: a saving step beats any other)
+                    if best is None or score > best[0]:
+                        best = (score, g, other, alt)
+        if best is None:
+            return choice
+        _, g, other, alt = best
+        room -= _cost(alt)[1] - _cost(choice[g][1])[1]
+        choice[g] = (other, alt)
+    return choice
