@@ -227,3 +227,28 @@ def test_upgrade_spends_the_room_a_fixed_kind_leaves() -> None:
     kind, picks = act.upgrade(groups, dict(start), 40)["u"]
     assert (kind, picks["a"].label) == ("twin", "r4")
     assert act.upgrade(groups, dict(start), 20)["u"] == start["u"]  # twin r4 does not fit: bit1 stays
+
+
+def test_router_tap_after_routed_units_uses_a_prepass(pool: dict) -> None:
+    """``router.tap: 1`` with layer 0 routed: the route comes from a pre-pass of the shared model; the unforced
+    forward equals the forward forced to the route it chose, and generation (decode steps keep the route) runs."""
+    raw = _recipe(pool, pool["full"], "2x")
+    raw["routing"] = {"select": {"all": True}, "modules": "both", "expert": {"kind": "twin", "rank": 4},
+                      "router": {"level": "sequence", "init": "prototype", "tap": 1}}
+    out = pool["root"] / "tap"
+    moerge.build(recipe_from_dict(raw), out, force=True, progress=False, device="cpu")
+    moe = _load(out)
+    assert moe.config.moerge["prepass"] is True
+    assert moe.config.moerge["router_input"] == "model.layers.1.self_attn"
+    ids = torch.tensor([[5, 17, 42, 99, 7, 256, 3, 11], [9, 8, 7, 6, 5, 4, 3, 2]])
+    with torch.no_grad():
+        free = moe(input_ids=ids).logits
+        routes = moe.last_routes()
+        for b in range(2):
+            moe.force_route({n: float(w) for n, w in zip(moe.expert_names, routes[b])})
+            assert (moe(input_ids=ids[b:b + 1]).logits - free[b:b + 1]).abs().max() <= 1e-5
+        moe.force_route(None)
+        assert moe.generate(ids, max_new_tokens=3, do_sample=False).shape == (2, 11)
+    raw["routing"]["router"]["tap"] = 5
+    with pytest.raises(moerge.errors.RecipeError, match="tap"):
+        plan_for(recipe_from_dict(raw), progress=False, device="cpu")
