@@ -252,3 +252,14 @@ def test_router_tap_after_routed_units_uses_a_prepass(pool: dict) -> None:
     raw["routing"]["router"]["tap"] = 5
     with pytest.raises(moerge.errors.RecipeError, match="tap"):
         plan_for(recipe_from_dict(raw), progress=False, device="cpu")
+
+
+def test_analyze_writes_the_allocation(pool: dict, tmp_path: Path) -> None:
+    import json
+
+    from moerge.pipeline import analyze_text
+
+    text = analyze_text(recipe_from_dict(_recipe(pool, pool["mlp"], "1.2x")), tmp_path / "a", device="cpu")
+    data = json.loads((tmp_path / "a" / "allocation.json").read_text())
+    assert data["units"] and all(u["group"] == "mlp" and u["before"] > u["after"] for u in data["units"])
+    assert (tmp_path / "a" / "allocation.png").stat().st_size > 0 and "gain/MB" in text
