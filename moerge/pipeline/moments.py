@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -152,22 +151,10 @@ def load(key: str) -> Moments | None:
 
 def save(key: str, m: Moments) -> None:
     """Best effort, atomic (a temporary file renamed into place)."""
-    root = moments_dir()
-    if root is None:
-        return
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{key}.", suffix=".tmp")
-        os.close(fd)
-    except OSError:
-        return
-    try:
-        assert m._c is not None
-        save_file({k: v.contiguous() for k, v in m._c.items()}, tmp,
-                  metadata={"site": json.dumps(m.site), "tokens": str(m.tokens)})
-        os.replace(tmp, root / f"{key}.safetensors")
-    except OSError:
-        Path(tmp).unlink(missing_ok=True)
+    assert m._c is not None
+    tensors = {k: v.contiguous() for k, v in m._c.items()}
+    meta = {"site": json.dumps(m.site), "tokens": str(m.tokens)}
+    analysis_cache.atomic_write(moments_dir(), f"{key}.safetensors", lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def expert_moments(ctx: BuildContext, e: int, tok: Any, linears: list[str], progress: bool = False) -> Moments:
