@@ -129,7 +129,7 @@ def collect(ctx: BuildContext, e: int, texts: list[str], tok: Any, linears: list
                       add_special_tokens=False).to(ctx.device)
             mask_ref["mask"] = enc["attention_mask"]
             tokens += int(enc["attention_mask"].sum())
-            model(**enc, use_cache=False)
+            model.base_model(**enc, use_cache=False)  # the decoder only: no logits needed
     finally:
         for h in handles:
             h.remove()
