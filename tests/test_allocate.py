@@ -263,3 +263,28 @@ def test_analyze_writes_the_allocation(pool: dict, tmp_path: Path) -> None:
     data = json.loads((tmp_path / "a" / "allocation.json").read_text())
     assert data["units"] and all(u["group"] == "mlp" and u["before"] > u["after"] for u in data["units"])
     assert (tmp_path / "a" / "allocation.png").stat().st_size > 0 and "gain/MB" in text
+
+
+def test_moments_are_the_inputs_second_moments(pool: dict) -> None:
+    """q/k/v share one site; its moment is Σ x xᵀ of the real (unpadded) tokens entering q_proj."""
+    from moerge.pipeline import moments as mom
+    from moerge.pipeline.context import BuildContext
+
+    ctx = BuildContext.open(recipe_from_dict(_recipe(pool, pool["full"], "2x")))
+    lins = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj"]
+    texts = ["good movie loved it", "the market report today was long and dull"]
+    tok = ctx.tokenizer()
+    m = mom.collect(ctx, 0, texts, tok, lins)
+    assert m.site[lins[0]] == m.site[lins[1]] and m.site[lins[2]] == lins[2]
+    model = mom.expert_model(ctx, 0)
+    seen: list[torch.Tensor] = []
+    for path in (lins[0], lins[2]):
+        h = model.get_submodule(path).register_forward_pre_hook(lambda _m, a: seen.append(a[0]))
+        for t in texts:  # one prompt at a time: no padding
+            with torch.no_grad():
+                model(**tok([t], return_tensors="pt", add_special_tokens=False))
+        h.remove()
+        x = torch.cat([s.reshape(-1, s.shape[-1]) for s in seen]).double()  # (N, I)
+        assert torch.allclose(m.of(path), x.T @ x, rtol=1e-4, atol=1e-5)
+        seen.clear()
+    assert m.tokens == sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
