@@ -77,13 +77,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from .pipeline.analyze import analyze_recipe
+    from .pipeline import analyze_text
 
     recipe = _recipe(args)
     out = Path(args.out) if args.out else None
     if out is not None:
         report_folder(out, recipe)
-    print(analyze_recipe(recipe, out, file=str(args.recipe), progress=not args.quiet, device=args.device))
+    print(analyze_text(recipe, out, file=str(args.recipe), progress=not args.quiet, device=args.device))
     return 0
 
 

@@ -218,6 +218,36 @@ class RouterSpec(Strict):
     init: Literal["prototype", "uniform"] = "prototype"
     top_k: int | None = Field(None, gt=0)
     scale: float = Field(ROUTER_SCALE, gt=0)
+    # sequence level: the router reads the shared model's hidden state entering this layer (its attention input),
+    # computed once per prompt; None = the first routed unit's input
+    tap: int | None = Field(None, ge=0)
+
+
+class AllocateSpec(Strict):
+    """The options an activation-based allocation (``select: {budget: ..., metric: activation}``) chooses from."""
+
+    kinds: list[Literal["twin", "bit1", "sparse", "dense"]] = Field(
+        default_factory=lambda: ["twin", "bit1", "dense"], min_length=1)  # sparse: 8 bytes per kept entry
+    ranks: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128])  # twin (0 = nothing, always)
+    densities: list[float] = Field(default_factory=lambda: [0.01, 0.03, 0.1])  # sparse (0 = nothing, always)
+    damp: float = Field(0.01, gt=0)  # whitening damping, a fraction of mean(diag(C))
+    normalize: Literal["tokens", "relative"] = "tokens"  # error per calibration token, or / the output's energy
+    # candidates for the shared weight (the static merge): each is measured, the least remaining error wins
+    merges: list[MergeSpec | Literal["base"]] | None = None
+
+    @field_validator("ranks")
+    @classmethod
+    def _ranks(cls, v: list[int]) -> list[int]:
+        if not v or any(r <= 0 for r in v) or v != sorted(set(v)):
+            raise ValueError(f"ranks must be positive and increasing, got {v}")
+        return v
+
+    @field_validator("densities")
+    @classmethod
+    def _densities(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0 < d <= 1 for d in v) or v != sorted(set(v)):
+            raise ValueError(f"densities must be increasing values in (0, 1], got {v}")
+        return v
 
 
 class RoutingSpec(Strict):
@@ -240,6 +270,8 @@ class RoutingSpec(Strict):
     expert: ExpertKindSpec = Field(default_factory=ExpertKindSpec)
     router: RouterSpec = Field(default_factory=RouterSpec)
     shared: Literal["merge", "base"] | None = None
+    allocate: AllocateSpec | None = None  # with select.metric: activation (defaults when left out)
+    fold_norms: bool = True  # each expert's routed q/k/v and gate/up absorb its own input norm's scale
 
 
 class OutputSpec(Strict):

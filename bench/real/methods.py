@@ -42,9 +42,11 @@ class Env:
     base: Path  # the converted base model folder
     work: Path = WORK
     threads: int = 2
+    full: Path | None = None  # the full fine-tune experts (``--pool full``: tools/get_full_pool.py's folder)
 
     def adapter(self, task: str) -> Path:
-        return self.pool / "experts" / task
+        """Task's expert as a recipe source: the LoRA adapter, or the full fine-tune (``--pool full``)."""
+        return self.full / task if self.full is not None else self.pool / "experts" / task
 
     def calib(self, task: str) -> Path:
         return self.pool / "data" / task / "calib.jsonl"
@@ -89,10 +91,10 @@ def digest(obj: Any) -> str:
 
 def base_bytes(env: Env) -> int:
     """The base's parameter bytes at fp32 (every checkpoint here is fp32)."""
-    return sum(int(torch.tensor(s).prod()) for s in _shapes(env.base).values()) * 4
+    return sum(int(torch.tensor(s).prod()) for s in tensor_shapes(env.base).values()) * 4
 
 
-def _shapes(folder: Path) -> dict[str, list[int]]:
+def tensor_shapes(folder: Path) -> dict[str, list[int]]:
     from moerge.io.index import CheckpointIndex
 
     return {n: list(i.shape) for n, i in CheckpointIndex.from_folder(folder).tensors.items()}
@@ -155,7 +157,10 @@ def bin_path(name: str) -> str:
 # ---------------------------------------------------------------------------------------------------- reference
 
 def full_expert(env: Env, task: str) -> Path:
-    """The LoRA expert merged into the base (peft ``merge_and_unload``), saved as a full fp32 checkpoint."""
+    """The expert as a full fp32 checkpoint: the full fine-tune itself, or the LoRA expert merged into the base
+    (peft ``merge_and_unload``)."""
+    if env.full is not None:
+        return env.full / task
     def make(tmp: Path) -> None:
         from peft import PeftModel
         from transformers import AutoTokenizer
@@ -186,8 +191,9 @@ def load_oracle(env: Env) -> Loaded:
         return current[task]
 
     adapters = sum(folder_bytes(env.adapter(t)) for t in TASKS)
-    return Loaded(model_for, 1 + adapters / base_bytes(env), build_s,
-                  note="each task run by its own expert (needs the task); storage = base + 4 LoRA adapters")
+    what = "4 full fine-tunes" if env.full is not None else "base + 4 LoRA adapters"
+    return Loaded(model_for, (0 if env.full is not None else 1) + adapters / base_bytes(env), build_s,
+                  note=f"each task run by its own expert (needs the task); storage = {what}")
 
 
 # ---------------------------------------------------------------------------------------------------- moerge builds
@@ -405,11 +411,16 @@ def load_moerge_checkpoint(folder: Path, key: str, build_s: float, calib_s: floa
 
 
 def load_routed(kind: str, selection: str, calibrated: bool) -> Callable[[Env], Loaded]:
+    return load_built(f"moerge-{kind}-{selection}", lambda env: routed_recipe(env, kind, selection), calibrated)
+
+
+def load_built(name: str, recipe_of: Callable[[Env], dict], calibrated: bool) -> Callable[[Env], Loaded]:
+    """A routed recipe built with ``moerge build`` (cached as ``name``), optionally calibrated, loaded."""
     def load(env: Env) -> Loaded:
         from moerge.recipe import recipe_from_dict
 
-        raw = routed_recipe(env, kind, selection)
-        folder, build_s = moerge_build(env, f"moerge-{kind}-{selection}", raw)
+        raw = recipe_of(env)
+        folder, build_s = moerge_build(env, name, raw)
         calib_s = None
         if calibrated:
             if not calibrate_available():
@@ -424,30 +435,32 @@ RECIPE = REPO / "recipes" / "real_pool.yaml"
 RECIPE_CALIB = REPO / "recipes" / "real_pool_calib.yaml"
 
 
-def load_recipe_file(env: Env) -> Loaded:
-    """``recipes/real_pool.yaml`` exactly as its header says: ``moerge build --set base=...`` then
-    ``moerge calibrate --data recipes/real_pool_calib.yaml --method supervised --holdout 0.2``."""
+def load_recipe_file(env: Env, recipe: Path = RECIPE, calib: Path = RECIPE_CALIB,
+                     overrides: list[str] | None = None) -> Loaded:
+    """A shipped recipe exactly as its header says: ``moerge build RECIPE --set base=...`` then
+    ``moerge calibrate --data CALIB --method supervised --holdout 0.2``."""
     from moerge.recipe import load_recipe
 
-    overrides = [f"base={env.base}"]
-    stamp = {"recipe": RECIPE.read_text(), "calib": RECIPE_CALIB.read_text(), "base": str(env.base), "v": 1}
+    sets = [f"base={env.base}", *(overrides or [])]
+    stamp = {"recipe": recipe.read_text(), "calib": calib.read_text(), "base": str(env.base), "v": 1,
+             **({"sets": sets} if overrides else {})}
     times: dict[str, float] = {}
 
     def make(tmp: Path) -> None:
-        log = env.work / "logs" / "recipe-real_pool.log"
+        log = env.work / "logs" / f"recipe-{recipe.stem}.log"
         t = time.perf_counter()
-        run([sys.executable, "-m", "moerge", "build", RECIPE, tmp, "--set", overrides[0], "--force", "--quiet"], log, env)
+        run([sys.executable, "-m", "moerge", "build", recipe, tmp, *(a for s in sets for a in ("--set", s)), "--force",
+             "--quiet"], log, env)
         times["build_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        run([sys.executable, "-m", "moerge", "calibrate", tmp, "--data", RECIPE_CALIB, "--method", "supervised",
+        run([sys.executable, "-m", "moerge", "calibrate", tmp, "--data", calib, "--method", "supervised",
              "--holdout", "0.2", "--quiet"], log, env)
         times["calib_s"] = time.perf_counter() - t
         (tmp / ".bench_times.json").write_text(json.dumps(times))
 
-    folder, _ = cached(env.work / "ckpt" / "recipe-real_pool", stamp, make)
+    folder, _ = cached(env.work / "ckpt" / f"recipe-{recipe.stem}", stamp, make)
     times = json.loads((folder / ".bench_times.json").read_text())
-    loaded = load_moerge_checkpoint(folder, build_key(load_recipe(RECIPE, overrides)), times["build_s"],
-                                    times["calib_s"])
+    loaded = load_moerge_checkpoint(folder, build_key(load_recipe(recipe, sets)), times["build_s"], times["calib_s"])
     loaded.note = "build + calibrate as the recipe's header; " + loaded.note
     return loaded
 

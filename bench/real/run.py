@@ -1,6 +1,13 @@
 """The real-pool benchmark: every method on the dev splits -> ``bench/RESULTS.md`` table + accuracy/storage PNG.
 
-    python -m bench.real.run [--quick] [--only KEY ...] [--fresh] [--threads 1] [--no-record] [--table-only]
+    python -m bench.real.run [--pool lora|full] [--quick] [--only KEY ...] [--fresh] [--threads 1] [--no-record]
+                             [--table-only]
+
+``--pool full``: the four full fine-tune experts (``tools/get_full_pool.py``, made once into the moerge cache;
+issue 15) and their methods (:mod:`.full`): static merges, mergekit, and moerge at storage budgets (the
+activation-based allocation against weight-metric selections and a uniform twin rank of the same bytes); its
+results go to their own sections of ``bench/RESULTS.md`` and ``bench/real/full_accuracy_vs_storage.png``, its
+cache to ``bench/_work/real_full/``.  The LoRA pool (``--pool lora``) is the default.
 
 ``--quick``: base, oracle, two static merges, the shipped recipe and one routed grid row, on the first 50 dev
 prompts per task (about 7 minutes on an idle 2-core CPU).  The full run: every method; the reference, static
@@ -41,7 +48,8 @@ import torch
 from bench._measure import cpu_model
 
 from . import evaluate as ev
-from .methods import WORK, Env, Loaded, Method, Skipped, all_methods, calibrate_available
+from .full import WORK_FULL, full_methods
+from .methods import Env, Loaded, Method, Skipped, all_methods, calibrate_available
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "bench" / "RESULTS.md"
@@ -53,6 +61,13 @@ FULL_N = 100  # dev prompts per task in the full run's main table (the first of 
 EVAL_VERSION = 3
 SPEED_PROMPT_TASK = "arith"
 GOALS = {"norm": 0.98, "routing": 0.97, "storage": 1.3, "speed": 0.9}
+FULL_GOALS = {"norm": 0.98, "routing": 0.98, "storage": 1.05, "speed": 0.9}  # issue 15's shipped-recipe targets
+HEADINGS = {  # pool -> (main, quick, all 200) sections of bench/RESULTS.md
+    "lora": (HEADING, QUICK_HEADING, ALL_HEADING),
+    "full": ("## full pool: benchmark run (issue 15)", "## full pool: quick run (issue 15)",
+             "## full pool: all 200 dev prompts per task (issue 15)"),
+}
+PNGS = {"lora": PNG, "full": PNG.with_name("full_accuracy_vs_storage.png")}
 
 
 def log(msg: str) -> None:
@@ -349,7 +364,8 @@ METHOD_NOTES = (
 
 
 def heading(args: argparse.Namespace) -> str:
-    return QUICK_HEADING if args.quick else ALL_HEADING if args.n == 0 else HEADING
+    main, quick, every = HEADINGS[args.pool]
+    return quick if args.quick else every if args.n == 0 else main
 
 
 def rows_minutes(rows: list[dict]) -> float:
@@ -359,7 +375,8 @@ def rows_minutes(rows: list[dict]) -> float:
 
 def section(rows: list[dict], grid: list[dict], args: argparse.Namespace, wall: float, n_main: int,
             n_grid: int) -> str:
-    cmd = "python -m bench.real.run" + (" --quick" if args.quick else "") + \
+    cmd = "python -m bench.real.run" + (" --pool full" if args.pool == "full" else "") + \
+        (" --quick" if args.quick else "") + (" --only " + " ".join(args.only) if args.only else "") + \
         "".join(f" --{k} {v}" for k, v in (("n", args.n), ("screen", None if args.quick else args.screen),
                                             ("threads", args.threads)) if v is not None)
     lines = [heading(args), "",
@@ -368,7 +385,7 @@ def section(rows: list[dict], grid: list[dict], args: argparse.Namespace, wall: 
               f"(rows cached from an earlier run keep the times measured then; the rows' own wall times add up to "
               f"{rows_minutes(rows + grid):.1f} min)."),
              f"Machine: {machine()}; {args.threads} torch threads for evaluation, shared with other jobs.", "",
-             METHOD_NOTES, ""]
+             METHOD_NOTES if args.pool == "lora" else FULL_NOTES, ""]
     lines += goals(rows) + ["", f"### Main table ({n_main} dev prompts per task)", "", *table(rows), ""]
     if grid:
         lines += [f"### moerge grid: kind x selection x router ({n_grid} dev prompts per task)", "",
@@ -376,7 +393,7 @@ def section(rows: list[dict], grid: list[dict], args: argparse.Namespace, wall: 
                    f"are re-run on the main table's {n_main} prompts per task. Speeds are not measured here."), "",
                   *table(grid), ""]
     if not args.quick:
-        lines += [f"![accuracy vs storage](real/{PNG.name})", ""]
+        lines += [f"![accuracy vs storage](real/{PNGS[args.pool].name})", ""]
     return "\n".join(lines)
 
 
@@ -391,7 +408,7 @@ def write_section(text: str, heading: str = HEADING) -> None:
     RESULTS.write_text(new.rstrip("\n") + "\n")
 
 
-def plot(rows: list[dict], grid: list[dict], n_main: int, n_grid: int) -> None:
+def plot(rows: list[dict], grid: list[dict], n_main: int, n_grid: int, pool: str = "lora") -> None:
     """Mean normalized accuracy vs storage: main-table rows filled, the moerge grid (screening prompts) hollow."""
     import matplotlib
 
@@ -420,13 +437,36 @@ def plot(rows: list[dict], grid: list[dict], n_main: int, n_grid: int) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("storage / dense base (log)")
     ax.set_ylabel("mean normalized accuracy (method / expert)")
-    ax.set_title(f"real pool (SmolLM2-135M, 4 LoRA experts): accuracy vs storage\n"
+    ax.set_title(f"real pool (SmolLM2-135M, 4 {'full fine-tune' if pool == 'full' else 'LoRA'} experts): "
+                 "accuracy vs storage\n"
                  f"filled: main table, {n_main} dev prompts/task (Arrow: its own cap); hollow: grid", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    PNG.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(PNG, dpi=120)
+    png = PNGS[pool]
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=120)
     plt.close(fig)
+
+
+FULL_NOTES = METHOD_NOTES.replace(
+    "and the LoRA experts imdb, tweets, bbc, arith of `shared/pool`",
+    "and the full fine-tune experts imdb, tweets, bbc, arith (`shared/pool/full/make_full_experts.py`, cached by "
+    "`tools/get_full_pool.py`)").replace(
+    "routed units keep the base as their shared weight and store each expert's delta in the row's kind",
+    "routed units keep the task-arithmetic merge as their shared weight and store each expert's delta in the row's "
+    "kind (allocation rows: per unit the kind and per expert the rank chosen from calibration activations; each "
+    "expert's routed q/k/v and gate/up absorb its own input norm's scale)") + (
+    " **storage** targets here are the issue's: <= 1.05x (same dtype) for the shipped recipe.")
+
+
+def make_env(args: argparse.Namespace, base: Path) -> Env:
+    """The pool's environment: the LoRA experts, or the full fine-tunes from tools/get_full_pool.py."""
+    if args.pool == "lora":
+        return Env(pool=args.pool_dir, base=base, threads=args.threads)
+    from get_full_pool import get_full_pool
+
+    return Env(pool=args.pool_dir, base=base, threads=args.threads, work=WORK_FULL,
+               full=get_full_pool(args.pool_dir))
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -443,7 +483,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-speed", action="store_true", help="skip the tokens/s measurements")
     ap.add_argument("--no-record", action="store_true", help="do not write bench/RESULTS.md and the PNG")
     ap.add_argument("--table-only", action="store_true", help="run nothing: the table from cached results")
-    ap.add_argument("--pool", type=Path, default=REPO.parent / "shared" / "pool")
+    ap.add_argument("--pool", choices=("lora", "full"), default="lora", help="the LoRA experts of shared/pool, or "
+                    "the full fine-tunes (tools/get_full_pool.py; issue 15)")
+    ap.add_argument("--pool-dir", type=Path, default=REPO.parent / "shared" / "pool", help="the real pool folder")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     for var, value in (("TOKENIZERS_PARALLELISM", "false"), ("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1")):
@@ -451,17 +493,21 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO / "tools"))
     from get_base_model import get_base_model
 
-    if not (args.pool / "experts").is_dir():
-        raise SystemExit(f"error: the real pool is not at {args.pool} (pass --pool)")
-    env = Env(pool=args.pool, base=get_base_model(), threads=args.threads)
-    methods = [m for m in all_methods() if m.quick or not args.quick]
-    if args.only:
+    if not (args.pool_dir / "experts").is_dir():
+        raise SystemExit(f"error: the real pool is not at {args.pool_dir} (pass --pool-dir)")
+    env = make_env(args, get_base_model())
+    methods = all_methods() if args.pool == "lora" else full_methods()
+    if args.only:  # the named methods (quick or not) plus the references
         methods = [m for m in methods if any(m.key.startswith(p) for p in args.only) or m.key in ("base", "oracle")]
+    else:
+        methods = [m for m in methods if m.quick or not args.quick]
+    if args.pool == "full":
+        GOALS.update(FULL_GOALS)
     t0 = time.perf_counter()
     speed = not args.no_speed
     if args.quick:  # one stage: every quick method on 50 prompts per task
         n = args.n or 50
-        log(f"quick: {len(methods)} methods, {n} dev prompts per task, {args.threads} threads, work {WORK}")
+        log(f"quick: {len(methods)} methods, {n} dev prompts per task, {args.threads} threads, work {env.work}")
         runner = Runner(env, n, args.fresh, speed)
         runner.table_only = args.table_only
         rows, grid = [runner.row(m) for m in methods], []
@@ -492,8 +538,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_record:
         write_section(text, heading(args))
         if not args.quick:
-            plot(rows, grid, n or 200, args.screen)
-        log(f"wrote {RESULTS}" + ("" if args.quick else f" and {PNG}"))
+            plot(rows, grid, n or 200, args.screen, args.pool)
+        log(f"wrote {RESULTS}" + ("" if args.quick else f" and {PNGS[args.pool]}"))
     log(f"done in {wall / 60:.1f} min")
     return 0
 

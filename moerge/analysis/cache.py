@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,17 +65,26 @@ def load(key: str) -> dict[str, dict[str, float]]:
 
 def save(key: str, metrics: dict[str, dict[str, float]]) -> None:
     """Write ``metrics`` for ``key`` atomically (a temporary file renamed into place); errors are ignored."""
-    root = cache_dir()
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(metrics, f)
+
+    atomic_write(cache_dir(), f"{key}.json", write)
+
+
+def atomic_write(root: Path | None, name: str, write: Callable[[str], None]) -> None:
+    """Best effort: ``write(tmp)`` fills a temporary file in ``root`` that is then renamed to ``root / name``;
+    nothing happens when ``root`` is None, and an OSError leaves nothing behind."""
     if root is None:
         return
     try:
         root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{key}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{name}.", suffix=".tmp")
+        os.close(fd)
     except OSError:
         return
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(metrics, f)
-        os.replace(tmp, root / f"{key}.json")
+        write(tmp)
+        os.replace(tmp, root / name)
     except OSError:
         Path(tmp).unlink(missing_ok=True)

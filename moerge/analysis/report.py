@@ -40,3 +40,30 @@ def heatmap(metrics: dict[str, dict[str, float]], layer_group: dict[str, tuple[i
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def gain_plot(rows: list[dict], out: Path) -> Path:
+    """The allocation per unit (``rows``: unit, layer, group, before, after, bytes): the measured error with the
+    unit merged and what the chosen storage leaves, one panel per group, and the bytes spent."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({r["group"] for r in rows})
+    fig, axes = plt.subplots(2, len(groups), figsize=(5 * len(groups), 6), squeeze=False)
+    for j, group in enumerate(groups):
+        rs = sorted((r for r in rows if r["group"] == group), key=lambda r: r["layer"])
+        layers = [r["layer"] for r in rs]
+        axes[0][j].semilogy(layers, [max(r["before"], 1e-12) for r in rs], "o-", label="merged")
+        axes[0][j].semilogy(layers, [max(r["after"], 1e-12) for r in rs], "s-", label="after the allocation")
+        axes[0][j].set_title(f"{group}: measured output error")
+        axes[0][j].legend(fontsize=8)
+        axes[1][j].bar(layers, [r["bytes"] / 1e6 for r in rs])
+        axes[1][j].set_title(f"{group}: MB stored")
+        axes[1][j].set_xlabel("layer")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+

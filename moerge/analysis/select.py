@@ -11,6 +11,8 @@ from ..errors import RecipeError
 from ..recipe import SelectSpec
 from .conflict import METRICS, conflict_score
 
+ACTIVATION = "activation"  # the select metric that makes the budget allocator choose the plan (pipeline.allocate)
+
 
 def needs_metrics(spec: SelectSpec) -> bool:
     return spec.threshold is not None or spec.top_fraction is not None or spec.budget is not None
@@ -21,7 +23,8 @@ def select_units(paths: list[str], spec: SelectSpec, metrics: dict[str, dict[str
                  file: str = "recipe") -> list[str]:
     """Return the selected unit paths, in the order given."""
     if spec.metric not in METRICS:
-        raise RecipeError(file, "routing.select.metric", f"unknown metric '{spec.metric}'; one of: {', '.join(METRICS)}")
+        raise RecipeError(file, "routing.select.metric", f"unknown metric '{spec.metric}'; one of: "
+                                                         f"{', '.join(METRICS)}, activation (with a budget)")
     if spec.layers is not None:
         n_layers = max(layer_of(p) for p in paths) + 1 if paths else 0
         bad = [i for i in spec.layers if not 0 <= i < n_layers]

@@ -27,7 +27,18 @@ class Family:
     })
     embed: str = "model.embed_tokens.weight"
     lm_head: str = "lm_head.weight"
+    # the RMSNorm in front of each group and the linears it feeds (a norm's scale can be folded into them)
+    input_norms: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=lambda: {
+        "attention": ("input_layernorm", ("q_proj", "k_proj", "v_proj")),
+        "mlp": ("post_attention_layernorm", ("gate_proj", "up_proj")),
+    })
+    norm_offset: float = 0.0  # the norm multiplies by offset + weight (gemma: 1 + weight)
     mlp_norm: str = "post_attention_layernorm"
+
+    def input_norm(self, layer: int, group: str, linear: str) -> str | None:
+        """The norm weight whose output is ``linear``'s input (None: its input is not a norm's output)."""
+        norm, fed = self.input_norms.get(group, ("", ()))
+        return f"{self.layer_path(layer)}.{norm}.weight" if linear in fed else None
 
     def unit_path(self, layer: int, group: str) -> str:
         return f"{self.layer_path(layer)}.{self.groups[group][0]}"
@@ -60,8 +71,13 @@ class Family:
         return f"{self.layer_path(layer)}.{self.mlp_norm}.weight"
 
 
-FAMILIES: dict[str, Family] = {n: Family(n) for n in
-                               ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")}
+_GEMMA2_NORMS = {"attention": ("input_layernorm", ("q_proj", "k_proj", "v_proj")),
+                 "mlp": ("pre_feedforward_layernorm", ("gate_proj", "up_proj"))}
+FAMILIES: dict[str, Family] = {
+    **{n: Family(n) for n in ("llama", "mistral", "qwen2", "qwen3")},
+    "gemma": Family("gemma", norm_offset=1.0),
+    **{n: Family(n, input_norms=_GEMMA2_NORMS, norm_offset=1.0) for n in ("gemma2", "gemma3_text")},
+}
 
 # config keys that must agree between the base and a full expert checkpoint
 COMPAT_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size",

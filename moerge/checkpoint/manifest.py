@@ -104,6 +104,9 @@ class Manifest:
     version: int = 1
     routes: dict[str, RouteWeights] = field(default_factory=dict)
     unknown: Unknown | None = None
+    # the sequence router's input runs after some routed units: the model computes it with a pre-pass of the
+    # shared model at prefill (written only when true, so older checkpoints read as False)
+    prepass: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         out = {"version": self.version, "experts": list(self.experts), "level": self.level, "top_k": self.top_k,
@@ -114,6 +117,8 @@ class Manifest:
             out["routes"] = {n: {u: list(w) for u, w in r.items()} for n, r in self.routes.items()}
         if self.unknown is not None:
             out["unknown"] = self.unknown.to_dict()
+        if self.prepass:
+            out["prepass"] = True
         return out
 
     @classmethod
@@ -130,7 +135,8 @@ class Manifest:
                    raw.get("top_k", 1), raw.get("router_input"), bool(raw.get("initialized", True)), fallback,
                    str(raw.get("shared", "merge")),
                    {str(p): UnitSpec.from_dict(u, file, f"moerge.units.{p}") for p, u in units.items()},
-                   int(raw.get("version", 1)), _routes(raw.get("routes") or {}, len(experts), file), unknown)
+                   int(raw.get("version", 1)), _routes(raw.get("routes") or {}, len(experts), file), unknown,
+                   bool(raw.get("prepass", False)))
 
     # ---- what callers ask
     @property

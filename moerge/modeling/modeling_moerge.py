@@ -444,6 +444,7 @@ class RouteSlot:
 
     def __init__(self) -> None:
         self.decode = False  # set by the model for the forward of a decode step (the route is kept)
+        self.shared = False  # set by the model during its pre-pass: routed linears apply W_s only
         self.clear()
 
     def clear(self) -> None:
@@ -910,6 +911,8 @@ class RoutedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         slot = self.slot
+        if slot.shared:  # the shared model's pass up to a router that reads a later layer (`_prepass`)
+            return F.linear(x, self.weight, self.bias)
         if slot.route is None:
             raise RuntimeError(
                 "moerge: RoutedLinear called with no route (was the unit's routing hook skipped?)"
@@ -983,6 +986,10 @@ class RoutingState:
         self.stats = {"routed_rows": 0, "fallback_rows": 0}
         if plan.get("unknown"):
             self.stats["unknown_rows"] = 0
+        # the sequence router reads a layer after some routed units: a pre-pass of the shared model computes the
+        # route at prefill (`MoergeForCausalLM._prepass`); ``route_ready`` then keeps the router hook from redoing it
+        self.prepass: bool = bool(plan.get("prepass", False)) and self.level == "sequence"
+        self.route_ready = False
         self._uniform = self.weights({name: 1.0 for name in self.experts}) if self.experts else None
 
     def slot_for(self, unit: str) -> RouteSlot:
@@ -1080,7 +1087,7 @@ class SequenceRouterHook:
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         st = self.state
-        if st.pinned() is not None:
+        if st.pinned() is not None or st.route_ready:
             return
         x = hidden_states_of(args, kwargs)  # (B, T, C)
         slot = st.sequence_slot
@@ -1088,6 +1095,14 @@ class SequenceRouterHook:
             return
         slot.set_rows(st.sequence_route(self.router, x), st.max_groups)
         slot.tokens = x.shape[1]
+
+
+class _PrepassDone(Exception):
+    """Raised at the router input to end the pre-pass."""
+
+
+def _stop_prepass(module: nn.Module, args: tuple) -> None:
+    raise _PrepassDone
 
 
 class UnitHook:
@@ -1098,6 +1113,8 @@ class UnitHook:
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         st = self.state
+        if st.sequence_slot.shared:  # the pre-pass: routed linears apply W_s, no route needed
+            return
         x = hidden_states_of(args, kwargs)  # (B, T, C)
         slot = st.slot_for(self.unit)
         pinned = st.pinned()
@@ -1324,6 +1341,9 @@ class MoergeForCausalLM(PreTrainedModel, GenerationMixin):
         if cache is None:
             cache = kwargs.pop("past_key_values", None)
         self._begin(cache, attention_mask)
+        st = self._moerge
+        if st.prepass and st.phase == "prefill" and st.forced is None:
+            self._prepass(input_ids, attention_mask, position_ids, inputs_embeds, kwargs)
         cache_arg = "cache" if "cache" in self._forward_params else "past_key_values"
         extra = {cache_arg: cache}
         if "logits_to_keep" in self._forward_params:
@@ -1336,10 +1356,30 @@ class MoergeForCausalLM(PreTrainedModel, GenerationMixin):
             for slot in (self._moerge.sequence_slot, *self._moerge.slots.values()):
                 slot.decode = False
 
+    def _prepass(self, input_ids, attention_mask, position_ids, inputs_embeds, kwargs: dict) -> None:
+        """The shared model (routed linears apply W_s) up to the sequence router's input, which sets the route;
+        stopped there by a hook added after any the caller registered (so feature hooks see this pass).  Writes no
+        KV cache; costs the layers before the router input once per prompt."""
+        st = self._moerge
+        tap = self.get_submodule(st.plan["router_input"])
+        handle = tap.register_forward_pre_hook(_stop_prepass)
+        st.sequence_slot.shared = True
+        extra = {k: kwargs[k] for k in ("cache_position",) if k in kwargs}
+        try:
+            self._causal_lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                       inputs_embeds=inputs_embeds, use_cache=False, **extra)
+        except _PrepassDone:
+            pass
+        finally:
+            handle.remove()
+            st.sequence_slot.shared = False
+        st.route_ready = st.sequence_slot.route is not None
+
     def _begin(self, cache, attention_mask) -> None:
         st = self._moerge
         prefill = _is_prefill(cache)
         st.phase = "prefill" if prefill else "decode"
+        st.route_ready = False
         for slot in (st.sequence_slot, *st.slots.values()):
             slot.decode = not prefill
         st.mask = (

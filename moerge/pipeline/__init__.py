@@ -11,13 +11,17 @@ folder, static or routed (:mod:`.output`), or a native MoE (:mod:`moerge.export`
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
+from ..analysis.report import gain_plot
+from ..analysis.select import ACTIVATION
 from ..export import export_from_plan
 from ..io.atomic import atomic_output, check_output
 from ..recipe import Recipe
+from .analyze import analyze_recipe
 from .context import BuildContext
 from .memory import estimate
 from .output import write_moerge
@@ -53,4 +57,23 @@ def plan_text(recipe: Recipe, file: str | None = None, device: str | torch.devic
     return "\n".join([*describe(plan), estimate(plan).describe()])
 
 
-__all__ = ["BuildContext", "Plan", "build", "make_plan", "plan_for", "plan_text"]
+def analyze_text(recipe: Recipe, out: Path | None = None, *, file: str | None = None, progress: bool = True,
+                 device: str | torch.device | None = "auto") -> str:
+    """``moerge analyze``: the conflict metrics (:func:`.analyze.analyze_recipe`); for a recipe that allocates by
+    activations (``select.metric: activation``) also the measured gain per unit (``allocation.json`` and
+    ``allocation.png`` with ``out``)."""
+    text = analyze_recipe(recipe, out, file=file, progress=progress, device=device)
+    routing = recipe.routing
+    if routing is None or routing.select.metric != ACTIVATION:
+        return text
+    plan = plan_for(recipe, file, progress=progress, device=device)
+    rows = [{"unit": ru.unit.path, "layer": ru.unit.layer, "group": ru.unit.group, "kind": ru.kind.name,
+             **(ru.gain or {})} for ru in plan.routed]
+    text += "\n\n" + "\n".join(describe(plan)[:-1])
+    if out is not None:
+        (out / "allocation.json").write_text(json.dumps({"units": rows, "shared": plan.shared_left}, indent=2) + "\n")
+        text += f"\nwrote {out / 'allocation.json'} and {gain_plot(rows, out / 'allocation.png')}"
+    return text
+
+
+__all__ = ["BuildContext", "Plan", "analyze_text", "build", "make_plan", "plan_for", "plan_text"]

@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -65,6 +66,10 @@ class BuildContext:
     file: str = "recipe"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     scratch: Path | None = None  # where big routed linears keep their shared weight (the build's temp folder)
+    # routed linear weight -> the norm weight feeding it: each expert's weight there absorbs its own norm's scale
+    # relative to the written (merged) norm, W_e diag(g_e / g_s), so the expert is exact behind the merged norm
+    folds: dict[str, str] = field(default_factory=dict)
+    ratio_cache: dict[str, list[torch.Tensor]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, recipe: Recipe, file: str | None = None, device: str | torch.device | None = "cpu") -> BuildContext:
@@ -99,6 +104,15 @@ class BuildContext:
     def n_layers(self) -> int:
         return int(self.base.config.get("num_hidden_layers", 0))
 
+    def tokenizer(self) -> Any:
+        """The base's tokenizer (pad = eos when it has none)."""
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(self.base.folder, trust_remote_code=False)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return tok
+
     def load(self, name: str, rows: Rows | None = None) -> torch.Tensor:
         """The base tensor ``name`` (or its rows ``[a, b)``) on the compute device, in its stored dtype."""
         return self.base.get(name, rows).to(self.device)
@@ -128,7 +142,40 @@ class BuildContext:
         return merge_tensor(self.method, base, taus, self.params, name)
 
     def expert_weights(self, name: str, base: torch.Tensor, taus: list[torch.Tensor | None]) -> list[torch.Tensor]:
-        """Every expert's own fp32 tensor (a full checkpoint's stored weight, else base + task vector)."""
+        """Every expert's own fp32 tensor (a full checkpoint's stored weight, else base + task vector); for a
+        linear in ``folds``, with its input norm's scale folded in (columns times :meth:`fold_ratios`)."""
         base32 = base.float()
-        return [src.weight(name, base).float() if isinstance(src, FullSource) else
-                (base32 + t if t is not None else base32) for src, t in zip(self.sources, taus)]
+        out = [src.weight(name, base).float() if isinstance(src, FullSource) else
+               (base32 + t if t is not None else base32) for src, t in zip(self.sources, taus)]
+        return [self.folded(name, e, w) for e, w in enumerate(out)]
+
+    def folded(self, name: str, e: int, w: torch.Tensor) -> torch.Tensor:
+        """Expert e's weight (or row block) of linear ``name`` (O, I) with its input norm's scale folded in."""
+        norm = self.folds.get(name)
+        if norm is None:
+            return w
+        return w * self.fold_ratios(norm)[e].to(w.device)[None, :]  # (O, I) * (1, I)
+
+    def fold_ratios(self, norm: str) -> list[torch.Tensor]:
+        """Per expert (I,): its norm scale over the written merged one, (off + g_e) / (off + g_s), 1 where the
+        merged scale is ~0 (nothing to fold into)."""
+        if norm not in self.ratio_cache:
+            base = self.load(norm).float()
+            taus = self.deltas(norm, base)
+            off = self.family.norm_offset
+            g_s = self.merged(norm, base, taus).to(self.out_dtype).float() + off  # as the static job writes it
+            experts = [src.weight(norm, base).float() if isinstance(src, FullSource) else
+                       base + (t if t is not None else 0.0) for src, t in zip(self.sources, taus)]
+            ok = g_s.abs() > 1e-6 * float(g_s.abs().max().clamp_min(1e-30))
+            self.ratio_cache[norm] = [torch.where(ok, (g_e + off) / torch.where(ok, g_s, 1.0), 1.0).cpu()
+                                      for g_e in experts]
+        return self.ratio_cache[norm]
+
+    def norm_folds(self, linears: list[tuple[int, str, str, str]]) -> dict[str, str]:
+        """``(layer, group, linear name, weight name)`` of routed linears -> {weight: the norm feeding it}."""
+        out = {}
+        for layer, group, lin, weight in linears:
+            norm = self.family.input_norm(layer, group, lin)
+            if norm is not None and norm in self.base.index:
+                out[weight] = norm
+        return out

@@ -61,7 +61,7 @@ def shared_and_experts(plan: Plan, name: str) -> tuple[torch.Tensor, list[torch.
 def routed_linear_job(plan: Plan, ru: RoutedUnit, lin: Linear) -> Job:
     """Shared weight, bias, then every expert's tensors of one routed linear (row blocks when it is large)."""
     ranges = plan.ctx.blocks(lin.weight)
-    run = _routed_whole if len(ranges) == 1 else _routed_blocks
+    run = _routed_whole if len(ranges) == 1 or not ru.uniform else _routed_blocks
     return Job(lin.path, routed_specs(plan, ru, lin), lambda: run(plan, ru, lin, ranges))
 
 
@@ -72,7 +72,7 @@ def _routed_whole(plan: Plan, ru: RoutedUnit, lin: Linear, ranges: list[Rows]) -
     yield from _bias_shared(plan, lin)
     for e, src in enumerate(ctx.sources):
         factors = src.lora_factors(lin.weight, w_s.device)
-        for k, t in ru.kind.build(w_s, w_experts[e], factors, ru.cfg).items():
+        for k, t in ru.build(lin, e, w_s, w_experts[e], factors).items():
             yield f"{lin.path}.experts.{e}.{k}", t.to(dt) if t.is_floating_point() else t
         yield from _bias_delta(plan, lin, e)
 
@@ -87,9 +87,10 @@ def _routed_blocks(plan: Plan, ru: RoutedUnit, lin: Linear, ranges: list[Rows]) 
         yield lin.weight, block.to(dt)
     yield from _bias_shared(plan, lin)
     for e, src in enumerate(ctx.sources):
-        def read(rows: Rows, src: Source = src) -> tuple[torch.Tensor, torch.Tensor]:
+        def read(rows: Rows, src: Source = src, e: int = e) -> tuple[torch.Tensor, torch.Tensor]:
             base = ctx.load(lin.weight, rows)
-            return scratch[rows[0]:rows[1]].to(ctx.device), src.weight(lin.weight, base, rows).float()
+            w_e = ctx.folded(lin.weight, e, src.weight(lin.weight, base, rows).float())
+            return scratch[rows[0]:rows[1]].to(ctx.device), w_e
 
         factors = src.lora_factors(lin.weight, ctx.device)
         for k, t in ru.kind.build_rows(lin.shape, ranges, read, factors, ru.cfg, _scratch(ctx)):

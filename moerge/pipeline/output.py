@@ -76,18 +76,9 @@ def initial_routers(plan: Plan, weights: list[Path], progress: bool) -> tuple[di
                 for p in uninit.router_prefixes()}, False
 
     model = feature_model(moerge_config(plan, uninit), uninit, weights)
-    tok = tokenizer(plan.ctx.base.folder)
+    tok = plan.ctx.tokenizer()
     calibration = [e.calibration for e in recipe.experts]
     return prototype_routers(model, tok, uninit, calibration, router.scale), True  # type: ignore[arg-type]
-
-
-def tokenizer(folder: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 def write_moerge(plan: Plan, tmp: Path, *, progress: bool = True) -> None:

@@ -17,24 +17,17 @@ import torch
 
 from .. import dtypes
 from ..analysis.conflict import METRICS
-from ..analysis.select import needs_metrics, select_units
+from ..analysis.select import ACTIVATION, needs_metrics, select_units
 from ..checkpoint.manifest import LinearSpec, Manifest, UnitSpec
 from ..errors import RecipeError
 from ..io.sources import FullSource, LoraSource
 from ..io.writer import TensorSpec
 from ..kinds import KINDS, ExpertKind, KindConfig
+from .allocate import allocate_plan
 from .analyze import analyze_units
 from .context import BuildContext
-from .units import Linear, Unit, candidate_units
-
-
-@dataclass(frozen=True)
-class RoutedUnit:
-    """A unit that becomes routed, with its storage kind and the kind's parameters."""
-
-    unit: Unit
-    kind: ExpertKind
-    cfg: KindConfig
+from .routed import RoutedUnit
+from .units import GROUPS, Linear, Unit, candidate_units
 
 
 @dataclass
@@ -44,6 +37,7 @@ class Plan:
     routed: list[RoutedUnit]
     shared_is_base: bool
     metrics: dict[str, dict[str, float]] | None
+    shared_left: dict[str, float] | None = None  # allocated plans: error left per shared candidate
     _lora_ranks: dict[tuple[int, str], int] = field(default_factory=dict, repr=False)
 
     @property
@@ -61,8 +55,8 @@ class Plan:
 
     def expert_shapes(self, ru: RoutedUnit, e: int, lin: Linear) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Expert e's stored tensors in routed linear ``lin`` -> (shape, dtype)."""
-        out, in_ = lin.shape
-        raw = ru.kind.shapes(out, in_, ru.cfg, self.lora_rank(e, lin))
+        out = lin.shape[0]
+        raw = ru.shapes(lin, e, self.lora_rank(e, lin))
         shapes = {k: (tuple(s), d or self.float_dtype) for k, (s, d) in raw.items()}
         if lin.bias:
             shapes["bias_delta"] = ((out,), self.float_dtype)
@@ -103,10 +97,26 @@ class Plan:
         units = {ru.unit.path: UnitSpec(ru.kind.name, {lin.name: LinearSpec(lin.bias, tuple(
             {k: s for k, (s, _) in self.expert_shapes(ru, e, lin).items()} for e in range(len(self.ctx.sources))))
             for lin in ru.unit.linears}) for ru in self.routed}
+        router_input, prepass = self.router_input()
         return Manifest(tuple(self.ctx.names), router.level,
                         router.top_k if router.top_k is not None else (1 if router.level == "sequence" else None),
-                        self.routed[0].unit.path if self.routed else None, initialized, None,
-                        "base" if self.shared_is_base else "merge", units)
+                        router_input, initialized, None, "base" if self.shared_is_base else "merge", units,
+                        prepass=prepass)
+
+    def router_input(self) -> tuple[str | None, bool]:
+        """The sequence router's input unit, and whether it runs after a routed unit (then the model computes it
+        with a pre-pass of the shared model): ``router.tap`` (layer k's attention input), else the first routed
+        unit's input."""
+        if not self.routed:
+            return None, False
+        routing = self.ctx.recipe.routing
+        assert routing is not None
+        first = self.routed[0].unit
+        tap = routing.router.tap
+        if tap is None or routing.router.level != "sequence":
+            return first.path, False
+        order = {g: i for i, g in enumerate(GROUPS)}
+        return self.ctx.family.unit_path(tap, "attention"), (first.layer, order[first.group]) < (tap, 0)
 
 
 def static_dtype(ctx: BuildContext, name: str) -> torch.dtype:
@@ -147,8 +157,13 @@ def make_plan(ctx: BuildContext, progress: bool = True, metrics: dict | None = N
     """Which units are routed (the recipe's selection rule) and how."""
     routing = ctx.recipe.routing
     assert routing is not None
-    kind, cfg = kind_of(ctx)
+    check_tap(ctx)
     units = candidate_units(ctx.base.index, ctx.n_layers, ctx.family, routing.modules)
+    if routing.fold_norms and not (routing.select.metric != ACTIVATION and KINDS.get(routing.expert.kind).needs_lora):
+        ctx.folds = ctx.norm_folds([(u.layer, u.group, lin.name, lin.weight) for u in units for lin in u.linears])
+    if routing.select.metric == ACTIVATION:
+        return allocated_plan(ctx, units, progress)
+    kind, cfg = kind_of(ctx)
     shared_is_base = routing.shared == "base" or (routing.shared is None and kind.needs_lora)
     plan = Plan(ctx, units, [], shared_is_base, metrics)
     if needs_metrics(routing.select) and plan.metrics is None:
@@ -163,6 +178,39 @@ def make_plan(ctx: BuildContext, progress: bool = True, metrics: dict | None = N
     return plan
 
 
+def check_tap(ctx: BuildContext) -> None:
+    router = ctx.recipe.routing.router  # type: ignore[union-attr]
+    if router.tap is None:
+        return
+    if router.level != "sequence":
+        raise RecipeError(ctx.file, "routing.router.tap", "a tap feeds the sequence-level router; token-level routers "
+                                                          "read their own unit's input")
+    if router.tap >= ctx.n_layers:
+        raise RecipeError(ctx.file, "routing.router.tap", f"layer {router.tap} out of range 0..{ctx.n_layers - 1}")
+
+
+def allocated_plan(ctx: BuildContext, units: list[Unit], progress: bool) -> Plan:
+    """``select: {budget: ..., metric: activation}``: merge or route, kind and size per unit from activations
+    (:mod:`.allocate`)."""
+    routing = ctx.recipe.routing
+    assert routing is not None
+    try:
+        ratio = routing.select.budget_ratio()
+    except ValueError as exc:
+        raise RecipeError(ctx.file, "routing.select.budget", str(exc)) from None
+    if ratio is None:
+        raise RecipeError(ctx.file, "routing.select", "metric 'activation' chooses within a storage budget: set "
+                                                      "routing.select.budget (e.g. 1.05x)")
+    base_bytes = Plan(ctx, units, [], False, None).base_bytes()
+    alloc = allocate_plan(ctx, units, ratio, base_bytes, progress)
+    plan = Plan(alloc.ctx, units, alloc.routed, alloc.shared_is_base, None)
+    plan.shared_left = alloc.left
+    if not plan.routed:
+        warnings.warn("the allocation routes no unit: the result is a static merge with routers on nothing",
+                      stacklevel=3)
+    return plan
+
+
 def static_plan(ctx: BuildContext) -> Plan:
     """The plan of a static merge: every tensor merged."""
     return Plan(ctx, [], [], False, None)
@@ -172,16 +220,35 @@ def static_plan(ctx: BuildContext) -> Plan:
 
 def plan_table(plan: Plan) -> list[str]:
     routed = {ru.unit.path: ru for ru in plan.routed}
+    allocated = plan.shared_left is not None
     lines = [f"{'unit':<28} {'decision':<8} {'kind':<7} {'bytes':>12}" +
-             ("  " + " ".join(f"{m:>13}" for m in METRICS) if plan.metrics else "")]
+             ("  " + " ".join(f"{m:>13}" for m in METRICS) if plan.metrics else "") +
+             (f"  {'error merged':>12} {'left':>10} {'gain/MB':>10}  per linear (expert options)" if allocated else "")]
     for u in plan.units:
         ru = routed.get(u.path)
         row = f"{u.path:<28} {'routed' if ru else 'merged':<8} {ru.kind.name if ru else '-':<7} " \
               f"{plan.unit_extra_bytes(ru) if ru else 0:>12,}"
         if plan.metrics:
             row += "  " + " ".join(f"{plan.metrics[u.path][m]:>13.4f}" for m in METRICS)
+        if allocated and ru is not None and ru.gain is not None:
+            g = ru.gain
+            per_mb = (g["before"] - g["after"]) / max(g["bytes"] / 1e6, 1e-9)
+            row += f"  {g['before']:>12.4g} {g['after']:>10.4g} {per_mb:>10.4g}  {option_summary(plan, ru)}"
         lines.append(row)
     return lines
+
+
+def option_summary(plan: Plan, ru: RoutedUnit) -> str:
+    """``q_proj 8/4/16/- ...``: each routed linear's option per expert (rank, density, or the kind; - = nothing)."""
+    parts = []
+    for lin in ru.unit.linears:
+        cells = []
+        for e in range(len(plan.ctx.sources)):
+            cfg = ru.cfg_for(lin, e)
+            cells.append("-" if cfg is None else str(cfg.rank) if cfg.rank is not None else
+                         f"{cfg.density:g}" if cfg.density is not None else "+")
+        parts.append(f"{lin.name} " + ("all" if set(cells) == {"+"} else "/".join(cells)))
+    return ", ".join(parts)
 
 
 def describe(plan: Plan) -> list[str]:
@@ -193,6 +260,10 @@ def describe(plan: Plan) -> list[str]:
     else:
         total = f"{len(plan.routed)}/{len(plan.units)} units routed; {extra:,} extra bytes; "
         head = [*plan_table(plan), total + f"{(base + extra) / base:.3f}x the base ({base:,} bytes at {dt})"]
+        if plan.shared_left:
+            head.append("shared weight (measured error left after the allocation, lower is better): " + "; ".join(
+                f"{k}: {v:.4g}" for k, v in plan.shared_left.items()) + f" -> {plan.ctx.recipe.merge.method}" +
+                (" (routed linears over the base)" if plan.shared_is_base else ""))
     out = sum(s.nbytes for s in plan.outputs())
     shards = max(1, math.ceil(out / plan.ctx.recipe.output.shard_size))
     return [*head, (f"output: {out:,} bytes of weights in about {shards} shard(s) of at most "

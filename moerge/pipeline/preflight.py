@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..analysis.conflict import METRICS
+from ..analysis.select import ACTIVATION
 from ..errors import CheckpointError, RecipeError
 from ..export.formats import check_base, get_format, routed_layers
 from ..io.index import CheckpointIndex
@@ -32,7 +33,7 @@ from ..io.sources import FullSource, LoraSource
 from ..recipe import Recipe
 from ..routing.data import load_texts
 from .context import BuildContext
-from .plan import kind_of
+from .plan import check_tap, kind_of
 from .units import candidate_units
 
 
@@ -67,10 +68,13 @@ def check_routing(ctx: BuildContext) -> None:
         if recipe.output.format != "moerge":
             raise RecipeError(file, "output.format", f"format {recipe.output.format} needs a routing section")
         return
+    if routing.select.metric == ACTIVATION:
+        check_allocation(ctx)
     kind, _ = kind_of(ctx)
-    if routing.select.metric not in METRICS:
+    if routing.select.metric not in (*METRICS, ACTIVATION):
         raise RecipeError(file, "routing.select.metric", f"unknown metric '{routing.select.metric}'; one of: "
-                                                         f"{', '.join(METRICS)}")
+                                                         f"{', '.join(METRICS)}, {ACTIVATION} (with a budget)")
+    check_tap(ctx)
     n_layers = ctx.n_layers
     bad = [i for i in routing.select.layers or [] if i >= n_layers]
     if bad:
@@ -81,6 +85,22 @@ def check_routing(ctx: BuildContext) -> None:
     if recipe.output.format != "moerge":
         units = candidate_units(ctx.base.index, n_layers, ctx.family, routing.modules)
         check_native(ctx, kind.name, [u.path for u in units])
+
+
+def check_allocation(ctx: BuildContext) -> None:
+    """``select.metric: activation``: a budget, calibration prompts for every expert, the moerge format."""
+    routing, file = ctx.recipe.routing, ctx.file
+    assert routing is not None
+    if routing.select.budget is None:
+        raise RecipeError(file, "routing.select", f"metric '{ACTIVATION}' chooses within a storage budget: set "
+                                                  "routing.select.budget (e.g. 1.05x)")
+    missing = [e.name for e in ctx.recipe.experts if e.calibration is None]
+    if missing:
+        raise RecipeError(file, "experts", f"metric '{ACTIVATION}' measures each expert on its calibration prompts; "
+                                           f"{', '.join(missing)} ha{'s' if len(missing) == 1 else 've'} none")
+    if ctx.recipe.output.format != "moerge":
+        raise RecipeError(file, "output.format", f"metric '{ACTIVATION}' mixes kinds per unit: only the moerge "
+                                                 "format stores that")
 
 
 def check_native(ctx: BuildContext, kind: str, units: list[str]) -> None:

@@ -1,0 +1,166 @@
+"""The full fine-tune pool (issue 15): the methods of ``python -m bench.real.run --pool full``.
+
+The four experts are full fine-tunes of the base (every tensor moves; ``tools/get_full_pool.py`` makes them
+once into the moerge cache).  Rows:
+
+* ``reference``: the base; each full expert alone on its task (the oracle);
+* ``static``: task arithmetic at lambda 1 / 0.5 / 0.3, TIES, DARE-TIES, DELLA, breadcrumbs;
+* ``peer``: mergekit-yaml TIES and mergekit-moe (hidden gates, top-2) over the full experts;
+* ``moerge`` at a storage budget (1.03x / 1.05x / 1.10x the dense base): the activation-based allocation
+  (``select: {budget: ..., metric: activation}``: merge or route, kind and rank per unit from the experts'
+  calibration activations), the weight-metric selections at the same budget (``sign_conflict`` and
+  ``merge_error``, bit1 units), and a uniform twin rank over every unit with the same bytes;
+* the moerge grid (full mode): every kind (dense, wemoe, twin ranks 2-64, bit1, sparse densities) over every
+  unit, and one mixed build (imdb and tweets full fine-tunes, bbc and arith LoRA adapters);
+* ``recipes/real_pool_full.yaml`` exactly as its header says.
+
+Every routed row here has a task-arithmetic (lambda 1) shared weight, one sequence-level top-1 router, and is
+scored after ``moerge calibrate --method supervised --holdout 0.2`` on the calib prompts (``-cal`` rows); the
+grid also has the prototype router alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from .evaluate import TASKS
+from .methods import (
+    REPO,
+    WORK,
+    Env,
+    Loaded,
+    Method,
+    load_base_method,
+    load_built,
+    load_mergekit_moe,
+    load_mergekit_ties,
+    load_oracle,
+    load_recipe_file,
+    load_static,
+    recipe_dict,
+    tensor_shapes,
+)
+
+WORK_FULL = WORK.with_name(WORK.name + "_full")  # bench/_work/real_full: builds and results of this pool
+TA = {"method": "task_arithmetic", "lambda": 1.0}
+BUDGETS = ("1.03", "1.05", "1.10")
+QUICK_BUDGET = "1.05"
+RECIPE = REPO / "recipes" / "real_pool_full.yaml"
+RECIPE_CALIB = REPO / "recipes" / "real_pool_calib.yaml"
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def routing(select: dict, expert: dict | None = None) -> dict:
+    out = {"select": select, "modules": "both", "router": {"level": "sequence", "init": "prototype", "top_k": 1}}
+    return {**out, "expert": expert} if expert else out
+
+
+def uniform_twin_rank(env: Env, budget: str) -> int:
+    """The largest twin rank whose every-unit build stays within ``budget`` x the base (fp32, 4 experts): each
+    rank costs 4 bytes x experts x (O + I) per linear; 1% of the budget's room is left to routers and headers."""
+    shapes = tensor_shapes(env.base)
+    per_rank = 4 * len(TASKS) * sum(s[0] + s[1] for n, s in shapes.items() if n.rsplit(".", 2)[-2] in LINEARS)
+    base = 4 * sum(_numel(s) for s in shapes.values())
+    return int(0.99 * (float(budget) - 1.0) * base // per_rank)
+
+
+def _numel(shape: list[int]) -> int:
+    out = 1
+    for d in shape:
+        out *= d
+    return out
+
+
+def budget_recipe(select: dict, expert: dict | None = None) -> Callable[[Env], dict]:
+    return lambda env: recipe_dict(env, TA, routing(select, expert))
+
+
+def uniform_recipe(budget: str) -> Callable[[Env], dict]:
+    def raw(env: Env) -> dict:
+        return recipe_dict(env, TA, routing({"all": True}, {"kind": "twin", "rank": uniform_twin_rank(env, budget)}))
+
+    return raw
+
+
+def mixed_recipe(env: Env) -> dict:
+    """imdb and tweets as full fine-tunes, bbc and arith as the pool's LoRA adapters, allocated at 1.05x."""
+    raw = recipe_dict(env, TA, routing({"budget": "1.05x", "metric": "activation"}))
+    for e in raw["experts"]:
+        if e["name"] in ("bbc", "arith"):
+            e["source"] = str(env.pool / "experts" / e["name"])
+    return raw
+
+
+def routed_methods(key: str, label: str, recipe_of: Callable[[Env], dict], quick: bool, params: dict,
+                   prototype: bool = False) -> list[Method]:
+    """The calibrated row (and the prototype router's, when asked) of one build."""
+    cals = (False, True) if prototype else (True,)
+    return [Method(f"{key}{'-cal' if cal else ''}", f"{label} / {'calibrated' if cal else 'prototype'}", "moerge",
+                   load_built(key, recipe_of, cal), quick and cal, {**params, "cal": cal}) for cal in cals]
+
+
+def budget_methods() -> list[Method]:
+    """Per budget: the allocation, the two weight-metric selections and the uniform twin rank."""
+    ms: list[Method] = []
+    for b in BUDGETS:
+        quick = b == QUICK_BUDGET  # (the allocation at the quick budget is the recipe row's build)
+        sel = {"budget": f"{b}x", "metric": "activation"}
+        ms += routed_methods(f"alloc-{b}", f"moerge allocation {b}x (activation)", budget_recipe(sel), False,
+                             {"sel": sel, "v": 1})
+        for metric in ("sign_conflict", "merge_error"):
+            sel = {"budget": f"{b}x", "metric": metric}
+            ms += routed_methods(f"sel-{metric}-bit1-{b}", f"moerge {metric} selection {b}x (bit1 units)",
+                                 budget_recipe(sel, {"kind": "bit1"}), False, {"sel": sel})
+        ms += routed_methods(f"twin-uniform-{b}", f"moerge twin, uniform rank within {b}x, every unit",
+                             uniform_recipe(b), quick, {"budget": b})
+    return ms
+
+
+GRID_KINDS: dict[str, dict] = {
+    "dense": {"kind": "dense"}, "wemoe": {"kind": "wemoe"}, "bit1": {"kind": "bit1"},
+    **{f"twin{r}": {"kind": "twin", "rank": r} for r in (2, 4, 8, 16, 32, 64)},
+    **{f"sparse{d:g}": {"kind": "sparse", "density": d} for d in (0.01, 0.03, 0.1)},
+}
+
+
+def grid_methods() -> list[Method]:
+    ms: list[Method] = []
+    for name, kind in GRID_KINDS.items():
+        ms += routed_methods(f"grid-{name}-all", f"moerge {name} / all units", budget_recipe({"all": True}, kind),
+                             False, {"kind": kind}, prototype=True)
+    ms += routed_methods("mixed-alloc-1.05", "moerge allocation 1.05x, 2 full + 2 LoRA experts", mixed_recipe,
+                         False, {"v": 1})
+    return ms
+
+
+def static_methods() -> list[Method]:
+    statics = [("task_arithmetic", TA, True), ("ta0.5", {"method": "task_arithmetic", "lambda": 0.5}, False),
+               ("ta0.3", {"method": "task_arithmetic", "lambda": 0.3}, False),
+               ("ties", {"method": "ties", "density": 0.5, "lambda": 1.0}, True),
+               ("dare_ties", {"method": "dare_ties", "density": 0.5, "lambda": 1.0}, False),
+               ("della", {"method": "della", "density": 0.5, "epsilon": 0.15, "lambda": 1.0}, False),
+               ("breadcrumbs", {"method": "breadcrumbs", "density": 0.9, "gamma": 0.01, "lambda": 1.0}, False)]
+    return [Method(f"static-{name}", f"moerge static {merge['method']} "
+                   f"({', '.join(f'{k} {v}' for k, v in merge.items() if k != 'method')})", "static",
+                   load_static(merge), quick, merge, dense=True) for name, merge, quick in statics]
+
+
+def load_full_recipe(env: Env) -> Loaded:
+    overrides = [f"experts.{i}.source={env.adapter(t)}" for i, t in enumerate(TASKS)]
+    return load_recipe_file(env, RECIPE, RECIPE_CALIB, overrides)
+
+
+def full_methods() -> list[Method]:
+    ms = [Method("base", "base model", "reference", load_base_method, quick=True),
+          Method("oracle", "full expert alone on its task (oracle)", "reference", load_oracle, quick=True, dense=True),
+          *static_methods(),
+          Method("mergekit-ties", "mergekit-yaml ties (density 0.5)", "peer", load_mergekit_ties, False, dense=True),
+          Method("mergekit-moe", "mergekit-moe (hidden gates, top-2)", "peer", load_mergekit_moe, False)]
+    ms.append(Method("recipe-real_pool_full", "recipes/real_pool_full.yaml (allocation 1.05x / calibrated)",
+                     "moerge", load_full_recipe, True, {"recipe": _text(RECIPE), "calib": _text(RECIPE_CALIB)}))
+    return ms + budget_methods() + grid_methods()
+
+
+def _text(path: Path) -> str:
+    return path.read_text() if path.is_file() else ""

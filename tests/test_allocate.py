@@ -1,0 +1,290 @@
+"""Mixed kinds and ranks in one checkpoint, and the activation-based budget allocator, on tiny full-rank experts.
+
+Invariants: a plan whose units take different kinds (and different ranks / densities per expert, or nothing for
+one expert) writes a checkpoint that loads in a fresh process without moerge and generates, with a forced
+route reproducing the expert that every unit stores exactly; at a budget that fits everything the allocated
+plan routes every unit exactly (forced routes reproduce each expert's logits); the written files never exceed
+the budget; a unit with zero measured gain is never routed ahead of one with gain.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from isolation import HIDE_MOERGE
+from transformers import AutoModelForCausalLM
+
+import moerge
+from moerge.analysis import activations as act
+from moerge.io.atomic import atomic_output
+from moerge.kinds import KINDS, KindConfig
+from moerge.pipeline import plan_for, plan_text
+from moerge.pipeline.output import write_moerge
+from moerge.pipeline.routed import RoutedUnit
+from moerge.recipe import recipe_from_dict
+from moerge.testing import tiny
+
+TASKS = ("sentiment", "topic")
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """llama (hidden 32, 2 layers, untied): two experts moving every linear and every layer norm (full rank),
+    and two moving only the MLPs (attention units then have zero gain)."""
+    root = tmp_path_factory.mktemp("alloc")
+    base = tiny.make_base(root / "base", family="llama", hidden=32, layers=2, tie=False, seed=0)
+    full = [tiny.make_full_expert(base, root / f"full{i}", seed=10 + i, scale=0.5,
+                                  modules=("self_attn", "mlp", "layernorm")) for i in range(2)]
+    mlp = [tiny.make_full_expert(base, root / f"mlp{i}", seed=20 + i, scale=0.5, modules=("mlp",)) for i in range(2)]
+    data = {t: tiny.make_task_data(root / "data" / f"{t}.jsonl", t, 16, seed=1) for t in TASKS}
+    return {"root": root, "base": base, "full": full, "mlp": mlp, "data": data}
+
+
+def _recipe(pool: dict, sources: list[Path], budget: str, **allocate) -> dict:
+    experts = [{"name": f"e{i}", "source": str(s),
+                "calibration": {"data": str(pool["data"][TASKS[i]]), "max_samples": 16, "chat_template": True}}
+               for i, s in enumerate(sources)]
+    return {"base": str(pool["base"]), "experts": experts, "merge": {"method": "task_arithmetic", "lambda": 0.5},
+            "routing": {"select": {"budget": budget, "metric": "activation"}, "modules": "both",
+                        "allocate": {"kinds": ["twin", "bit1", "sparse", "dense"], **allocate},
+                        "router": {"level": "sequence", "init": "prototype"}}}
+
+
+def _ids() -> torch.Tensor:
+    return torch.tensor([[5, 17, 42, 99, 7, 256, 3, 11]])
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=_ids()).logits
+
+
+def _load(folder: Path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def _file_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def _assert_forced_reproduces(out: Path, sources: list[Path], tol: float = 1e-4) -> None:
+    moe = _load(out)
+    for e, src in enumerate(sources):
+        moe.force_route(f"e{e}")
+        err = (_logits(moe) - _logits(_load(src))).abs().max()
+        assert err <= tol, (e, float(err))
+
+
+# ---------------------------------------------------------------- mixed kinds and ranks (no allocator)
+
+def _mixed_plan(pool: dict) -> moerge.pipeline.Plan:
+    """A twin-all plan rewritten by hand: L0 attention dense, L0 MLP twin (e0 full rank, e1 rank 2), L1 attention
+    sparse (e0 every entry, e1 nothing), L1 MLP twin (e0 full rank, e1 nothing)."""
+    raw = _recipe(pool, pool["full"], "2x")
+    raw["routing"] = {"select": {"all": True}, "modules": "both", "expert": {"kind": "twin", "rank": 4},
+                      "router": {"level": "sequence", "init": "prototype"}}
+    plan = plan_for(recipe_from_dict(raw), progress=False, device="cpu")
+    u = {ru.unit.path: ru.unit for ru in plan.routed}
+    full, sparse_all = KindConfig(rank=32), KindConfig(density=1.0)
+
+    def per(unit: str, e0: KindConfig | None, e1: KindConfig | None) -> dict:
+        return {k: v for lin in u[unit].linears for k, v in (((lin.name, 0), e0), ((lin.name, 1), e1))}
+
+    plan.routed = [
+        RoutedUnit(u["model.layers.0.self_attn"], KINDS.get("dense"), KindConfig()),
+        RoutedUnit(u["model.layers.0.mlp"], KINDS.get("twin"), KindConfig(),
+                   per("model.layers.0.mlp", full, KindConfig(rank=2))),
+        RoutedUnit(u["model.layers.1.self_attn"], KINDS.get("sparse"), KindConfig(),
+                   per("model.layers.1.self_attn", sparse_all, None)),
+        RoutedUnit(u["model.layers.1.mlp"], KINDS.get("twin"), KindConfig(), per("model.layers.1.mlp", full, None)),
+    ]
+    return plan
+
+
+def test_mixed_kinds_and_ranks_load_fresh_and_generate(pool: dict, tmp_path: Path) -> None:
+    plan = _mixed_plan(pool)
+    out = tmp_path / "mixed"
+    with atomic_output(out) as tmp:
+        write_moerge(plan, tmp, progress=False)
+    units = _load(out).config.moerge["units"]
+    assert {u["kind"] for u in units.values()} == {"dense", "twin", "sparse"}
+    mlp0 = units["model.layers.0.mlp"]["linears"]["down_proj"]["experts"]
+    assert mlp0[0]["U"] == [32, 32] and mlp0[1]["U"] == [32, 2]
+    assert units["model.layers.1.self_attn"]["linears"]["q_proj"]["experts"][1]["values"] == [0]
+    _assert_forced_reproduces(out, pool["full"][:1])  # e0 is stored exactly in every unit
+    moe = _load(out)
+    moe.force_route("e1")
+    want = _logits(moe)
+    code = HIDE_MOERGE + (
+        "import torch\nfrom transformers import AutoModelForCausalLM\n"
+        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32).eval()\n"
+        "m.force_route('e1')\n"
+        "ids = torch.load(sys.argv[2])\n"
+        "torch.save(m(input_ids=ids).logits.detach(), sys.argv[3])\n"
+        "m.force_route(None)\n"
+        "g = m.generate(ids, max_new_tokens=4, do_sample=False)\n"
+        "assert g.shape == (1, ids.shape[1] + 4), g.shape\n")
+    torch.save(_ids(), tmp_path / "ids.pt")
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HOME": str(tmp_path)}
+    subprocess.run([sys.executable, "-I", "-c", code, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "got.pt")],
+                   check=True, cwd=tmp_path, env=env)
+    assert (torch.load(tmp_path / "got.pt") - want).abs().max() <= 1e-5
+
+
+# ---------------------------------------------------------------- the allocator end to end
+
+def test_budget_that_fits_everything_routes_every_unit_exactly(pool: dict) -> None:
+    raw = _recipe(pool, pool["full"], "20x", ranks=[1, 4, 32])
+    out = pool["root"] / "alloc_all"
+    moerge.build(recipe_from_dict(raw), out, force=True, progress=False, device="cpu")
+    units = _load(out).config.moerge["units"]
+    assert len(units) == 4
+    _assert_forced_reproduces(out, pool["full"])
+
+
+@pytest.mark.parametrize("budget", ["1.2x", "1.35x", "1.6x"])
+def test_written_checkpoint_stays_within_budget(pool: dict, budget: str) -> None:
+    recipe = recipe_from_dict(_recipe(pool, pool["full"], budget))
+    plan = plan_for(recipe, progress=False, device="cpu")
+    out = pool["root"] / f"alloc_{budget}"
+    moerge.build(recipe, out, force=True, progress=False, device="cpu")
+    ratio = float(budget.rstrip("x"))
+    assert plan.routed, "a budget above the base's bytes routes something here"
+    assert _file_bytes(out) <= ratio * plan.base_bytes(), (_file_bytes(out), plan.base_bytes())
+
+
+def test_zero_gain_units_are_never_routed(pool: dict) -> None:
+    """The experts move only the MLPs: the attention units' measured gain is zero, so neither a tight budget nor
+    one that fits everything routes them (routing them would spend bytes for nothing)."""
+    for budget in ("1.2x", "20x"):
+        plan = plan_for(recipe_from_dict(_recipe(pool, pool["mlp"], budget)), progress=False, device="cpu")
+        routed = {ru.unit.path for ru in plan.routed}
+        assert routed and all(p.endswith(".mlp") for p in routed), (budget, routed)
+        assert all(ru.gain is not None and ru.gain["before"] > ru.gain["after"] for ru in plan.routed)
+
+
+def test_plan_prints_choice_and_gain(pool: dict) -> None:
+    text = plan_text(recipe_from_dict(_recipe(pool, pool["full"], "1.25x")), device="cpu")
+    assert "gain/MB" in text and "error merged" in text and "shared weight" in text
+    assert "routed" in text
+
+
+def test_activation_needs_budget_and_calibration(pool: dict) -> None:
+    raw = _recipe(pool, pool["full"], "1.1x")
+    raw["routing"]["select"] = {"metric": "activation", "all": True}
+    with pytest.raises(moerge.errors.RecipeError, match="budget"):
+        plan_for(recipe_from_dict(raw), progress=False, device="cpu")
+    raw = _recipe(pool, pool["full"], "1.1x")
+    del raw["experts"][1]["calibration"]
+    with pytest.raises(moerge.errors.RecipeError, match="calibration"):
+        plan_for(recipe_from_dict(raw), progress=False, device="cpu")
+
+
+# ---------------------------------------------------------------- the knapsack (pure)
+
+def _opt(label: str, nbytes: int, error: float) -> act.Option:
+    return act.Option(label, nbytes, error)
+
+
+def test_knapsack_prefers_gain_and_keeps_zero_gain_merged() -> None:
+    groups = {
+        "flat": {"merged": {"a": [_opt("none", 0, 1.0)]}, "twin": {"a": [_opt("r0", 0, 1.0), _opt("r1", 10, 1.0)]}},
+        "steep": {"merged": {"a": [_opt("none", 0, 5.0)]},
+                  "twin": {"a": [_opt("r0", 0, 5.0), _opt("r1", 10, 2.0), _opt("r2", 20, 0.5)]}},
+    }
+    for budget in (10, 25, 1000):
+        picked = act.allocate(groups, budget)
+        assert picked["flat"][0] == "merged" or all(o.nbytes == 0 for o in picked["flat"][1].values())
+        assert picked["steep"][0] == "twin"
+        spent = sum(o.nbytes for _, opts in picked.values() for o in opts.values())
+        assert spent <= budget
+    assert act.allocate(groups, 1000)["steep"][1]["a"].label == "r2"
+    assert act.allocate(groups, 5)["steep"][0] == "merged"  # nothing fits: every unit stays merged
+
+
+def test_twin_spectrum_tail_is_the_factor_error() -> None:
+    g = torch.Generator().manual_seed(0)
+    delta, x = torch.randn(12, 16, generator=g), torch.randn(64, 16, generator=g)
+    c = act.second_moment(x)
+    wh = act.Whitener.of(c, 1e-6)
+    spec = act.twin_spectrum(delta, wh)
+    for r in (1, 4, 12):
+        u, v = act.twin_factors(delta, wh, r)
+        got = act.quad_error(delta - u @ v, act.damped(c, 1e-6))
+        assert abs(got - float(spec[r:].sum())) <= 1e-3 * float(spec.sum())
+
+
+def test_upgrade_spends_the_room_a_fixed_kind_leaves() -> None:
+    """A unit left at bit1 (one fixed size) switches to twin when the room left buys a lower error there."""
+    groups = {"u": {"merged": {"a": [_opt("none", 0, 10.0)]},
+                    "bit1": {"a": [_opt("none", 0, 10.0), _opt("bit1", 10, 2.0)]},
+                    "twin": {"a": [_opt("r0", 0, 10.0), _opt("r1", 8, 4.0), _opt("r4", 30, 0.5)]}}}
+    start = {"u": ("bit1", {"a": groups["u"]["bit1"]["a"][1]})}
+    kind, picks = act.upgrade(groups, dict(start), 40)["u"]
+    assert (kind, picks["a"].label) == ("twin", "r4")
+    assert act.upgrade(groups, dict(start), 20)["u"] == start["u"]  # twin r4 does not fit: bit1 stays
+
+
+def test_router_tap_after_routed_units_uses_a_prepass(pool: dict) -> None:
+    """``router.tap: 1`` with layer 0 routed: the route comes from a pre-pass of the shared model; the unforced
+    forward equals the forward forced to the route it chose, and generation (decode steps keep the route) runs."""
+    raw = _recipe(pool, pool["full"], "2x")
+    raw["routing"] = {"select": {"all": True}, "modules": "both", "expert": {"kind": "twin", "rank": 4},
+                      "router": {"level": "sequence", "init": "prototype", "tap": 1}}
+    out = pool["root"] / "tap"
+    moerge.build(recipe_from_dict(raw), out, force=True, progress=False, device="cpu")
+    moe = _load(out)
+    assert moe.config.moerge["prepass"] is True
+    assert moe.config.moerge["router_input"] == "model.layers.1.self_attn"
+    ids = torch.tensor([[5, 17, 42, 99, 7, 256, 3, 11], [9, 8, 7, 6, 5, 4, 3, 2]])
+    with torch.no_grad():
+        free = moe(input_ids=ids).logits
+        routes = moe.last_routes()
+        for b in range(2):
+            moe.force_route({n: float(w) for n, w in zip(moe.expert_names, routes[b])})
+            assert (moe(input_ids=ids[b:b + 1]).logits - free[b:b + 1]).abs().max() <= 1e-5
+        moe.force_route(None)
+        assert moe.generate(ids, max_new_tokens=3, do_sample=False).shape == (2, 11)
+    raw["routing"]["router"]["tap"] = 5
+    with pytest.raises(moerge.errors.RecipeError, match="tap"):
+        plan_for(recipe_from_dict(raw), progress=False, device="cpu")
+
+
+def test_analyze_writes_the_allocation(pool: dict, tmp_path: Path) -> None:
+    import json
+
+    from moerge.pipeline import analyze_text
+
+    text = analyze_text(recipe_from_dict(_recipe(pool, pool["mlp"], "1.2x")), tmp_path / "a", device="cpu")
+    data = json.loads((tmp_path / "a" / "allocation.json").read_text())
+    assert data["units"] and all(u["group"] == "mlp" and u["before"] > u["after"] for u in data["units"])
+    assert (tmp_path / "a" / "allocation.png").stat().st_size > 0 and "gain/MB" in text
+
+
+def test_moments_are_the_inputs_second_moments(pool: dict) -> None:
+    """q/k/v share one site; its moment is Σ x xᵀ of the real (unpadded) tokens entering q_proj."""
+    from moerge.pipeline import moments as mom
+    from moerge.pipeline.context import BuildContext
+
+    ctx = BuildContext.open(recipe_from_dict(_recipe(pool, pool["full"], "2x")))
+    lins = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj"]
+    texts = ["good movie loved it", "the market report today was long and dull"]
+    tok = ctx.tokenizer()
+    m = mom.collect(ctx, 0, texts, tok, lins)
+    assert m.site[lins[0]] == m.site[lins[1]] and m.site[lins[2]] == lins[2]
+    model = mom.expert_model(ctx, 0)
+    seen: list[torch.Tensor] = []
+    for path in (lins[0], lins[2]):
+        h = model.get_submodule(path).register_forward_pre_hook(lambda _m, a: seen.append(a[0]))
+        for t in texts:  # one prompt at a time: no padding
+            with torch.no_grad():
+                model(**tok([t], return_tensors="pt", add_special_tokens=False))
+        h.remove()
+        x = torch.cat([s.reshape(-1, s.shape[-1]) for s in seen]).double()  # (N, I)
+        assert torch.allclose(m.of(path), x.T @ x, rtol=1e-4, atol=1e-5)
+        seen.clear()
+    assert m.tokens == sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
