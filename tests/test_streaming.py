@@ -113,3 +113,18 @@ def test_conflict_metrics_stream(llama_pool: dict, monkeypatch: pytest.MonkeyPat
     blocks = [unit_metrics(ctx, u, 0.2) for u in units]
     for w, b in zip(whole, blocks):
         assert w == pytest.approx(b, abs=1e-12)
+
+
+def test_streamed_topk_on_a_tensor_past_the_large_sample() -> None:
+    """Above 2^24 values the streamed fit draws a larger sample (a narrower band): the mask is still exactly the
+    whole-tensor top-k, ties at the cut included."""
+    from moerge.merge.sparsify import top_mask
+    from moerge.merge.streaming import TopK, fit_tops
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((1 << 24) + 4099, generator=g).abs()
+    x[::5] = x[3]  # a fifth of the values tie
+    k = x.numel() // 3
+    top = fit_tops([TopK(x.numel(), k)], lambda: ([b] for b in x.split(1 << 20)))[0]
+    mask = torch.cat([top.mask(b) for b in x.split(1 << 20)])
+    assert torch.equal(mask, top_mask(x, k))

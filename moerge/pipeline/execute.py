@@ -46,6 +46,11 @@ class Job:
     label: str
     specs: list[TensorSpec]
     run: Callable[[], Iterator[Output]]
+    work: int = 0  # bytes of working memory while it runs; 0: taken as 8x its output bytes (a whole-tensor job)
+
+    @property
+    def memory(self) -> int:
+        return self.work or 8 * sum(s.nbytes for s in self.specs)
 
 
 def available_cpus() -> int:
@@ -57,13 +62,14 @@ def available_cpus() -> int:
 
 def choose_workers(jobs: list[Job], *, cpus: int | None = None, budget: int = 1 << 30) -> int:
     """How many jobs to run at once: one per core (at most 8), as long as ``workers`` times the largest
-    job's working memory (taken as 8x its output bytes) stays within ``budget``."""
+    job's working memory (:attr:`Job.memory`: bounded by the block for a job that streams row blocks, else 8x
+    its output bytes) stays within ``budget``."""
     env = os.environ.get("MOERGE_WORKERS", "").strip()
     if env:
         return max(1, int(env))
     cpus = cpus or available_cpus()
-    largest = max((sum(s.nbytes for s in job.specs) for job in jobs), default=0)
-    return max(1, min(cpus, 8, budget // max(1, 8 * largest)))
+    largest = max((job.memory for job in jobs), default=0)
+    return max(1, min(cpus, 8, budget // max(1, largest)))
 
 
 @contextmanager

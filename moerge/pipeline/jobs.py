@@ -45,7 +45,9 @@ def static_job(ctx: BuildContext, name: str) -> Job:
         base = ctx.load(name)
         yield name, ctx.merged(name, base, ctx.deltas(name, base)).to(spec.dtype)
 
-    return Job(name, [spec], run)
+    ranges = ctx.blocks(name)
+    streams = len(ranges) > 1 and streamable(ctx.method, ctx.params)
+    return Job(name, [spec], run, work=ctx.block_work(name, 4) if streams else 0)
 
 
 def shared_and_experts(plan: Plan, name: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -62,7 +64,8 @@ def routed_linear_job(plan: Plan, ru: RoutedUnit, lin: Linear) -> Job:
     """Shared weight, bias, then every expert's tensors of one routed linear (row blocks when it is large)."""
     ranges = plan.ctx.blocks(lin.weight)
     run = _routed_whole if len(ranges) == 1 or not ru.uniform else _routed_blocks
-    return Job(lin.path, routed_specs(plan, ru, lin), lambda: run(plan, ru, lin, ranges))
+    work = plan.ctx.block_work(lin.weight, 6) if run is _routed_blocks else 0
+    return Job(lin.path, routed_specs(plan, ru, lin), lambda: run(plan, ru, lin, ranges), work=work)
 
 
 def _routed_whole(plan: Plan, ru: RoutedUnit, lin: Linear, ranges: list[Rows]) -> Iterator[Output]:

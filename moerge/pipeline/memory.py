@@ -16,7 +16,6 @@ Only anonymous memory is counted: the inputs are memory-mapped (page cache, evic
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from ..linalg import OVERSAMPLE, choose_method
@@ -40,13 +39,10 @@ class Estimate:
 
 
 def tensor_work(plan: Plan, name: str, extra: int) -> int:
-    """The working set of one job over tensor ``name``: ``2N + extra`` float32 blocks."""
-    ctx = plan.ctx
-    shape = tuple(ctx.base.index[name].shape)
-    rows = ctx.blocks(name)
-    row_bytes = 4 * math.prod(shape[1:]) if len(shape) > 1 else 4
-    block = max(b - a for a, b in rows) * row_bytes
-    return (2 * len(ctx.sources) + extra) * block + QUEUE_ITEMS * 2 * block
+    """The working set of one job over tensor ``name``: ``2N + extra`` float32 blocks, plus its queued outputs."""
+    blocks = 2 * len(plan.ctx.sources) + extra
+    work = plan.ctx.block_work(name, extra)
+    return work + QUEUE_ITEMS * 2 * work // blocks
 
 
 def routed_work(plan: Plan) -> int:
