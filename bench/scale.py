@@ -484,6 +484,14 @@ class RssRow:
     write_s: float = 0.0
     validate: Run | None = None
     builds: dict[str, Run | str] = field(default_factory=dict)  # "ties" | "twin" -> Run, or a note when skipped
+    estimates: dict[str, int] = field(default_factory=dict)  # "ties" | "twin" -> `moerge plan`'s peak RAM estimate
+
+
+def plan_estimate(recipe: Path, env: dict[str, str], extra: list[str]) -> int | None:
+    """Bytes of the peak-RAM estimate `moerge plan` prints for ``recipe`` (None when it prints none)."""
+    run = measure("plan", [*moerge_cmd(), "plan", str(recipe), *extra], env)
+    m = re.search(r"peak RAM estimate: ([\d.]+) GiB", run.output)
+    return int(float(m.group(1)) * 2**30) if m else None
 
 
 def rss_builds(pool: Pool, row: RssRow, args: argparse.Namespace, env: dict[str, str], root: Path) -> None:
@@ -495,6 +503,9 @@ def rss_builds(pool: Pool, row: RssRow, args: argparse.Namespace, env: dict[str,
             continue
         recipe = write_yaml(root / f"{kind}.yml", recipes[kind])
         extra = [a for kv in (args.twin_set if kind == "twin" else []) for a in ("--set", kv)]
+        est = plan_estimate(recipe, env, extra)
+        if est is not None:
+            row.estimates[kind] = est
         out = root / f"out_{kind}"
         log(f"  {row.name}: moerge build {kind} ...")
         run = measure(kind, [*moerge_cmd(), "build", str(recipe), str(out), "--force", "--quiet", *extra], env)
@@ -505,12 +516,14 @@ def rss_builds(pool: Pool, row: RssRow, args: argparse.Namespace, env: dict[str,
 
 def rss_table(rows: list[RssRow]) -> list[str]:
     lines = [("| pool | params | experts | largest tensor | x (experts + 1) fp32 | validate anon | TIES wall | TIES anon | "
-             "TIES total | twin wall | twin anon | twin total |"), "|---|---:|---:|---:|---:|---:|" + "---:|" * 6]
+             "TIES plan's estimate | TIES total | twin wall | twin anon | twin plan's estimate | twin total |"),
+             "|---|---:|---:|---:|---:|---:|" + "---:|" * 8]
     for r in rows:
         cells = []
         for kind in ("ties", "twin"):
             b = r.builds.get(kind, "not run")
-            cells += [secs(b.wall_s), mib(b.peak_anon), mib(b.peak_rss)] if isinstance(b, Run) else [b, "", ""]
+            est = mib(r.estimates[kind]) if kind in r.estimates else ""
+            cells += [secs(b.wall_s), mib(b.peak_anon), est, mib(b.peak_rss)] if isinstance(b, Run) else [b, "", est, ""]
         big = r.shape.largest_tensor()
         lines.append(f"| {r.name} | {r.shape.n_params / 1e6:,.0f}M | {r.n_experts} | {big / 1e6:.1f}M | "
                      f"{mib(big * 4 * (r.n_experts + 1))} | {mib(r.validate.peak_anon) if r.validate else ''} | "

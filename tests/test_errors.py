@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import hashlib
+import importlib
 import io
 import json
 import math
@@ -29,6 +30,7 @@ import struct
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -1207,3 +1209,19 @@ def test_mutated_recipes_fail_cleanly(mutation_root: Path, llama_pool: Pool, dat
         assert code in (0, 2), err
         assert (out / "config.json").is_file() if code == 0 else not out.exists(), err
         assert leftovers(out) == []
+
+
+def test_identical_expert_found_by_windows_above_the_full_compare_size(tmp_path: Path, pool: Pool,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past FULL_COMPARE the check reads spread windows only: a copy of the base still warns, a real fine-tune
+    (which differs nearly everywhere) does not."""
+    preflight = importlib.import_module("moerge.pipeline.preflight")
+
+    monkeypatch.setattr(preflight, "FULL_COMPARE", 0)
+    twin = copy_expert(pool, tmp_path, "same_as_base", src=pool["base"])
+    path = write_recipe(tmp_path, recipe(pool, pool["full"][0], twin))
+    with pytest.warns(UserWarning, match=r"^expert 'same_as_base' .* has the same weights as the base"):
+        assert cli("validate", path)[0] == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert cli("validate", write_recipe(tmp_path, recipe(pool, *pool["full"])))[0] == 0

@@ -72,6 +72,26 @@ def choose_workers(jobs: list[Job], *, cpus: int | None = None, budget: int = 1 
     return max(1, min(cpus, 8, budget // max(1, largest)))
 
 
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def release_memory() -> None:
+    """Return the free memory glibc's arenas keep (freed row blocks, scattered between small live objects) to the
+    OS.  Without it a build's anonymous RSS grows with the number of blocks it has streamed, not with what is live
+    (measured: a 1.1B x 4 TIES build 906 MiB against 783 MiB at 347M).  A no-op where the C library is not glibc."""
+    if _TRIM is not None:
+        _TRIM(0)
+
+
 @contextmanager
 def intra_op_threads(n: int) -> Iterator[None]:
     before = torch.get_num_threads()
@@ -105,6 +125,8 @@ class _Running:
             for item in self.job.run():
                 if not self._put(item):
                     return
+            if self.job.work:  # a job that streamed row blocks: give the blocks the allocator kept back to the OS
+                release_memory()
             self._put(_Done())
         except BaseException as exc:  # noqa: BLE001 - handed to the writing thread, which re-raises it
             self._put(_Done(exc))
