@@ -636,7 +636,8 @@ def section_plan(args: argparse.Namespace, env: dict[str, str], work: Path) -> l
               if extra is not None else "factors: plan printed no 'extra bytes'",
               f"base: plan {base:,} vs expected {exp['base']:,} ({'equal' if base == exp['base'] else 'DIFFER'})"
               if base is not None else "base: plan printed no base bytes",
-              f"output: plan {out:,} vs expected {exp['total']:,} ({'equal' if out == exp['total'] else 'DIFFER'})"
+              f"output (weights; routers written after, 'routers and gates aside'): plan {out:,} vs expected "
+              f"{exp['total'] - exp['router']:,} ({'equal' if out == exp['total'] - exp['router'] else 'DIFFER'})"
               if out is not None else f"output: plan prints no output total yet; expected {exp['total']:,} bytes "
                                       f"({gbytes(exp['total'])}: base + factors + router {exp['router']:,})"]
     if not args.keep:
