@@ -28,7 +28,7 @@ from ..recipe import Recipe
 Source = FullSource | LoraSource
 # the working memory of one job; bigger tensors are read in row blocks.  Small blocks cost nothing in speed on a CPU:
 # a 1.1B x 4 TIES build took 79 s with 5 MiB blocks, 114 s with 16 MiB, 174 s with 64 MiB (the cache-friendlier
-# the faster), twin r16 137 s vs 214 s (bench/RESULTS.md, "scale"), and they keep peak RAM flat in the model size.
+# the faster), twin r16 137 s vs 214 s; peak anonymous RAM 0.7-1.0 GB from 347M to 3.4B (bench/RESULTS.md, "scale").
 WORK_BYTES = 64 << 20
 
 
