@@ -32,21 +32,20 @@ def static_job(ctx: BuildContext, name: str) -> Job:
     """The static merge of one base tensor: whole, or row block by row block when it is larger than a block
     and the method streams (:mod:`moerge.merge.streaming`; the same bytes either way)."""
     spec = TensorSpec(name, tuple(ctx.base.index[name].shape), static_dtype(ctx, name))
+    copied = not spec.dtype.is_floating_point or spec.dtype.itemsize == 1  # int, bool, fp8: the base's bytes
+    ranges = ctx.blocks(name)
+    streams = not copied and len(ranges) > 1 and streamable(ctx.method, ctx.params)
 
     def run() -> Iterator[tuple[str, torch.Tensor]]:
-        if not spec.dtype.is_floating_point or spec.dtype.itemsize == 1:  # int, bool, fp8: the base's bytes
+        if copied:
             yield name, ctx.base.get(name)
-            return
-        ranges = ctx.blocks(name)
-        if len(ranges) > 1 and streamable(ctx.method, ctx.params):
+        elif streams:
             for block in merged_blocks(ctx.method, ctx.params, name, spec.shape, ranges, ctx.read(name)):
                 yield name, block.to(spec.dtype)
-            return
-        base = ctx.load(name)
-        yield name, ctx.merged(name, base, ctx.deltas(name, base)).to(spec.dtype)
+        else:
+            base = ctx.load(name)
+            yield name, ctx.merged(name, base, ctx.deltas(name, base)).to(spec.dtype)
 
-    ranges = ctx.blocks(name)
-    streams = len(ranges) > 1 and streamable(ctx.method, ctx.params)
     return Job(name, [spec], run, work=ctx.block_work(name, 4) if streams else 0)
 
 

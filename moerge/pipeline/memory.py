@@ -26,8 +26,9 @@ from .plan import Plan
 
 PROCESS_BYTES = 360 << 20  # anonymous RSS of a moerge process after its imports (measured: 286 MB) plus margin
 # a worker's anonymous memory over its live blocks: the allocator keeps freed blocks for reuse (glibc arenas).
-# Measured with 4 experts and 5 MiB blocks, 2 workers: 347M TIES 780 MiB, 1.1B TIES 824 MiB peak anonymous, i.e.
-# about 2.4x the live blocks per worker over the process (bench/scale.py, rss section)
+# Fitted with 4 experts and 5 MiB blocks, 2 workers, before malloc_trim: 347M TIES 780 MiB, 1.1B TIES 824 MiB peak
+# anonymous, about 2.4x the live blocks per worker over the process.  bench/RESULTS.md "scale" (with malloc_trim):
+# the estimate covers 347M and 1.1B (891 >= 727 / 837 MiB) but not 3.4B (985 MiB): not yet a bound there
 ALLOCATOR = 2.5
 
 
