@@ -464,7 +464,8 @@ def pick_sizes(names: list[str], n_experts: int, work: Path, margin: int) -> lis
     for name in names:
         cands = [s for s in sorted(PRESETS.values(), key=lambda s: s.n_params) if s.name != "llama3-70b"] \
             if name == "max" else [PRESETS[name]]
-        ok = [s for s in cands if (n_experts + 2) * s.n_params * 2 + margin <= free and ram_estimate(s, n_experts) <= ram]
+        ok = [s for s in cands if (n_experts + 2) * s.n_params * 2 + margin <= free + _pool_bytes(work, s.name)
+              and ram_estimate(s, n_experts) <= ram]
         if ok and name == "max" and ok[-1].name in {f[0] for f in fits}:
             fits.append(("max", None, f"= {ok[-1].name}, already measured"))
         elif ok:
@@ -474,6 +475,12 @@ def pick_sizes(names: list[str], n_experts: int, work: Path, margin: int) -> lis
                                      f"(free {gbytes(free)}) and ~{gbytes(ram_estimate(cands[0], n_experts))} RAM "
                                      f"(available {gbytes(ram)})")))
     return fits
+
+
+def _pool_bytes(work: Path, name: str) -> int:
+    """Bytes of a pool kept from an earlier run (``--keep``): reused, so they count as free."""
+    pool = work / "rss" / name / "pool"
+    return sum(f.stat().st_size for f in pool.rglob("*") if f.is_file()) if pool.is_dir() else 0
 
 
 @dataclass

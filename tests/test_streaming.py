@@ -115,9 +115,9 @@ def test_conflict_metrics_stream(llama_pool: dict, monkeypatch: pytest.MonkeyPat
         assert w == pytest.approx(b, abs=1e-12)
 
 
-def test_streamed_topk_on_a_tensor_past_the_large_sample() -> None:
-    """Above 2^24 values the streamed fit draws a larger sample (a narrower band): the mask is still exactly the
-    whole-tensor top-k, ties at the cut included."""
+def test_streamed_topk_on_a_tensor_past_2_24_values() -> None:
+    """A 2^24+ value tensor with a fifth of its values tied at one magnitude: the streamed mask is exactly
+    the whole-tensor top-k, ties at the cut included."""
     from moerge.merge.sparsify import top_mask
     from moerge.merge.streaming import TopK, fit_tops
 
@@ -128,3 +128,35 @@ def test_streamed_topk_on_a_tensor_past_the_large_sample() -> None:
     top = fit_tops([TopK(x.numel(), k)], lambda: ([b] for b in x.split(1 << 20)))[0]
     mask = torch.cat([top.mask(b) for b in x.split(1 << 20)])
     assert torch.equal(mask, top_mask(x, k))
+
+
+@pytest.mark.parametrize("path", ["sample", "radix"])
+@pytest.mark.parametrize("kind", ["normal", "zeros", "one_bin", "subnormal", "huge"])
+@pytest.mark.parametrize("frac", [1e-6, 0.01, 0.5, 0.99, 1 - 1e-6])
+def test_streamed_topk_equals_the_whole_tensor_mask(kind: str, frac: float, path: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Values that stress a two-pass top-k: many exact zeros, every value inside one upper-16-bit bin
+    (only the lower bits differ), subnormals, values near the float32 maximum; k from 1 to n - 1, blocks of
+    uneven size, two masks fitted together; by the sample bracket and by the radix select."""
+    from moerge.merge import streaming
+    from moerge.merge.sparsify import top_mask
+    from moerge.merge.streaming import TopK, fit_tops
+
+    if path == "radix":  # the radix select, used from 2^24 values, on a small tensor
+        monkeypatch.setattr(streaming, "_RADIX", 1 << 16)
+    g = torch.Generator().manual_seed(1)
+    n = 70_001
+    x = torch.randn(n, generator=g).abs()
+    if kind == "zeros":
+        x[torch.rand(n, generator=g) < 0.6] = 0.0
+    elif kind == "one_bin":
+        x = (1.0 + torch.randint(0, 1 << 7, (n,), generator=g).float() / (1 << 23)).float()  # 128 distinct values
+    elif kind == "subnormal":
+        x = x * 1e-40
+    elif kind == "huge":
+        x = x * 1e38
+    k = min(n - 1, max(1, int(frac * n)))
+    parts = list(x.split(9_999))
+    tops = fit_tops([TopK(n, k), TopK(n, n - k)], lambda: ([b, b] for b in parts))
+    for top, kk in zip(tops, (k, n - k)):
+        assert torch.equal(torch.cat([top.mask(b) for b in parts]), top_mask(x, kk))

@@ -10,6 +10,7 @@ once into the moerge cache).  Rows:
   (``select: {budget: ..., metric: activation}``: merge or route, kind and rank per unit from the experts'
   calibration activations), the weight-metric selections at the same budget (``sign_conflict`` and
   ``merge_error``, bit1 units), and a uniform twin rank over every unit with the same bytes;
+* the 1.05x allocation with the router reading layer 8 / 16 / 24 of the shared model (``router.tap``);
 * the moerge grid (full mode): every kind (dense, wemoe, twin ranks 2-64, bit1, sparse densities) over every
   unit, and one mixed build (imdb and tweets full fine-tunes, bbc and arith LoRA adapters);
 * ``recipes/real_pool_full.yaml`` exactly as its header says.
@@ -117,6 +118,26 @@ def budget_methods() -> list[Method]:
     return ms
 
 
+TAPS = (8, 16, 24)  # of the base's 30 layers
+
+
+def tap_methods() -> list[Method]:
+    """The 1.05x allocation with its router reading layer K of the shared model (``router.tap``) instead of the
+    first routed unit's input (token embeddings here: a bag of words)."""
+    sel = {"budget": "1.05x", "metric": "activation"}
+
+    def recipe_of(tap: int) -> Callable[[Env], dict]:
+        def raw(env: Env) -> dict:
+            out = recipe_dict(env, TA, routing(sel))
+            out["routing"]["router"]["tap"] = tap
+            return out
+
+        return raw
+
+    return [m for k in TAPS for m in routed_methods(f"tap{k}-alloc-1.05", f"moerge allocation 1.05x, router reads "
+                                                    f"layer {k}", recipe_of(k), False, {"sel": sel, "tap": k})]
+
+
 GRID_KINDS: dict[str, dict] = {
     "dense": {"kind": "dense"}, "wemoe": {"kind": "wemoe"}, "bit1": {"kind": "bit1"},
     **{f"twin{r}": {"kind": "twin", "rank": r} for r in (2, 4, 8, 16, 32, 64)},
@@ -159,7 +180,7 @@ def full_methods() -> list[Method]:
           Method("mergekit-moe", "mergekit-moe (hidden gates, top-2)", "peer", load_mergekit_moe, False)]
     ms.append(Method("recipe-real_pool_full", "recipes/real_pool_full.yaml (allocation 1.05x / calibrated)",
                      "moerge", load_full_recipe, True, {"recipe": _text(RECIPE), "calib": _text(RECIPE_CALIB)}))
-    return ms + budget_methods() + grid_methods()
+    return ms + budget_methods() + tap_methods() + grid_methods()
 
 
 def _text(path: Path) -> str:

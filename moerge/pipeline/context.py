@@ -26,10 +26,12 @@ from ..merge.streaming import Rows, row_blocks
 from ..recipe import Recipe
 
 Source = FullSource | LoraSource
-# the working memory of one job; bigger tensors are read in row blocks.  Small blocks cost nothing in speed on a CPU:
-# a 1.1B x 4 TIES build took 79 s with 5 MiB blocks, 114 s with 16 MiB, 174 s with 64 MiB (the cache-friendlier
-# the faster), twin r16 137 s vs 214 s; peak anonymous RAM 0.7-1.0 GB from 347M to 3.4B (bench/RESULTS.md, "scale").
-WORK_BYTES = 64 << 20
+# float32 bytes of one row block: a tensor larger than this is read and merged block by block.  Small blocks keep
+# glibc's arenas small: with 5 MiB blocks a 4-expert TIES build's peak anonymous RSS was 727 MiB at 347M and 985 MiB
+# at 3.4B (freed blocks scattered between live ones: mallinfo2 showed 1.5x more free than used arena bytes); with
+# 1 MiB blocks 376 and 407 MiB, and no slower (3.4B TIES 3.0 vs 3.1 min, 1.1B twin 108 vs 109 s; bench/RESULTS.md,
+# "scale").  A job holds about 2N + 4 blocks (:meth:`BuildContext.block_work`).
+BLOCK_BYTES = 1 << 20
 
 
 def resolve_merge(recipe: Recipe, file: str | None = None) -> tuple[MergeMethod, MergeParams]:
@@ -135,11 +137,11 @@ class BuildContext:
         return read
 
     def blocks(self, name: str) -> list[Rows]:
-        """Row ranges of tensor ``name`` that keep one job's working set within :data:`WORK_BYTES`: about
-        (2 N + 4) fp32 blocks (base, N task vectors, N weighted ones, masks, the result).  ``MOERGE_BLOCK_BYTES``
-        sets the block size directly (tests use tiny blocks)."""
+        """Row ranges of tensor ``name``, :data:`BLOCK_BYTES` of float32 each (one row at least); a job holds about
+        2N + 4 such blocks (base, N task vectors, N weighted ones, masks, the result).  ``MOERGE_BLOCK_BYTES`` sets
+        the block size (tests use tiny blocks)."""
         shape = tuple(self.base.index[name].shape)
-        block = int(os.environ.get("MOERGE_BLOCK_BYTES") or 0) or WORK_BYTES // (2 * len(self.sources) + 4)
+        block = int(os.environ.get("MOERGE_BLOCK_BYTES") or 0) or BLOCK_BYTES
         return row_blocks(shape, block)
 
     def block_work(self, name: str, extra: int) -> int:

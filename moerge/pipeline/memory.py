@@ -1,8 +1,8 @@
 """How much memory a build will need, from its plan alone (what ``moerge plan`` prints before any work).
 
 The executor runs ``workers`` jobs at once (:func:`moerge.pipeline.execute.choose_workers`); a job reads its
-tensor in row blocks of at most ``WORK_BYTES / (2N + 4)`` float32 bytes (:meth:`BuildContext.blocks`), so its
-working set is bounded by the block, not by the model:
+tensor in row blocks of at most ``BLOCK_BYTES`` (1 MiB) of float32 (:meth:`BuildContext.blocks`), so its working
+set is bounded by the block, not by the model:
 
 * a static merge holds about ``2N + 4`` blocks (base, N task vectors, N weighted ones, masks, the result);
 * a routed linear about ``2N + 6`` (plus W_s and W_e of the pass), its W_s kept in a file-backed scratch matrix
@@ -26,9 +26,9 @@ from .plan import Plan
 
 PROCESS_BYTES = 360 << 20  # anonymous RSS of a moerge process after its imports (measured: 286 MB) plus margin
 # a worker's anonymous memory over its live blocks: the allocator keeps freed blocks for reuse (glibc arenas).
-# Fitted with 4 experts and 5 MiB blocks, 2 workers, before malloc_trim: 347M TIES 780 MiB, 1.1B TIES 824 MiB peak
-# anonymous, about 2.4x the live blocks per worker over the process.  bench/RESULTS.md "scale" (with malloc_trim):
-# the estimate covers 347M and 1.1B (891 >= 727 / 837 MiB) but not 3.4B (985 MiB): not yet a bound there
+# Fitted with 5 MiB blocks (347M / 1.1B TIES 780 / 824 MiB, ~2.4x the live blocks per worker over the process) and
+# kept with 1 MiB blocks, where it bounds every measured build: 4 experts, 114M-3.4B, peak anonymous 361-407 MiB
+# TIES and 363-435 MiB twin against estimates of 461 / 481-492 MiB (bench/RESULTS.md, "scale", 2026-12-06 07:18)
 ALLOCATOR = 2.5
 
 
