@@ -77,8 +77,9 @@ Passes = Callable[[], Iterable[list[torch.Tensor]]]  # a fresh pass: per block, 
 
 
 def fit_tops(tops: list[TopK], blocks: Passes) -> list[TopK]:
-    """Fit every mask in two passes over the blocks: a seeded sample brackets each k-th largest value, then one
-    pass counts the values above the bracket and gathers those inside it, where the exact cut is.  The same
+    """Fit every mask in two passes over the blocks (masks over :data:`_RADIX` values or more: :func:`_fit_radix`):
+    a seeded sample brackets each k-th largest value, then one pass counts the values above the bracket and
+    gathers those inside it, where the exact cut is.  The same
     sample and the same cut as :func:`moerge.merge.sparsify.kth_largest` on the whole tensor; a bracket that
     misses (rare) costs one more pass over that mask's values.
 
@@ -114,14 +115,14 @@ def _fit_radix(tops: list[TopK], blocks: Passes) -> None:
     like their bit patterns read as integers): the first pass counts the values per upper 16 bits, which names the
     bin holding the k-th largest; the second counts that bin's values per lower 16 bits, which gives the exact cut
     and how many values lie above it.  A mask holds two histograms and one block of keys whatever the tensor's
-    size; a sample bracket's sample and band grew with it (measured: 3.4B x 4 TIES peak 985 MiB with a 2^20 sample,
-    420 MiB with a size-balanced sample, 387 MiB with this; 347M: 364-385 MiB).  Slower than the sample's first
+    size; a sample bracket's sample and band grew with it (3.4B x 4 TIES, peak anonymous RSS: 985 MiB with a 2^20
+    sample, 420 MiB with a size-balanced one, 407 MiB with this; bench/RESULTS.md, "scale").  Slower than the sample's first
     pass (every value is counted), so tensors under :data:`_RADIX` values keep the sample."""
     large = list(range(len(tops)))
     high = {i: _Histogram(_HIGH_BINS) for i in large}
     for values in blocks():
         for i in large:
-            high[i].add_high(_bits(values[i]))
+            high[i].add(_bits(values[i]), low=False)
     chosen = {i: high[i].select(tops[i].k) for i in large}  # (bin, values in higher bins)
     del high
     low = {i: _Histogram(_LOW_BINS) for i in large}
@@ -129,7 +130,7 @@ def _fit_radix(tops: list[TopK], blocks: Passes) -> None:
         for i in large:
             bits = _bits(values[i])
             b = chosen[i][0]
-            low[i].add_low(bits[(bits >= b << 16) & (bits < (b + 1) << 16)])
+            low[i].add(bits[(bits >= b << 16) & (bits < (b + 1) << 16)], low=True)
     for i in large:
         b, above = chosen[i]
         lo, within = low[i].select(tops[i].k - above)
@@ -145,34 +146,27 @@ def _bits(values: torch.Tensor) -> torch.Tensor:
 
 
 class _Histogram:
-    """Counts of int32 keys in ``bins`` bins, added block by block into buffers allocated once (a block's
-    temporaries, allocated and freed per block by two workers at once, cost more than the counting)."""
+    """Counts of the upper or the lower 16 bits of int32 bit patterns, added block by block into buffers allocated
+    once (a block's temporaries, allocated and freed per block by two workers at once, cost more than the counting)."""
 
     def __init__(self, bins: int) -> None:
         self.bins = bins
         self.counts: torch.Tensor | None = None
         self.keys, self.ones = torch.empty(0, dtype=torch.int32), torch.empty(0, dtype=torch.int64)
 
-    def _ready(self, like: torch.Tensor) -> None:
+    def add(self, bits: torch.Tensor, *, low: bool) -> None:
+        n = bits.numel()
         if self.counts is None:
-            self.counts = torch.zeros(self.bins, dtype=torch.int64, device=like.device)
-        if self.ones.numel() < like.numel() or self.ones.device != like.device:
-            self.ones = torch.ones(like.numel(), dtype=torch.int64, device=like.device)
-            self.keys = torch.empty(like.numel(), dtype=torch.int32, device=like.device)
-
-    def add_high(self, bits: torch.Tensor) -> None:
-        """Count the upper 16 bits of ``bits``."""
-        self._ready(bits)
-        keys = self.keys[: bits.numel()]
-        torch.bitwise_right_shift(bits, 16, out=keys)
-        self.counts.index_add_(0, keys, self.ones[: bits.numel()])  # type: ignore[union-attr]
-
-    def add_low(self, bits: torch.Tensor) -> None:
-        """Count the lower 16 bits of ``bits`` (the values inside the chosen upper bin: a small share)."""
-        self._ready(bits)
-        keys = self.keys[: bits.numel()]
-        torch.bitwise_and(bits, 0xFFFF, out=keys)
-        self.counts.index_add_(0, keys, self.ones[: bits.numel()])  # type: ignore[union-attr]
+            self.counts = torch.zeros(self.bins, dtype=torch.int64, device=bits.device)
+        if self.ones.numel() < n or self.ones.device != bits.device:
+            self.ones = torch.ones(n, dtype=torch.int64, device=bits.device)
+            self.keys = torch.empty(n, dtype=torch.int32, device=bits.device)
+        keys = self.keys[:n]
+        if low:
+            torch.bitwise_and(bits, 0xFFFF, out=keys)
+        else:
+            torch.bitwise_right_shift(bits, 16, out=keys)
+        self.counts.index_add_(0, keys, self.ones[:n])
 
     def select(self, k: int) -> tuple[int, int]:
         """The bin holding the k-th largest key (1 <= k <= total) and how many keys lie in higher bins."""

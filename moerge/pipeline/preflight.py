@@ -162,16 +162,17 @@ def same_weights(a: CheckpointIndex, b: CheckpointIndex) -> bool:
     if len(files_a) != len(files_b):
         return False
     try:
-        if any(x.stat().st_size != y.stat().st_size for x, y in zip(files_a, files_b)):
+        sizes = [x.stat().st_size for x in files_a]
+        if sizes != [y.stat().st_size for y in files_b]:
             return False
-        whole = sum(x.stat().st_size for x in files_a) <= FULL_COMPARE
-        return all(filecmp.cmp(x, y, shallow=False) if whole else _same_windows(x, y) for x, y in zip(files_a, files_b))
+        whole = sum(sizes) <= FULL_COMPARE
+        return all(filecmp.cmp(x, y, shallow=False) if whole else _same_windows(x, y, size)
+                   for x, y, size in zip(files_a, files_b, sizes))
     except OSError:
         return False
 
 
-def _same_windows(x: Path, y: Path) -> bool:
-    size = x.stat().st_size
+def _same_windows(x: Path, y: Path, size: int) -> bool:
     starts = sorted({0, max(0, size - _WINDOW), *(i * size // _WINDOWS for i in range(_WINDOWS))})
     with open(x, "rb") as fx, open(y, "rb") as fy:
         for start in starts:
