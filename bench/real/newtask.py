@@ -482,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     raw = file_recipe(args.recipe, env) if args.recipe else (
         file_recipe(REPO / "recipes" / "real_pool.yaml", env) if args.pool == "lora" else full_recipe(env))
     kind = "lora" if raw["routing"].get("shared") == "base" else "full"
-    work = WORK / "newtask" / args.pool
+    work = WORK / "newtask" / (args.pool + (f"-{args.recipe.stem}" if args.recipe else ""))  # a recipe's own cache
     scorer = Scorer(env, args.n, work)
     t0 = time.perf_counter()
     results = {}
