@@ -14,6 +14,12 @@ stored factors keep, not the router) and the relative Frobenius error of the sto
 delta, over every linear and expert.
 
     python bench/twin_svd.py [--n 200] [--reps 1] [--threads 2] [--write]
+    python bench/twin_svd.py --synthetic [--reps 3]   # cost only, where the real experts cannot be made
+
+``--synthetic`` times dense against twin r16 randomized on four stand-in experts written from the converted base
+(every tensor + Gaussian noise at 1% of its std, seeds 0-3: full rank, same shapes and file layout as the real
+full fine-tunes), no accuracy: the cost side of the target on a machine that cannot make the real experts (their
+generator trains under bf16 autocast, about 16x slower than fp32 on a CPU without AVX512-BF16 / AMX).
 """
 
 from __future__ import annotations
@@ -43,8 +49,35 @@ BUILDS = {"dense": {"kind": "dense"}, "twin r16 randomized": {"kind": "twin", "r
           "twin r16 exact": {"kind": "twin", "rank": 16, "svd": "exact"}}
 
 
+EXPERTS = CACHE / "smollm2-135m-instruct-full"  # --synthetic: WORK / "synthetic"
+
+
+def synthetic_experts(base: Path, out: Path, scale: float = 0.01) -> Path:
+    """Four full-rank stand-ins for the full fine-tunes (every tensor + scale x its std of seeded noise), once."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    for i, task in enumerate(TASKS):
+        folder = out / task
+        if (folder / "model.safetensors").is_file():
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        for f in base.iterdir():
+            if f.is_file() and not f.name.endswith(".safetensors"):
+                shutil.copy(f, folder / f.name)
+        g = torch.Generator().manual_seed(i)
+        weights = {}
+        for shard in sorted(base.glob("*.safetensors")):
+            for k, v in load_file(shard).items():
+                w = v.float()
+                weights[k] = (w + scale * w.std() * torch.randn(w.shape, generator=g)).to(v.dtype).contiguous()
+        save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
 def recipe(expert: dict) -> dict:
-    experts = [{"name": t, "source": str(CACHE / "smollm2-135m-instruct-full" / t)} for t in TASKS]
+    experts = [{"name": t, "source": str(EXPERTS / t)} for t in TASKS]
     return {"base": str(CACHE / "smollm2-135m-instruct"), "seed": 0, "experts": experts,
             "merge": {"method": "task_arithmetic", "lambda": 1.0},
             "routing": {"select": {"all": True}, "modules": "both", "expert": expert,
@@ -99,21 +132,38 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--write", action="store_true", help="append the table to bench/RESULTS.md")
+    ap.add_argument("--synthetic", action="store_true", help="stand-in experts, dense vs twin randomized, cost only")
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
-    times: dict[str, list[float]] = {k: [] for k in BUILDS}
+    builds = BUILDS
+    if args.synthetic:
+        global EXPERTS
+        EXPERTS = synthetic_experts(CACHE / "smollm2-135m-instruct", WORK / "synthetic")
+        builds = {k: v for k, v in BUILDS.items() if k != "twin r16 exact"}
+    times: dict[str, list[float]] = {k: [] for k in builds}
     for _ in range(args.reps):
-        for label, expert in BUILDS.items():
+        for label, expert in builds.items():
             times[label].append(build(label, expert, args.threads))
             print(f"{label}: {times[label][-1]:.1f} s", flush=True)
-    rows = table(times, args.n or None)
+    rows = cost_table(times) if args.synthetic else table(times, args.n or None)
     print("\n".join(rows))
     if args.write:
-        record("\n".join([(f"### {time.strftime('%Y-%m-%d %H:%M')} `python bench/twin_svd.py --n {args.n} --reps "
-                          f"{args.reps} --threads {args.threads}`"), "", (f"- machine: "
+        cmd = (f"--synthetic --reps {args.reps} --threads {args.threads}" if args.synthetic
+               else f"--n {args.n} --reps {args.reps} --threads {args.threads}")
+        record("\n".join([(f"### {time.strftime('%Y-%m-%d %H:%M')} `python bench/twin_svd.py {cmd}`"), "", (f"- machine: "
                           f"{machine_with_transformers(args.threads)}"), "", *rows, ""]),
                "## twin: exact vs randomized SVD on the full fine-tune pool (issue 11)")
+
+
+def cost_table(times: dict[str, list[float]]) -> list[str]:
+    """Stand-in experts: wall per build and its ratio to dense (no accuracy: the experts are noise)."""
+    dense = statistics.median(times["dense"])
+    rows = ["| build (synthetic experts) | wall s (median) | / dense | wall s per rep |", "|---|---|---|---|"]
+    for label, ts in times.items():
+        med = statistics.median(ts)
+        rows.append(f"| {label} | {med:.1f} | {med / dense:.2f}x | {' / '.join(f'{t:.1f}' for t in ts)} |")
+    return rows
 
 
 def table(times: dict[str, list[float]], n: int | None) -> list[str]:

@@ -62,7 +62,8 @@ def shared_and_experts(plan: Plan, name: str) -> tuple[torch.Tensor, list[torch.
 def routed_linear_job(plan: Plan, ru: RoutedUnit, lin: Linear) -> Job:
     """Shared weight, bias, then every expert's tensors of one routed linear (row blocks when it is large)."""
     ranges = plan.ctx.blocks(lin.weight)
-    run = _routed_whole if len(ranges) == 1 or not ru.uniform else _routed_blocks
+    whole = len(ranges) == 1 or not ru.uniform or plan.ctx.fits_whole(lin.weight)
+    run = _routed_whole if whole else _routed_blocks
     work = plan.ctx.block_work(lin.weight, 6) if run is _routed_blocks else 0
     return Job(lin.path, routed_specs(plan, ru, lin), lambda: run(plan, ru, lin, ranges), work=work)
 
