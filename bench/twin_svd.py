@@ -17,7 +17,7 @@ delta, over every linear and expert.
     python bench/twin_svd.py --synthetic [--reps 3]   # cost only, where the real experts cannot be made
 
 ``--synthetic`` times dense against twin r16 randomized on four stand-in experts written from the converted base
-(every tensor + Gaussian noise at 1% of its std, seeds 0-3: full rank, same shapes and file layout as the real
+(``moerge.testing.tiny.make_full_expert``: every tensor + Gaussian noise at 1% of its std, seeds 0-3: full rank, same shapes and file layout as the real
 full fine-tunes), no accuracy: the cost side of the target on a machine that cannot make the real experts (their
 generator trains under bf16 autocast, about 16x slower than fp32 on a CPU without AVX512-BF16 / AMX).
 """
@@ -49,44 +49,31 @@ BUILDS = {"dense": {"kind": "dense"}, "twin r16 randomized": {"kind": "twin", "r
           "twin r16 exact": {"kind": "twin", "rank": 16, "svd": "exact"}}
 
 
-EXPERTS = CACHE / "smollm2-135m-instruct-full"  # --synthetic: WORK / "synthetic"
+EXPERTS = CACHE / "smollm2-135m-instruct-full"
 
 
 def synthetic_experts(base: Path, out: Path, scale: float = 0.01) -> Path:
-    """Four full-rank stand-ins for the full fine-tunes (every tensor + scale x its std of seeded noise), once."""
-    import shutil
+    """Four full-rank stand-ins for the full fine-tunes (:func:`moerge.testing.tiny.make_full_expert`: every tensor
+    + seeded noise of ``scale`` x its std), written once."""
+    from moerge.testing.tiny import make_full_expert
 
-    from safetensors.torch import load_file, save_file
-
-    for i, task in enumerate(TASKS):
-        folder = out / task
-        if (folder / "model.safetensors").is_file():
-            continue
-        folder.mkdir(parents=True, exist_ok=True)
-        for f in base.iterdir():
-            if f.is_file() and not f.name.endswith(".safetensors"):
-                shutil.copy(f, folder / f.name)
-        g = torch.Generator().manual_seed(i)
-        weights = {}
-        for shard in sorted(base.glob("*.safetensors")):
-            for k, v in load_file(shard).items():
-                w = v.float()
-                weights[k] = (w + scale * w.std() * torch.randn(w.shape, generator=g)).to(v.dtype).contiguous()
-        save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    for seed, task in enumerate(TASKS):
+        if not (out / task / "model.safetensors").is_file():
+            make_full_expert(base, out / task, seed, scale)
     return out
 
 
-def recipe(expert: dict) -> dict:
-    experts = [{"name": t, "source": str(EXPERTS / t)} for t in TASKS]
+def recipe(expert: dict, experts_dir: Path) -> dict:
+    experts = [{"name": t, "source": str(experts_dir / t)} for t in TASKS]
     return {"base": str(CACHE / "smollm2-135m-instruct"), "seed": 0, "experts": experts,
             "merge": {"method": "task_arithmetic", "lambda": 1.0},
             "routing": {"select": {"all": True}, "modules": "both", "expert": expert,
                         "router": {"level": "sequence", "init": "uniform", "top_k": 1}}}
 
 
-def build(label: str, expert: dict, threads: int) -> float:
+def build(label: str, expert: dict, threads: int, experts_dir: Path = EXPERTS) -> float:
     path = WORK / f"{label.replace(' ', '_')}.yaml"
-    path.write_text(yaml.safe_dump(recipe(expert), sort_keys=False))
+    path.write_text(yaml.safe_dump(recipe(expert, experts_dir), sort_keys=False))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MOERGE_NO_CACHE": "1"}
     run = measure(label, [sys.executable, "-m", "moerge", "build", str(path), str(path.with_suffix("")), "--force",
                           "--quiet", "--device", "cpu"], env)
@@ -100,7 +87,7 @@ def factor_errors(folder: Path, base: Path) -> list[float]:
 
     ckpt = Checkpoint.open(folder)
     loader = ckpt.loader()
-    experts = [ModelFolder(CACHE / "smollm2-135m-instruct-full" / t) for t in ckpt.manifest.experts]
+    experts = [ModelFolder(EXPERTS / t) for t in ckpt.manifest.experts]
     errs = []
     for unit, lin, _ in ckpt.manifest.linears():
         w_s = loader.get(f"{unit}.{lin}.weight").float()
@@ -136,15 +123,14 @@ def main() -> None:
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
-    builds = BUILDS
+    builds, experts_dir = BUILDS, EXPERTS
     if args.synthetic:
-        global EXPERTS
-        EXPERTS = synthetic_experts(CACHE / "smollm2-135m-instruct", WORK / "synthetic")
+        experts_dir = synthetic_experts(CACHE / "smollm2-135m-instruct", WORK / "synthetic")
         builds = {k: v for k, v in BUILDS.items() if k != "twin r16 exact"}
     times: dict[str, list[float]] = {k: [] for k in builds}
     for _ in range(args.reps):
         for label, expert in builds.items():
-            times[label].append(build(label, expert, args.threads))
+            times[label].append(build(label, expert, args.threads, experts_dir))
             print(f"{label}: {times[label][-1]:.1f} s", flush=True)
     rows = cost_table(times) if args.synthetic else table(times, args.n or None)
     print("\n".join(rows))

@@ -38,6 +38,11 @@ BLOCK_BYTES = 1 << 20
 ROUTED_WHOLE_BYTES = 64 << 20
 
 
+def forced_block_bytes() -> int:
+    """``MOERGE_BLOCK_BYTES`` (tests force tiny row blocks with it), 0 when unset."""
+    return int(os.environ.get("MOERGE_BLOCK_BYTES") or 0)
+
+
 def resolve_merge(recipe: Recipe, file: str | None = None) -> tuple[MergeMethod, MergeParams]:
     """Method + parameters, rejecting keys the method does not take (errors name ``file``, default the recipe's)."""
     file = file or recipe.file
@@ -145,13 +150,12 @@ class BuildContext:
         2N + 4 such blocks (base, N task vectors, N weighted ones, masks, the result).  ``MOERGE_BLOCK_BYTES`` sets
         the block size (tests use tiny blocks)."""
         shape = tuple(self.base.index[name].shape)
-        block = int(os.environ.get("MOERGE_BLOCK_BYTES") or 0) or BLOCK_BYTES
-        return row_blocks(shape, block)
+        return row_blocks(shape, forced_block_bytes() or BLOCK_BYTES)
 
     def fits_whole(self, name: str) -> bool:
         """Whether routed weight ``name`` is small enough to build from whole tensors (:data:`ROUTED_WHOLE_BYTES`);
         never while ``MOERGE_BLOCK_BYTES`` forces row blocks (tests)."""
-        if os.environ.get("MOERGE_BLOCK_BYTES"):
+        if forced_block_bytes():
             return False
         shape = tuple(self.base.index[name].shape)
         return (len(self.sources) + 2) * 4 * math.prod(shape) <= ROUTED_WHOLE_BYTES
