@@ -11,13 +11,16 @@ The rules are those of ``shared/REAL_DATA.md`` (the pool's reference numbers use
 
 Every forward runs under bf16 autocast on the CPU with fp32 weights (as the reference numbers), with left
 padding and prompts sorted by length so that a batch wastes little on padding.  One loaded model serves a
-whole method.
+whole method.  On a CPU without native bf16 (AVX2 only), where torch's bf16 GEMM is about 16x slower than fp32,
+the bf16 GEMMs are computed as fp32 GEMMs of the same bf16 values rounded once to bf16
+(``tools/bf16_emulation.py``: a native bf16 GEMM's arithmetic up to summation order).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+from bf16_emulation import emulated, native_bf16
+
+NATIVE_BF16 = native_bf16()
 
 TASKS = ("imdb", "tweets", "bbc", "arith")
 LABELS = {
@@ -79,7 +87,8 @@ def load_tasks(pool: Path, tok: Any, n: int | None, split: str = "dev") -> list[
 @contextmanager
 def autocast(enabled: bool = True) -> Iterator[None]:
     """Inference mode with bf16 autocast (``enabled=False``: plain fp32, for models that fail under autocast)."""
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled), \
+            emulated(enabled and not NATIVE_BF16):
         yield
 
 

@@ -336,10 +336,11 @@ def machine() -> str:
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
     import peft
     import transformers
+    from bf16_emulation import note as bf16_note  # tools/ is on the path (evaluate)
 
     return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; python "
             f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
-            f"peft {peft.__version__}; load average at the end {', '.join(f'{x:.2f}' for x in load)}")
+            f"peft {peft.__version__}; {bf16_note()}; load average at the end {', '.join(f'{x:.2f}' for x in load)}")
 
 
 METHOD_NOTES = (

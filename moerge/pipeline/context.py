@@ -160,10 +160,11 @@ class BuildContext:
         shape = tuple(self.base.index[name].shape)
         return (len(self.sources) + 2) * 4 * math.prod(shape) <= ROUTED_WHOLE_BYTES
 
-    def block_work(self, name: str, extra: int) -> int:
-        """Working memory of a job that streams ``name`` in row blocks: ``2N + extra`` float32 blocks."""
+    def block_work(self, name: str, extra: int, whole: bool = False) -> int:
+        """Working memory of a job that streams ``name`` in row blocks: ``2N + extra`` float32 blocks (``whole``:
+        ``2N + extra`` float32 copies of the whole tensor, a job that holds base, task vectors and expert weights)."""
         shape = tuple(self.base.index[name].shape)
-        rows = max(b - a for a, b in self.blocks(name))
+        rows = shape[0] if whole else max(b - a for a, b in self.blocks(name))
         return (2 * len(self.sources) + extra) * rows * 4 * math.prod(shape[1:])
 
     def merged(self, name: str, base: torch.Tensor, taus: list[torch.Tensor | None]) -> torch.Tensor:

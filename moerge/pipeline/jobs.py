@@ -59,12 +59,17 @@ def shared_and_experts(plan: Plan, name: str) -> tuple[torch.Tensor, list[torch.
     return shared, experts
 
 
+def routed_whole(plan: Plan, ru: RoutedUnit, lin: Linear) -> bool:
+    """Whether a routed linear is built from whole tensors: one block, experts of mixed kinds, or small enough."""
+    return len(plan.ctx.blocks(lin.weight)) == 1 or not ru.uniform or plan.ctx.fits_whole(lin.weight)
+
+
 def routed_linear_job(plan: Plan, ru: RoutedUnit, lin: Linear) -> Job:
     """Shared weight, bias, then every expert's tensors of one routed linear (row blocks when it is large)."""
     ranges = plan.ctx.blocks(lin.weight)
-    whole = len(ranges) == 1 or not ru.uniform or plan.ctx.fits_whole(lin.weight)
+    whole = routed_whole(plan, ru, lin)
     run = _routed_whole if whole else _routed_blocks
-    work = plan.ctx.block_work(lin.weight, 6) if run is _routed_blocks else 0
+    work = plan.ctx.block_work(lin.weight, 6, whole=whole)
     return Job(lin.path, routed_specs(plan, ru, lin), lambda: run(plan, ru, lin, ranges), work=work)
 
 

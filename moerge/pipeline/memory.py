@@ -6,7 +6,8 @@ set is bounded by the block, not by the model:
 
 * a static merge holds about ``2N + 4`` blocks (base, N task vectors, N weighted ones, masks, the result);
 * a routed linear about ``2N + 6`` (plus W_s and W_e of the pass), its W_s kept in a file-backed scratch matrix
-  (page cache, not the heap); a twin factorised exactly holds its whole delta and the SVD's workspace (about
+  (page cache, not the heap); one whose ``N + 2`` float32 copies fit in ``ROUTED_WHOLE_BYTES`` (64 MiB), or whose
+  experts are of mixed kinds, is built from whole tensors: ``2N + 6`` whole float32 copies; a twin factorised exactly holds its whole delta and the SVD's workspace (about
   6 full float32 matrices) — ``svd: randomized`` (the default above a small size) holds sketches only;
 * each job in flight hands at most ``QUEUE_ITEMS`` outputs to the writer (at most ``2 * workers`` jobs);
 * the process itself (Python, torch, transformers, tokenizer) takes :data:`PROCESS_BYTES`;
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 from ..linalg import OVERSAMPLE, choose_method
 from .execute import QUEUE_ITEMS, choose_workers
-from .jobs import plan_jobs
+from .jobs import plan_jobs, routed_whole
 from .plan import Plan
 
 PROCESS_BYTES = 360 << 20  # anonymous RSS of a moerge process after its imports (measured: 286 MB) plus margin
@@ -44,10 +45,11 @@ class Estimate:
                 f"{self.workers} worker(s) x {self.job / gib:.2f} GiB working set; inputs are memory-mapped)")
 
 
-def tensor_work(plan: Plan, name: str, extra: int) -> int:
-    """The working set of one job over tensor ``name``: ``2N + extra`` float32 blocks, plus its queued outputs."""
+def tensor_work(plan: Plan, name: str, extra: int, whole: bool = False) -> int:
+    """The working set of one job over tensor ``name``: ``2N + extra`` float32 blocks (``whole``: whole tensors),
+    plus its queued outputs."""
     blocks = 2 * len(plan.ctx.sources) + extra
-    work = plan.ctx.block_work(name, extra)
+    work = plan.ctx.block_work(name, extra, whole=whole)
     return work + QUEUE_ITEMS * 2 * work // blocks
 
 
@@ -56,7 +58,7 @@ def routed_work(plan: Plan) -> int:
     worst = 0
     for ru in plan.routed:
         for lin in ru.unit.linears:
-            work = tensor_work(plan, lin.weight, 6)
+            work = tensor_work(plan, lin.weight, 6, whole=routed_whole(plan, ru, lin))
             rank = ru.cfg.rank or 16
             if ru.kind.name == "twin" and (ru.cfg.svd or choose_method(lin.shape, rank)) == "exact":
                 work = max(work, 6 * 4 * lin.shape[0] * lin.shape[1])
