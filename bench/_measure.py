@@ -242,7 +242,7 @@ def machine_with_transformers(threads: int | None = None) -> str:
     import transformers
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-    from bf16_emulation import note as bf16_note
+    from bf16_emulation import note as bf16_note  # tools/ is no package (the benches run its scripts too)
 
     return (f"{host()}, torch {torch.__version__}{'' if threads is None else f' ({threads} intra-op threads)'}, "
             f"transformers {transformers.__version__}, mergekit {mergekit_version()}; {bf16_note()}")

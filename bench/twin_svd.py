@@ -81,20 +81,15 @@ def build(label: str, expert: dict, threads: int, experts_dir: Path = EXPERTS) -
     return run.wall_s
 
 
-def input_norm(unit: str, lin: str) -> str | None:
-    """The norm feeding a Llama linear (q/k/v: the input norm, gate/up: the post-attention norm; o/down: none)."""
-    layer = unit.rsplit(".", 1)[0]
-    if lin in ("q_proj", "k_proj", "v_proj"):
-        return f"{layer}.input_layernorm.weight"
-    return f"{layer}.post_attention_layernorm.weight" if lin in ("gate_proj", "up_proj") else None
-
-
 def factor_errors(folder: Path, base: Path) -> list[float]:
     """Relative Frobenius error of U V against the exact W_e - W_s, every routed linear and expert (with
     ``fold_norms``, W_e has expert e's norm scale over the merged one folded into its columns, as the build does)."""
+    from moerge.arch import family_for
     from moerge.checkpoint import Checkpoint
     from moerge.io.sources import ModelFolder
 
+    family = family_for(json.loads((base / "config.json").read_text()), str(base / "config.json"))
+    groups = {module: group for group, (module, _) in family.groups.items()}  # "self_attn" -> "attention"
     ckpt = Checkpoint.open(folder)
     loader = ckpt.loader()
     experts = [ModelFolder(EXPERTS / t) for t in ckpt.manifest.experts]
@@ -102,12 +97,14 @@ def factor_errors(folder: Path, base: Path) -> list[float]:
     errs = []
     for unit, lin, _ in ckpt.manifest.linears():
         w_s = loader.get(f"{unit}.{lin}.weight").float()
-        norm = input_norm(unit, lin)
+        layer, module = family.layer_of(unit), unit.rsplit(".", 1)[-1]
+        norm = family.input_norm(layer, groups[module], lin) if layer is not None else None
         for e, model in enumerate(experts):
             w_e = model.get(f"{unit}.{lin}.weight").float()
             if norm is not None and folds:
-                g_s = loader.get(norm).float()  # the written merged norm: expert e's own scale is folded in
-                w_e = w_e * torch.where(g_s.abs() > 0, model.get(norm).float() / g_s, 1.0)[None, :]
+                off = family.norm_offset  # the norm scales by off + g
+                g_s = loader.get(norm).float() + off  # the written merged norm: expert e's own scale is folded in
+                w_e = w_e * torch.where(g_s.abs() > 0, (model.get(norm).float() + off) / g_s, 1.0)[None, :]
             delta = w_e - w_s  # (O, I)
             uv = loader.get(f"{unit}.{lin}.experts.{e}.U").float() @ loader.get(f"{unit}.{lin}.experts.{e}.V").float()
             errs.append(float(torch.linalg.matrix_norm(delta - uv) / torch.linalg.matrix_norm(delta)))

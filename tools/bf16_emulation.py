@@ -24,6 +24,7 @@ The wrapper puts a ``sitecustomize`` on ``PYTHONPATH`` so that subprocesses the 
 
 from __future__ import annotations
 
+import functools
 import os
 import runpy
 import sys
@@ -36,6 +37,7 @@ _MODE = None
 ENV = "MOERGE_BF16_EMULATION"
 
 
+@functools.cache
 def native_bf16() -> bool:
     """Whether this CPU has bf16 GEMM instructions (x86 flags avx512_bf16 / amx_bf16; non-x86: assume yes)."""
     try:

@@ -33,8 +33,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 from bf16_emulation import emulated, native_bf16
 
-NATIVE_BF16 = native_bf16()
-
 TASKS = ("imdb", "tweets", "bbc", "arith")
 LABELS = {
     "imdb": ("positive", "negative"),
@@ -88,7 +86,7 @@ def load_tasks(pool: Path, tok: Any, n: int | None, split: str = "dev") -> list[
 def autocast(enabled: bool = True) -> Iterator[None]:
     """Inference mode with bf16 autocast (``enabled=False``: plain fp32, for models that fail under autocast)."""
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled), \
-            emulated(enabled and not NATIVE_BF16):
+            emulated(enabled and not native_bf16()):
         yield
 
 

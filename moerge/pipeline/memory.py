@@ -7,8 +7,9 @@ set is bounded by the block, not by the model:
 * a static merge holds about ``2N + 4`` blocks (base, N task vectors, N weighted ones, masks, the result);
 * a routed linear about ``2N + 6`` (plus W_s and W_e of the pass), its W_s kept in a file-backed scratch matrix
   (page cache, not the heap); one whose ``N + 2`` float32 copies fit in ``ROUTED_WHOLE_BYTES`` (64 MiB), or whose
-  experts are of mixed kinds, is built from whole tensors: ``2N + 6`` whole float32 copies; a twin factorised exactly holds its whole delta and the SVD's workspace (about
-  6 full float32 matrices) — ``svd: randomized`` (the default above a small size) holds sketches only;
+  experts are of mixed kinds, is built from whole tensors: ``2N + 6`` whole float32 copies; a twin factorised
+  exactly holds its whole delta and the SVD's workspace (about 6 full float32 matrices) — ``svd: randomized`` (the
+  default above a small size) holds sketches only;
 * each job in flight hands at most ``QUEUE_ITEMS`` outputs to the writer (at most ``2 * workers`` jobs);
 * the process itself (Python, torch, transformers, tokenizer) takes :data:`PROCESS_BYTES`;
 * the allocator keeps freed blocks for reuse: a worker's share is :data:`ALLOCATOR` x its live blocks.
