@@ -17,7 +17,6 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 import bf16_emulation
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 
 def _bf16(*shape: int, seed: int) -> torch.Tensor:
@@ -28,7 +27,7 @@ def test_gemms_are_fp32_gemms_rounded_once() -> None:
     a, b, bias = _bf16(7, 33, seed=0), _bf16(33, 5, seed=1), _bf16(5, seed=2)
     a3, b3 = _bf16(3, 7, 33, seed=3), _bf16(3, 33, 5, seed=4)
     with bf16_emulation.emulated():
-        assert type(_get_current_dispatch_mode()).__name__ == "Bf16AsFp32"
+        assert bf16_emulation.is_enabled()
         got = {"mm": a @ b, "addmm": torch.addmm(bias, a, b), "bmm": torch.bmm(a3, b3),
                "baddbmm": torch.baddbmm(bias.expand(3, 7, 5), a3, b3), "linear": torch.nn.functional.linear(a, b.T, bias)}
     want = {"mm": a.float() @ b.float(), "addmm": torch.addmm(bias.float(), a.float(), b.float()),
@@ -38,6 +37,20 @@ def test_gemms_are_fp32_gemms_rounded_once() -> None:
     for name, out in got.items():
         assert out.dtype == torch.bfloat16, name
         assert torch.equal(out, want[name].bfloat16()), name
+
+
+def test_inference_mode_linear_is_emulated() -> None:
+    """Scoring's path (inference mode, bf16 autocast, fp32 weights): each linear as an fp32 GEMM of the
+    bf16-cast operands, rounded once; a dispatch mode missed it (it saw ``aten::linear`` whole)."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(96, 40)
+    x = torch.randn(3, 11, 96)
+    want = torch.nn.functional.linear(x.bfloat16().float(), net.weight.bfloat16().float(),
+                                      net.bias.bfloat16().float()).bfloat16()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16), bf16_emulation.emulated():
+        got = net(x)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, want)
 
 
 def test_native_and_emulated_differ_by_summation_order_only() -> None:
@@ -59,7 +72,12 @@ def test_other_ops_and_dtypes_untouched_and_mode_leaves() -> None:
         act = torch.nn.functional.silu(hb)
     assert torch.equal(fp32, x @ w)
     assert act.dtype == torch.bfloat16 and torch.equal(act, torch.nn.functional.silu(hb))
-    assert _get_current_dispatch_mode() is None
+    assert not bf16_emulation.is_enabled()
+    a, b = _bf16(64, 256, seed=8), _bf16(256, 96, seed=9)
+    native = a @ b
+    with bf16_emulation.emulated():
+        assert not torch.equal(a @ b, native)  # on: these operands have flips (see the test above)
+    assert torch.equal(a @ b, native)  # off again: torch's own kernel is back
 
 
 def test_autocast_training_step_matches_native_within_bf16() -> None:
@@ -85,11 +103,10 @@ def test_autocast_training_step_matches_native_within_bf16() -> None:
 
 def test_wrapper_reaches_child_processes(tmp_path: Path) -> None:
     """``python tools/bf16_emulation.py SCRIPT``: the script and a child it starts with sys.executable run
-    with the mode on."""
-    probe = ("import sys, torch\n"
-             "a = torch.ones(2, 3, dtype=torch.bfloat16)\n"
-             "from torch.utils._python_dispatch import _get_current_dispatch_mode\n"
-             "print(type(_get_current_dispatch_mode()).__name__)\n")
+    with the emulation on."""
+    probe = ("import sys\n"
+             "mod = sys.modules.get('bf16_emulation')\n"
+             "print(bool(mod and mod.is_enabled()))\n")
     child = tmp_path / "child.py"
     child.write_text(probe)
     parent = tmp_path / "parent.py"
@@ -97,7 +114,7 @@ def test_wrapper_reaches_child_processes(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != bf16_emulation.ENV}
     out = subprocess.run([sys.executable, str(REPO / "tools" / "bf16_emulation.py"), str(parent)],
                          capture_output=True, text=True, env=env, check=True).stdout.split()
-    assert out == ["Bf16AsFp32", "Bf16AsFp32"]
+    assert out == ["True", "True"]
 
 
 def test_wrapper_without_script_says_usage() -> None:
