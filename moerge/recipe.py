@@ -232,6 +232,9 @@ class AllocateSpec(Strict):
     densities: list[float] = Field(default_factory=lambda: [0.01, 0.03, 0.1])  # sparse (0 = nothing, always)
     damp: float = Field(0.01, gt=0)  # whitening damping, a fraction of mean(diag(C))
     normalize: Literal["tokens", "relative"] = "tokens"  # error per calibration token, or / the output's energy
+    # fisher: each output row's error weighted by how much the expert's answer depends on it (diagonal K-FAC
+    # output side, from a backward pass on the calib prompts), normalised to mean 1 per expert
+    sensitivity: Literal["none", "fisher"] = "none"
     # candidates for the shared weight (the static merge): each is measured, the least remaining error wins
     merges: list[MergeSpec | Literal["base"]] | None = None
 

@@ -288,3 +288,73 @@ def test_moments_are_the_inputs_second_moments(pool: dict) -> None:
         assert torch.allclose(m.of(path), x.T @ x, rtol=1e-4, atol=1e-5)
         seen.clear()
     assert m.tokens == sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
+
+
+# ---------------------------------------------------------------- sensitivity: fisher (output-gradient row weights)
+
+def test_fisher_moments_are_output_gradient_moments(pool: dict) -> None:
+    """Batched and padded, the output-gradient moment of a linear is Σ_t (∂ℓ/∂y_t)² of ℓ = -log p(top token) at
+    each prompt's last token, as autograd gives it one unpadded prompt at a time."""
+    from moerge.pipeline import moments as mom
+    from moerge.pipeline.context import BuildContext
+
+    ctx = BuildContext.open(recipe_from_dict(_recipe(pool, pool["full"], "2x", sensitivity="fisher")))
+    lins = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj", "model.layers.1.mlp.down_proj"]
+    texts = ["good movie loved it", "the market report today was long and dull", "ok"]
+    tok = ctx.tokenizer()
+    m = mom.collect(ctx, 1, texts, tok, lins, fisher=True)
+    assert m.prompts == 3
+    model = mom.expert_model(ctx, 1)
+    want = {p: torch.zeros(model.get_submodule(p).out_features, dtype=torch.float64) for p in lins}
+    for t in texts:
+        outs: dict[str, torch.Tensor] = {}
+        hs = [model.get_submodule(p).register_forward_hook(lambda _m, _a, o, p=p: outs.__setitem__(p, o)) for p in lins]
+        logits = model(**tok([t], return_tensors="pt", add_special_tokens=False)).logits[0, -1]  # (V,)
+        for h in hs:
+            h.remove()
+        loss = -torch.log_softmax(logits, -1)[logits.argmax()]
+        grads = torch.autograd.grad(loss, [outs[p] for p in lins])
+        for p, g in zip(lins, grads):
+            want[p] += g[0].double().pow(2).sum(0)
+    for p in lins:
+        got = m.grad(p)
+        assert got.shape == want[p].shape and bool((got > 0).any())
+        assert torch.allclose(got, want[p], rtol=1e-3, atol=1e-12 + 1e-4 * float(want[p].max())), p
+
+
+def test_row_weighted_twin_factors_are_optimal_in_the_weighted_metric() -> None:
+    """Factors of W^½ Δ mapped back by W^-½ leave the weighted error the spectrum's tail says, and less of it
+    than the unweighted activation-aware factors of the same rank; uniform weights change nothing."""
+    from moerge.pipeline.allocate import weigh_rows
+
+    g = torch.Generator().manual_seed(3)
+    delta, x = torch.randn(24, 16, generator=g), torch.randn(80, 16, generator=g)
+    rows = torch.rand(24, generator=g).pow(4) * 10 + 1e-3  # (O,) very uneven
+    c = act.second_moment(x)
+    wh = act.Whitener.of(c, 1e-6)
+    cd = act.damped(c, 1e-6)
+
+    def weighted_err(u: torch.Tensor, v: torch.Tensor) -> float:
+        return act.quad_error(weigh_rows(delta - u @ v, rows), cd)
+
+    spec = act.twin_spectrum(weigh_rows(delta, rows), wh)
+    for r in (1, 3, 8):
+        u, v = act.twin_factors(weigh_rows(delta, rows), wh, r)
+        u = u / rows.sqrt()[:, None]
+        assert abs(weighted_err(u, v) - float(spec[r:].sum())) <= 1e-3 * float(spec.sum())
+        assert weighted_err(u, v) < weighted_err(*act.twin_factors(delta, wh, r))
+    assert torch.equal(weigh_rows(delta, torch.ones(24)), delta)
+
+
+@pytest.mark.parametrize("budget", ["1.2x", "20x"])
+def test_fisher_allocation_within_budget_and_exact_when_everything_fits(pool: dict, budget: str) -> None:
+    raw = _recipe(pool, pool["full"], budget, ranks=[1, 4, 32], sensitivity="fisher")
+    recipe = recipe_from_dict(raw)
+    plan = plan_for(recipe, progress=False, device="cpu")
+    out = pool["root"] / f"fisher_{budget}"
+    moerge.build(recipe, out, force=True, progress=False, device="cpu")
+    assert plan.routed
+    assert _file_bytes(out) <= float(budget.rstrip("x")) * plan.base_bytes()
+    if budget == "20x":
+        assert len(_load(out).config.moerge["units"]) == 4
+        _assert_forced_reproduces(out, pool["full"])

@@ -17,7 +17,7 @@ def test_methods_cover_every_budget_once() -> None:
     keys = [m.key for m in full.full_methods()]
     assert len(keys) == len(set(keys))
     for b in full.BUDGETS:
-        for prefix in ("alloc", "sel-sign_conflict-bit1", "sel-merge_error-bit1", "twin-uniform"):
+        for prefix in ("alloc", "alloc-fisher", "sel-sign_conflict-bit1", "sel-merge_error-bit1", "twin-uniform"):
             assert f"{prefix}-{b}-cal" in keys
     quick = [m.key for m in full.full_methods() if m.quick]
     assert {"base", "oracle", "recipe-real_pool_full"} <= set(quick)

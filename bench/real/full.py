@@ -8,7 +8,8 @@ once into the moerge cache).  Rows:
 * ``peer``: mergekit-yaml TIES and mergekit-moe (hidden gates, top-2) over the full experts;
 * ``moerge`` at a storage budget (1.03x / 1.05x / 1.10x the dense base): the activation-based allocation
   (``select: {budget: ..., metric: activation}``: merge or route, kind and rank per unit from the experts'
-  calibration activations), the weight-metric selections at the same budget (``sign_conflict`` and
+  calibration activations), the same with each output row's error weighted by the expert's answer's
+  sensitivity to it (``allocate: {sensitivity: fisher}``), the weight-metric selections at the same budget (``sign_conflict`` and
   ``merge_error``, bit1 units), and a uniform twin rank over every unit with the same bytes;
 * the 1.05x allocation with the router reading layer 8 / 16 / 24 of the shared model (``router.tap``);
 * the moerge grid (full mode): every kind (dense, wemoe, twin ranks 2-64, bit1, sparse densities) over every
@@ -52,9 +53,10 @@ RECIPE_CALIB = REPO / "recipes" / "real_pool_calib.yaml"
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def routing(select: dict, expert: dict | None = None) -> dict:
+def routing(select: dict, expert: dict | None = None, allocate: dict | None = None) -> dict:
     out = {"select": select, "modules": "both", "router": {"level": "sequence", "init": "prototype", "top_k": 1}}
-    return {**out, "expert": expert} if expert else out
+    out.update({k: v for k, v in (("expert", expert), ("allocate", allocate)) if v})
+    return out
 
 
 def uniform_twin_rank(env: Env, budget: str) -> int:
@@ -73,8 +75,8 @@ def _numel(shape: list[int]) -> int:
     return out
 
 
-def budget_recipe(select: dict, expert: dict | None = None) -> Callable[[Env], dict]:
-    return lambda env: recipe_dict(env, TA, routing(select, expert))
+def budget_recipe(select: dict, expert: dict | None = None, allocate: dict | None = None) -> Callable[[Env], dict]:
+    return lambda env: recipe_dict(env, TA, routing(select, expert, allocate))
 
 
 def uniform_recipe(budget: str) -> Callable[[Env], dict]:
@@ -109,6 +111,9 @@ def budget_methods() -> list[Method]:
         sel = {"budget": f"{b}x", "metric": "activation"}
         ms += routed_methods(f"alloc-{b}", f"moerge allocation {b}x (activation)", budget_recipe(sel), False,
                              {"sel": sel, "v": 1})
+        fisher = {"sensitivity": "fisher"}
+        ms += routed_methods(f"alloc-fisher-{b}", f"moerge allocation {b}x (activation, fisher row weights)",
+                             budget_recipe(sel, allocate=fisher), False, {"sel": sel, "allocate": fisher})
         for metric in ("sign_conflict", "merge_error"):
             sel = {"budget": f"{b}x", "metric": metric}
             ms += routed_methods(f"sel-{metric}-bit1-{b}", f"moerge {metric} selection {b}x (bit1 units)",

@@ -9,6 +9,10 @@ the plan.  Three steps, each one unit (or one expert) at a time:
    is scored by the output error it leaves on expert e's tokens, tr((Δ - Δ̂) C_e (Δ - Δ̂)ᵀ)
    (:mod:`moerge.analysis.activations`): nothing (merged), twin at each rank (activation-aware SVD), bit1,
    sparse at each density, dense (exact).  The scores are cached per unit (``$MOERGE_CACHE/allocation``).
+   With ``sensitivity: fisher`` each output row o of the error is weighted by w_o, how much expert e's answer
+   depends on that row (:func:`row_weights`): tr(W (Δ - Δ̂) C_e (Δ - Δ̂)ᵀ), W = diag(w), the diagonal K-FAC
+   view of the loss's curvature; every option is then scored and built on W^½ Δ (twin factors of W^½ Δ with
+   U mapped back by W^-½; bit1's per-row scales are unchanged; sparse keeps by w_o |Δ_oj|² C_jj).
 3. **choose**: errors are normalised (per token of the expert's prompts, or relative to the linear's output
    energy), and a multiple-choice knapsack (:func:`moerge.analysis.activations.allocate`) picks one kind per unit
    and one option per (linear, expert) that removes the most error within the budget.  With several shared
@@ -45,10 +49,32 @@ Scores = dict[str, dict[str, dict[str, Any]]]  # linear name -> expert index (st
 
 # ---------------------------------------------------------------- step 2: scores of one unit
 
+Rows = dict[str, torch.Tensor]  # linear path -> (O,) weight of each output row's error
+
+
+def row_weights(moments: list[mom.Moments], linears: list[str]) -> list[Rows]:
+    """Per expert, each linear's output-gradient moment divided by its mean over every candidate row of that
+    expert (so the weights reorder bytes within an expert, across layers and rows, and leave the balance between
+    experts to ``normalize``); floored at 1e-4 so that W^-½ stays finite."""
+    out = []
+    for m in moments:
+        g = {p: m.grad(p) for p in linears}
+        mean = sum(float(v.sum()) for v in g.values()) / max(sum(v.numel() for v in g.values()), 1)
+        out.append({p: (v / max(mean, 1e-300)).clamp_min(1e-4) for p, v in g.items()})
+    return out
+
+
+def weigh_rows(delta: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """W^½ Δ (O, I) for row weights W = diag(rows) (Δ itself when None)."""
+    return delta if rows is None else delta * rows.sqrt().to(delta)[:, None]
+
+
 def linear_scores(delta: torch.Tensor, cd: torch.Tensor, wh: act.Whitener, w_e: torch.Tensor,
-                  spec: AllocateSpec) -> dict[str, Any]:
-    """Every option's damped activation error for one (linear, expert) (``cd`` = C + αI, ``wh`` its factor);
-    ``signal`` = tr(W_e C W_eᵀ), what ``normalize: relative`` divides by."""
+                  spec: AllocateSpec, rows: torch.Tensor | None = None) -> dict[str, Any]:
+    """Every option's damped activation error for one (linear, expert) (``cd`` = C + αI, ``wh`` its factor), with
+    each output row's error weighted by ``rows`` (O,) when given; ``signal`` = tr(W_e C W_eᵀ) (row weighted too),
+    what ``normalize: relative`` divides by."""
+    delta, w_e = weigh_rows(delta, rows), weigh_rows(w_e, rows)
     spectrum = act.twin_spectrum(delta, wh)  # (k,) descending
     total = float(spectrum.sum())
     cum = spectrum.cumsum(0)
@@ -62,7 +88,7 @@ def linear_scores(delta: torch.Tensor, cd: torch.Tensor, wh: act.Whitener, w_e: 
 
 
 def unit_scores(ctx: BuildContext, unit: Unit, moments: list[mom.Moments], spec: AllocateSpec,
-                shared_is_base: bool) -> Scores:
+                shared_is_base: bool, rows: list[Rows] | None = None) -> Scores:
     """Scores of every (linear, expert) of ``unit`` against the context's shared weight."""
     out: Scores = {}
     whiteners: dict[tuple[str, int], tuple[torch.Tensor, act.Whitener]] = {}  # (site, expert): shared by q/k/v
@@ -77,7 +103,8 @@ def unit_scores(ctx: BuildContext, unit: Unit, moments: list[mom.Moments], spec:
                 cd = act.damped(moment(ctx, moments, lin.path, lin.weight, e).to(base.device), spec.damp)
                 whiteners[site] = (cd, act.Whitener(torch.linalg.cholesky(cd)))
             cd, wh = whiteners[site]
-            out[lin.name][str(e)] = linear_scores(w_e - w_s, cd, wh, w_e, spec)
+            out[lin.name][str(e)] = linear_scores(w_e - w_s, cd, wh, w_e, spec,
+                                                  None if rows is None else rows[e][lin.path])
     return out
 
 
@@ -93,22 +120,24 @@ def moment(ctx: BuildContext, moments: list[mom.Moments], path: str, weight: str
 
 
 def scores_key(ctx: BuildContext, moment_keys: list[str], spec: AllocateSpec, shared: str) -> str:
-    blob = json.dumps({"v": VERSION, "moments": moment_keys, "shared": shared, "seed": ctx.recipe.seed,
-                       "folds": sorted(ctx.folds.items()),
-                       "spec": spec.model_dump(mode="json", include={"kinds", "ranks", "densities", "damp"}),
-                       "inputs": [analysis_cache.folder_stamp(ctx.base.folder),
-                                  *(analysis_cache.folder_stamp(s.path) for s in ctx.sources)]},
-                      sort_keys=True, default=str)
+    fields = {"v": VERSION, "moments": moment_keys, "shared": shared, "seed": ctx.recipe.seed,
+              "folds": sorted(ctx.folds.items()),
+              "spec": spec.model_dump(mode="json", include={"kinds", "ranks", "densities", "damp"}),
+              "inputs": [analysis_cache.folder_stamp(ctx.base.folder),
+                         *(analysis_cache.folder_stamp(s.path) for s in ctx.sources)]}
+    if spec.sensitivity != "none":  # (absent otherwise: scores cached before the option keep their key)
+        fields["sensitivity"] = spec.sensitivity
+    blob = json.dumps(fields, sort_keys=True, default=str)
     return "alloc-" + hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
 def all_scores(ctx: BuildContext, units: list[Unit], moments: list[mom.Moments], spec: AllocateSpec,
-               key: str, shared_is_base: bool, progress: bool) -> dict[str, Scores]:
+               key: str, shared_is_base: bool, progress: bool, rows: list[Rows] | None = None) -> dict[str, Scores]:
     """Scores of every unit (cached ones read, the rest measured and added to the cache)."""
     known: dict[str, Any] = _load(key)
     todo = [u for u in units if u.path not in known]
     for u in tqdm(todo, desc="measure", unit="unit", disable=not progress or not todo, dynamic_ncols=True):
-        known[u.path] = unit_scores(ctx, u, moments, spec, shared_is_base)
+        known[u.path] = unit_scores(ctx, u, moments, spec, shared_is_base, rows)
         _save(key, known)
     return {u.path: known[u.path] for u in units}
 
@@ -219,9 +248,10 @@ def routed_unit(unit: Unit, kind: str, picks: dict[str, act.Option], lookup: dic
     return RoutedUnit(replace(unit, linears=tuple(kept)), KINDS.get(kind), KindConfig(), per, maker, gain)
 
 
-def aware_maker(ctx: BuildContext, moments: list[mom.Moments], kind: str, damp: float) -> Maker:
+def aware_maker(ctx: BuildContext, moments: list[mom.Moments], kind: str, damp: float,
+                rows: list[Rows] | None = None) -> Maker:
     """Builds expert e's tensors in a linear as the scores assumed: activation-aware twin factors and bit1
-    scales, sparse supports chosen by |Δ|² C_jj, dense weights."""
+    scales, sparse supports chosen by |Δ|² C_jj, dense weights (twin and sparse on W^½ Δ with row weights)."""
     def make(lin: Linear, e: int, w_s: torch.Tensor, w_e: torch.Tensor, cfg: KindConfig | None) -> dict:
         out_f, in_f = lin.shape
         delta = w_e.float() - w_s.float()  # (O, I)
@@ -230,12 +260,13 @@ def aware_maker(ctx: BuildContext, moments: list[mom.Moments], kind: str, damp: 
         if cfg is None:
             return empty_tensors(kind, out_f, in_f)
         c = moment(ctx, moments, lin.path, lin.weight, e).to(delta.device)  # (I, I)
+        w = None if rows is None else rows[e][lin.path].to(delta.device)  # (O,)
         if kind == "twin":
-            U, V = act.twin_factors(delta, act.Whitener.of(c, damp), min(cfg.rank or 1, out_f, in_f))
-            return {"U": U, "V": V}
-        if kind == "bit1":
+            U, V = act.twin_factors(weigh_rows(delta, w), act.Whitener.of(c, damp), min(cfg.rank or 1, out_f, in_f))
+            return {"U": U if w is None else (U / w.sqrt().float()[:, None]).contiguous(), "V": V}
+        if kind == "bit1":  # the per-row scale is the same with or without row weights
             return {"signs": pack_signs(delta), "scale": act.bit1_scale(delta, act.damped(c, damp))}
-        keep = act.sparse_keep(delta, c.diagonal(), cfg.density or 1.0)
+        keep = act.sparse_keep(weigh_rows(delta, w), c.diagonal(), cfg.density or 1.0)
         return {"indices": keep.to(torch.int32), "values": delta.reshape(-1)[keep]}
 
     return make
@@ -286,7 +317,7 @@ def reserved_bytes(ctx: BuildContext, units: list[Unit], n_tensors_per_linear: i
 
 
 def choose(ctx: BuildContext, units: list[Unit], scores: dict[str, Scores], moments: list[mom.Moments],
-           spec: AllocateSpec, budget: int) -> tuple[list[RoutedUnit], float]:
+           spec: AllocateSpec, budget: int, rows: list[Rows] | None = None) -> tuple[list[RoutedUnit], float]:
     """The knapsack over every unit; the routed units and the (normalised) error left."""
     tokens = [m.tokens for m in moments]
     groups, lookups = {}, {}
@@ -298,8 +329,8 @@ def choose(ctx: BuildContext, units: list[Unit], scores: dict[str, Scores], mome
         kind, picks = picked[u.path]
         left += sum(o.error for o in picks.values())
         none = sum(o[0].error for o in groups[u.path]["merged"].values())
-        ru = routed_unit(u, kind, picks, lookups[u.path], len(ctx.sources), aware_maker(ctx, moments, kind, spec.damp),
-                         none)
+        maker = aware_maker(ctx, moments, kind, spec.damp, rows)
+        ru = routed_unit(u, kind, picks, lookups[u.path], len(ctx.sources), maker, none)
         if ru is not None:
             routed.append(ru)
     return routed, left
@@ -313,15 +344,18 @@ def allocate_plan(ctx: BuildContext, units: list[Unit], ratio: float, base_bytes
     spec = routing.allocate or AllocateSpec()
     linears = [lin.path for u in units for lin in u.linears]
     tok = ctx.tokenizer()
-    moments = [mom.expert_moments(ctx, e, tok, linears, progress) for e in range(len(ctx.sources))]
-    keys = [mom.moments_key(ctx, e, linears) for e in range(len(ctx.sources))]
+    fisher = spec.sensitivity == "fisher"
+    moments = [mom.expert_moments(ctx, e, tok, linears, progress, fisher) for e in range(len(ctx.sources))]
+    keys = [mom.moments_key(ctx, e, linears, fisher) for e in range(len(ctx.sources))]
+    rows = row_weights(moments, linears) if fisher else None
     budget = int((ratio - 1.0) * base_bytes) - reserved_bytes(ctx, units)
     best: Allocation | None = None
     left: dict[str, float] = {}
     for cand in spec.merges or [None]:
         cctx, shared_base, label = with_merge(ctx, cand)
-        scores = all_scores(cctx, units, moments, spec, scores_key(cctx, keys, spec, label), shared_base, progress)
-        routed, left[label] = choose(cctx, units, scores, moments, spec, max(budget, 0))
+        scores = all_scores(cctx, units, moments, spec, scores_key(cctx, keys, spec, label), shared_base, progress,
+                            rows)
+        routed, left[label] = choose(cctx, units, scores, moments, spec, max(budget, 0), rows)
         if best is None or left[label] < min(v for k, v in left.items() if k != label):
             best = Allocation(cctx, routed, shared_base, left)
     assert best is not None

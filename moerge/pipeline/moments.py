@@ -7,7 +7,14 @@ serves them.  The result is cached on disk per expert (``$MOERGE_CACHE/moments/<
 keyed on the base's and that expert's files, the calibration source (and its file), the linears and
 :data:`VERSION`, so re-planning at another budget, kind grid or shared merge reruns nothing.
 
-Memory: the expert's model (float32) plus one (I, I) float64 accumulator per site.
+With ``fisher=True`` (``allocate: {sensitivity: fisher}``) the same pass also runs backward from the expert's
+own answer: at each prompt's last real token, ``-log p(argmax)`` (the expert's first answer token), and forward
+hooks on the linears' outputs accumulate the diagonal of the output-gradient second moment
+``g = Σ_t (∂ℓ/∂y_t)²`` (O,) per linear: the output side of a K-FAC (Kronecker) view of the loss's curvature,
+``F ≈ C ⊗ G``, kept diagonal.  No parameter gradient is formed (the weights do not require grad).
+
+Memory: the expert's model (float32) plus one (I, I) float64 accumulator per site (and, with ``fisher``, the
+activations of one batch for backward and one (O,) vector per linear).
 """
 
 from __future__ import annotations
@@ -32,21 +39,32 @@ BATCH = 8
 MAX_LENGTH = 512
 
 
+GRAD = "grad:"  # key prefix of a linear's output-gradient moment in the cache file
+
+
 class Moments:
     """One expert's input second moments: ``site[linear path]`` names its site; :meth:`of` gives the (I, I)
-    float64 moment, read lazily from the cache file (``path``) or kept in memory (float32) when not cached."""
+    float64 moment, read lazily from the cache file (``path``) or kept in memory (float32) when not cached.
+    With ``fisher``, :meth:`grad` gives a linear's output-gradient moment (O,) and ``prompts`` counts the
+    prompts (the loss is one term per prompt)."""
 
     def __init__(self, site: dict[str, str], tokens: int, path: Path | None = None,
-                 c: dict[str, torch.Tensor] | None = None) -> None:
-        self.site, self.tokens, self.path, self._c = site, tokens, path, c
+                 c: dict[str, torch.Tensor] | None = None, prompts: int = 0) -> None:
+        self.site, self.tokens, self.path, self._c, self.prompts = site, tokens, path, c, prompts
 
-    def of(self, linear: str) -> torch.Tensor:
-        key = self.site[linear]
+    def _get(self, key: str) -> torch.Tensor:
         if self._c is not None:
             return self._c[key].double()
         assert self.path is not None
         with safe_open(str(self.path), framework="pt") as f:
             return f.get_tensor(key).double()
+
+    def of(self, linear: str) -> torch.Tensor:
+        return self._get(self.site[linear])
+
+    def grad(self, linear: str) -> torch.Tensor:
+        """Σ over tokens of (∂ℓ/∂y)² for the linear's output y (O,), float64 (``fisher`` moments only)."""
+        return self._get(GRAD + linear)
 
 
 def moments_dir() -> Path | None:
@@ -57,14 +75,16 @@ def moments_dir() -> Path | None:
     return root / "moments" if os.environ.get("MOERGE_ANALYSIS_CACHE") else root.parent / "moments"
 
 
-def moments_key(ctx: BuildContext, e: int, linears: list[str]) -> str:
+def moments_key(ctx: BuildContext, e: int, linears: list[str], fisher: bool = False) -> str:
     spec = ctx.recipe.experts[e].calibration
     assert spec is not None
     data = Path(spec.data)
-    blob = json.dumps({"v": VERSION, "base": analysis_cache.folder_stamp(ctx.base.folder),
-                       "expert": analysis_cache.folder_stamp(Path(ctx.sources[e].path)),
-                       "calibration": spec.model_dump(mode="json"),
-                       "data": data_stamp(data), "linears": linears}, sort_keys=True, default=str)
+    fields = {"v": VERSION, "base": analysis_cache.folder_stamp(ctx.base.folder),
+              "expert": analysis_cache.folder_stamp(Path(ctx.sources[e].path)),
+              "calibration": spec.model_dump(mode="json"), "data": data_stamp(data), "linears": linears}
+    if fisher:  # (absent otherwise: the moments cached before the option keep their key)
+        fields["fisher"] = True
+    blob = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
@@ -106,7 +126,7 @@ def _hooks(model: torch.nn.Module, linears: list[str], acc: dict[str, torch.Tens
         site[path] = key
         if key != path:
             return
-        c = second_moment(x[mask_ref["mask"].bool()])  # real tokens only: (n, I) -> (I, I)
+        c = second_moment(x.detach()[mask_ref["mask"].bool()])  # real tokens only: (n, I) -> (I, I)
         acc[key] = c if key not in acc else acc[key] + c
 
     handles = [model.get_submodule(p).register_forward_pre_hook(lambda m, a, p=p: hook(m, a, p)) for p in linears]
@@ -114,26 +134,70 @@ def _hooks(model: torch.nn.Module, linears: list[str], acc: dict[str, torch.Tens
     return handles
 
 
-@torch.no_grad()
-def collect(ctx: BuildContext, e: int, texts: list[str], tok: Any, linears: list[str]) -> Moments:
-    """Run expert e on ``texts`` and accumulate the input second moment of every linear in ``linears``."""
-    model = expert_model(ctx, e).to(ctx.device)
+def _grad_hooks(model: torch.nn.Module, linears: list[str], acc: dict[str, torch.Tensor],
+                mask_ref: dict[str, torch.Tensor]) -> list[Any]:
+    """Output hooks adding Σ_t (∂ℓ/∂y_t)² (O,) over the real tokens of each linear in backward; the input
+    embeddings' output is made to require grad (the weights do not)."""
+    def on_grad(g: torch.Tensor, path: str) -> None:
+        sq = g.detach()[mask_ref["mask"].bool()].double().pow(2).sum(0)  # (n, O) -> (O,)
+        acc[path] = sq if path not in acc else acc[path] + sq
+
+    def hook(module: Any, args: tuple, out: torch.Tensor, path: str) -> None:
+        if out.requires_grad:
+            out.register_hook(lambda g: on_grad(g, path))
+
+    handles = [model.get_submodule(p).register_forward_hook(lambda m, a, o, p=p: hook(m, a, o, p)) for p in linears]
+    handles.append(model.get_input_embeddings().register_forward_hook(
+        lambda m, a, out: out.detach().requires_grad_(True)))
+    return handles
+
+
+def last_token(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) attention mask -> (B,) index of each row's last real token (left or right padding)."""
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    return (mask.long() * (positions + 1)).argmax(-1)
+
+
+def answer_loss(model: torch.nn.Module, enc: Any) -> torch.Tensor:
+    """Σ over prompts of -log p(the expert's own top token) at the last real token: what its first answer token
+    depends on (the logits of that token only)."""
+    hidden = model.base_model(**enc, use_cache=False).last_hidden_state  # (B, T, H)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    logits = model.get_output_embeddings()(hidden[rows, last_token(enc["attention_mask"])]).float()  # (B, V)
+    return torch.nn.functional.cross_entropy(logits, logits.argmax(-1).detach(), reduction="sum")
+
+
+def collect(ctx: BuildContext, e: int, texts: list[str], tok: Any, linears: list[str],
+            fisher: bool = False) -> Moments:
+    """Run expert e on ``texts`` and accumulate the input second moment of every linear in ``linears`` (and,
+    with ``fisher``, each one's output-gradient moment)."""
+    model = expert_model(ctx, e).to(ctx.device).requires_grad_(False)
     acc: dict[str, torch.Tensor] = {}
+    grads: dict[str, torch.Tensor] = {}
     site: dict[str, str] = {}
     mask_ref: dict[str, torch.Tensor] = {}
     tokens = 0
     handles = _hooks(model, linears, acc, site, mask_ref)
+    if fisher:
+        handles += _grad_hooks(model, linears, grads, mask_ref)
     try:
         for i in range(0, len(texts), BATCH):
             enc = tok(texts[i:i + BATCH], return_tensors="pt", padding=True, truncation=True, max_length=MAX_LENGTH,
                       add_special_tokens=False).to(ctx.device)
             mask_ref["mask"] = enc["attention_mask"]
             tokens += int(enc["attention_mask"].sum())
-            model.base_model(**enc, use_cache=False)  # the decoder only: no logits needed
+            if fisher:
+                with torch.enable_grad():
+                    answer_loss(model, enc).backward()
+            else:
+                with torch.no_grad():
+                    model.base_model(**enc, use_cache=False)  # the decoder only: no logits needed
     finally:
         for h in handles:
             h.remove()
-    return Moments(site, tokens, c={k: v.float().cpu() for k, v in acc.items()})
+    out = {k: v.float().cpu() for k, v in acc.items()}
+    out.update({GRAD + k: v.float().cpu() for k, v in grads.items()})
+    return Moments(site, tokens, c=out, prompts=len(texts))
 
 
 def load(key: str) -> Moments | None:
@@ -144,7 +208,7 @@ def load(key: str) -> Moments | None:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        return Moments(json.loads(meta["site"]), int(meta["tokens"]), path)
+        return Moments(json.loads(meta["site"]), int(meta["tokens"]), path, prompts=int(meta.get("prompts", 0)))
     except (OSError, ValueError, KeyError):
         return None
 
@@ -153,11 +217,12 @@ def save(key: str, m: Moments) -> None:
     """Best effort, atomic (a temporary file renamed into place)."""
     assert m._c is not None
     tensors = {k: v.contiguous() for k, v in m._c.items()}
-    meta = {"site": json.dumps(m.site), "tokens": str(m.tokens)}
+    meta = {"site": json.dumps(m.site), "tokens": str(m.tokens), "prompts": str(m.prompts)}
     analysis_cache.atomic_write(moments_dir(), f"{key}.safetensors", lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def expert_moments(ctx: BuildContext, e: int, tok: Any, linears: list[str], progress: bool = False) -> Moments:
+def expert_moments(ctx: BuildContext, e: int, tok: Any, linears: list[str], progress: bool = False,
+                   fisher: bool = False) -> Moments:
     """Expert e's moments: from the cache, else collected (and cached)."""
     from ..routing.data import load_texts
 
@@ -165,10 +230,10 @@ def expert_moments(ctx: BuildContext, e: int, tok: Any, linears: list[str], prog
     if spec is None:
         raise RecipeError(ctx.file, f"experts[{e}].calibration", "activation-based allocation needs calibration "
                                                                  "prompts for every expert")
-    key = moments_key(ctx, e, linears)
+    key = moments_key(ctx, e, linears, fisher)
     cached = load(key)
     if cached is not None:
         return cached
-    m = collect(ctx, e, load_texts(spec, tok, file=f"experts[{e}].calibration"), tok, linears)
+    m = collect(ctx, e, load_texts(spec, tok, file=f"experts[{e}].calibration"), tok, linears, fisher)
     save(key, m)
     return load(key) or m  # lazily read back when cached: the moments of every expert need not fit in memory
