@@ -233,8 +233,9 @@ class AllocateSpec(Strict):
     damp: float = Field(0.01, gt=0)  # whitening damping, a fraction of mean(diag(C))
     normalize: Literal["tokens", "relative"] = "tokens"  # error per calibration token, or / the output's energy
     # fisher: each output row's error weighted by how much the expert's answer depends on it (diagonal K-FAC
-    # output side, from a backward pass on the calib prompts), normalised to mean 1 per expert
-    sensitivity: Literal["none", "fisher"] = "none"
+    # output side, from a backward pass on the calib prompts), normalised to mean 1 per expert; fisher_global:
+    # one normaliser for all experts, so an expert whose answers are more fragile also gets more of the bytes
+    sensitivity: Literal["none", "fisher", "fisher_global"] = "none"
     # candidates for the shared weight (the static merge): each is measured, the least remaining error wins
     merges: list[MergeSpec | Literal["base"]] | None = None
 

@@ -306,8 +306,9 @@ def test_fisher_moments_are_output_gradient_moments(pool: dict) -> None:
     assert m.prompts == 3
     model = mom.expert_model(ctx, 1)
     want = {p: torch.zeros(model.get_submodule(p).out_features, dtype=torch.float64) for p in lins}
+    outs: dict[str, torch.Tensor] = {}
     for t in texts:
-        outs: dict[str, torch.Tensor] = {}
+        outs.clear()
         hs = [model.get_submodule(p).register_forward_hook(lambda _m, _a, o, p=p: outs.__setitem__(p, o)) for p in lins]
         logits = model(**tok([t], return_tensors="pt", add_special_tokens=False)).logits[0, -1]  # (V,)
         for h in hs:
@@ -346,15 +347,38 @@ def test_row_weighted_twin_factors_are_optimal_in_the_weighted_metric() -> None:
     assert torch.equal(weigh_rows(delta, torch.ones(24)), delta)
 
 
-@pytest.mark.parametrize("budget", ["1.2x", "20x"])
-def test_fisher_allocation_within_budget_and_exact_when_everything_fits(pool: dict, budget: str) -> None:
-    raw = _recipe(pool, pool["full"], budget, ranks=[1, 4, 32], sensitivity="fisher")
+@pytest.mark.parametrize(("budget", "sensitivity"), [("1.2x", "fisher"), ("20x", "fisher"), ("1.2x", "fisher_global")])
+def test_fisher_allocation_within_budget_and_exact_when_everything_fits(pool: dict, budget: str,
+                                                                        sensitivity: str) -> None:
+    raw = _recipe(pool, pool["full"], budget, ranks=[1, 4, 32], sensitivity=sensitivity)
     recipe = recipe_from_dict(raw)
     plan = plan_for(recipe, progress=False, device="cpu")
-    out = pool["root"] / f"fisher_{budget}"
+    out = pool["root"] / f"{sensitivity}_{budget}"
     moerge.build(recipe, out, force=True, progress=False, device="cpu")
     assert plan.routed
     assert _file_bytes(out) <= float(budget.rstrip("x")) * plan.base_bytes()
     if budget == "20x":
         assert len(_load(out).config.moerge["units"]) == 4
         _assert_forced_reproduces(out, pool["full"])
+
+
+def test_row_weights_normalise_per_expert_or_over_all() -> None:
+    """``fisher``: mean 1 over each expert's rows; ``fisher_global``: mean 1 over all, the same shape per expert
+    (a constant factor apart), so the more sensitive expert weighs more; floored, never zero."""
+    from moerge.pipeline import moments as mom
+    from moerge.pipeline.allocate import row_weights
+
+    g = torch.Generator().manual_seed(0)
+    lins = ["a", "b"]
+    ms = [mom.Moments({}, 10, c={mom.GRAD + p: torch.rand(n, generator=g) * k for p, n in zip(lins, (6, 4))})
+          for k in (1.0, 50.0)]
+    ms[0]._c[mom.GRAD + "a"][0] = 0.0
+    per, glob = row_weights(ms, lins), row_weights(ms, lins, per_expert=False)
+    for rows in per:
+        assert abs(float(torch.cat([rows[p] for p in lins]).mean()) - 1) < 1e-3
+    assert abs(float(torch.cat([r[p] for r in glob for p in lins]).mean()) - 1) < 1e-3
+    for e in (0, 1):
+        ratio = torch.cat([glob[e][p] / per[e][p] for p in lins])[1:]  # (the floored entry aside)
+        assert torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-6)
+    assert float(glob[1]["b"].mean()) > 10 * float(glob[0]["b"].mean())
+    assert float(per[0]["a"].min()) > 0

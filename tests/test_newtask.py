@@ -356,3 +356,29 @@ def test_manifest_rejects_malformed_routes(pool: dict, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="expected 3 numbers"):
         calibrate(ckpt, _mapping(pool, TASKS[:3]))
     assert isinstance(CheckpointError(None, None, "x"), MoergeError)
+
+
+def test_compose_autocasts_only_where_the_cpu_has_bf16_gemms(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without bf16 GEMM instructions (AVX2 only) torch's CPU bf16 GEMM is ~16x slower than fp32: by default the
+    composed route's forwards run in fp32 there, under bf16 autocast elsewhere; ``amp`` overrides both."""
+    import moerge.dtypes
+    from moerge.routing import compose as comp
+
+    seen: list[bool] = []
+    real = torch.autocast
+
+    def spy(device: str, dtype: torch.dtype, enabled: bool = True) -> object:
+        seen.append(enabled)
+        return real(device, dtype=dtype, enabled=enabled)
+
+    monkeypatch.setattr(comp.torch, "autocast", spy)
+    model = torch.nn.Module()
+    model.forward = lambda **kw: type("Out", (), {"logits": torch.zeros(1, 3, 5)})()  # type: ignore[method-assign]
+    batch = {"attention_mask": torch.ones(1, 3, dtype=torch.long), "input_ids": torch.zeros(1, 3, dtype=torch.long),
+             "keep": 3, "targets": torch.zeros(1, 2, dtype=torch.long)}
+    for native in (False, True):
+        monkeypatch.setattr(moerge.dtypes, "cpu_bf16_native", lambda native=native: native)
+        for amp, want in ((None, native), (True, True), (False, False)):
+            seen.clear()
+            comp.answer_loss(model, batch, ComposeOptions(amp=amp).autocast())
+            assert seen == [want], (native, amp)

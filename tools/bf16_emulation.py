@@ -24,7 +24,6 @@ The wrapper puts a ``sitecustomize`` on ``PYTHONPATH`` so that subprocesses the 
 
 from __future__ import annotations
 
-import functools
 import os
 import runpy
 import sys
@@ -37,16 +36,11 @@ _LIB = None  # the torch.library registration while the emulation is on
 ENV = "MOERGE_BF16_EMULATION"
 
 
-@functools.cache
 def native_bf16() -> bool:
     """Whether this CPU has bf16 GEMM instructions (x86 flags avx512_bf16 / amx_bf16; non-x86: assume yes)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return True
-    if "flags" not in flags:
-        return True
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    from moerge.dtypes import cpu_bf16_native
+
+    return cpu_bf16_native()
 
 
 def note() -> str:

@@ -111,9 +111,10 @@ def budget_methods() -> list[Method]:
         sel = {"budget": f"{b}x", "metric": "activation"}
         ms += routed_methods(f"alloc-{b}", f"moerge allocation {b}x (activation)", budget_recipe(sel), False,
                              {"sel": sel, "v": 1})
-        fisher = {"sensitivity": "fisher"}
-        ms += routed_methods(f"alloc-fisher-{b}", f"moerge allocation {b}x (activation, fisher row weights)",
-                             budget_recipe(sel, allocate=fisher), False, {"sel": sel, "allocate": fisher})
+        for sens, what in (("fisher", "fisher row weights per expert"), ("fisher_global", "fisher row weights")):
+            alloc = {"sensitivity": sens}
+            ms += routed_methods(f"alloc-{sens}-{b}", f"moerge allocation {b}x (activation, {what})",
+                                 budget_recipe(sel, allocate=alloc), False, {"sel": sel, "allocate": alloc})
         for metric in ("sign_conflict", "merge_error"):
             sel = {"budget": f"{b}x", "metric": metric}
             ms += routed_methods(f"sel-{metric}-bit1-{b}", f"moerge {metric} selection {b}x (bit1 units)",

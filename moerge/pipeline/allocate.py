@@ -12,7 +12,8 @@ the plan.  Three steps, each one unit (or one expert) at a time:
    With ``sensitivity: fisher`` each output row o of the error is weighted by w_o, how much expert e's answer
    depends on that row (:func:`row_weights`): tr(W (Δ - Δ̂) C_e (Δ - Δ̂)ᵀ), W = diag(w), the diagonal K-FAC
    view of the loss's curvature; every option is then scored and built on W^½ Δ (twin factors of W^½ Δ with
-   U mapped back by W^-½; bit1's per-row scales are unchanged; sparse keeps by w_o |Δ_oj|² C_jj).
+   U mapped back by W^-½; bit1's per-row scales are unchanged; sparse keeps by w_o |Δ_oj|² C_jj).  ``fisher``
+   normalises w to mean 1 per expert; ``fisher_global`` over all experts (the balance between experts moves too).
 3. **choose**: errors are normalised (per token of the expert's prompts, or relative to the linear's output
    energy), and a multiple-choice knapsack (:func:`moerge.analysis.activations.allocate`) picks one kind per unit
    and one option per (linear, expert) that removes the most error within the budget.  With several shared
@@ -52,16 +53,19 @@ Scores = dict[str, dict[str, dict[str, Any]]]  # linear name -> expert index (st
 Rows = dict[str, torch.Tensor]  # linear path -> (O,) weight of each output row's error
 
 
-def row_weights(moments: list[mom.Moments], linears: list[str]) -> list[Rows]:
+def row_weights(moments: list[mom.Moments], linears: list[str], per_expert: bool = True) -> list[Rows]:
     """Per expert, each linear's output-gradient moment divided by its mean over every candidate row of that
-    expert (so the weights reorder bytes within an expert, across layers and rows, and leave the balance between
-    experts to ``normalize``); floored at 1e-4 so that W^-½ stays finite."""
-    out = []
-    for m in moments:
-        g = {p: m.grad(p) for p in linears}
-        mean = sum(float(v.sum()) for v in g.values()) / max(sum(v.numel() for v in g.values()), 1)
-        out.append({p: (v / max(mean, 1e-300)).clamp_min(1e-4) for p, v in g.items()})
-    return out
+    expert (``per_expert``: the weights reorder bytes within an expert, across layers and rows, and leave the
+    balance between experts to ``normalize``) or of every expert (an expert whose answers depend more on its
+    weights, per prompt, weighs more); floored at 1e-4 of the mean so that W^-½ stays finite."""
+    grads = [{p: m.grad(p) for p in linears} for m in moments]
+
+    def mean(gs: list[Rows]) -> float:
+        total = sum(float(v.sum()) for g in gs for v in g.values())
+        return max(total / max(sum(v.numel() for g in gs for v in g.values()), 1), 1e-300)
+
+    scales = [mean([g]) for g in grads] if per_expert else [mean(grads)] * len(grads)
+    return [{p: (v / s).clamp_min(1e-4) for p, v in g.items()} for g, s in zip(grads, scales)]
 
 
 def weigh_rows(delta: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
@@ -344,10 +348,10 @@ def allocate_plan(ctx: BuildContext, units: list[Unit], ratio: float, base_bytes
     spec = routing.allocate or AllocateSpec()
     linears = [lin.path for u in units for lin in u.linears]
     tok = ctx.tokenizer()
-    fisher = spec.sensitivity == "fisher"
+    fisher = spec.sensitivity != "none"
     moments = [mom.expert_moments(ctx, e, tok, linears, progress, fisher) for e in range(len(ctx.sources))]
     keys = [mom.moments_key(ctx, e, linears, fisher) for e in range(len(ctx.sources))]
-    rows = row_weights(moments, linears) if fisher else None
+    rows = row_weights(moments, linears, spec.sensitivity == "fisher") if fisher else None
     budget = int((ratio - 1.0) * base_bytes) - reserved_bytes(ctx, units)
     best: Allocation | None = None
     left: dict[str, float] = {}

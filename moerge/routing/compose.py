@@ -54,9 +54,15 @@ class ComposeOptions:
     answer_field: str = "answer"
     max_samples: int = 32
     batch_size: int = 8
-    amp: bool = True  # bf16 autocast on CPU (the model stays in its dtype)
+    amp: bool | None = None  # bf16 autocast on CPU (the model stays in its dtype); None: where the CPU has bf16 GEMMs
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def autocast(self) -> bool:
+        """Whether the forwards run under CPU bf16 autocast (``amp``, or by default where it is fast)."""
+        from ..dtypes import cpu_bf16_native
+
+        return cpu_bf16_native() if self.amp is None else self.amp
 
     def check(self) -> None:
         if self.level not in ("unit", "layer", "global"):
@@ -192,7 +198,7 @@ def fit_route(model: Any, data: list[Batch], start: torch.Tensor, free: torch.Te
         total = 0.0
         for b in data:
             set_route(model, w * free, groups, row)
-            loss = answer_loss(model, b, opts.amp) / n_tok
+            loss = answer_loss(model, b, opts.autocast()) / n_tok
             loss.backward()
             total += float(loss.detach())
         if not history or total < min(history):
@@ -236,7 +242,7 @@ def learn(ckpt: Checkpoint, pairs: Pairs, name: str, over: list[int], copts: Com
     starts = {}
     for label, w in simple_routes(list(manifest.experts), over).items():
         set_route(model, w.expand(n_groups, -1), groups, row)
-        starts[label] = mean_loss(model, data, copts.amp)
+        starts[label] = mean_loss(model, data, copts.autocast())
     first = min(starts, key=starts.get)
     free = torch.zeros(len(manifest.experts))
     free[over] = 1.0
