@@ -303,7 +303,6 @@ def test_fisher_moments_are_output_gradient_moments(pool: dict) -> None:
     texts = ["good movie loved it", "the market report today was long and dull", "ok"]
     tok = ctx.tokenizer()
     m = mom.collect(ctx, 1, texts, tok, lins, fisher=True)
-    assert m.prompts == 3
     model = mom.expert_model(ctx, 1)
     want = {p: torch.zeros(model.get_submodule(p).out_features, dtype=torch.float64) for p in lins}
     outs: dict[str, torch.Tensor] = {}

@@ -6,8 +6,8 @@ pool's full-expert generator (bf16 autocast) and every bf16-autocast scoring run
 that recorded them.
 
 :func:`enable` registers CPU kernels (``torch.library``) that run each bf16 ``mm`` / ``addmm`` / ``bmm`` /
-``baddbmm`` (forward and backward, as autocast, autograd and ``linear``'s decomposition issue them) as an fp32 GEMM of the same bf16 values and rounds
-the result to bf16.  That is the arithmetic of a native bf16 GEMM (oneDNN on AVX512-BF16 / AMX): products of bf16
+``baddbmm`` (forward and backward, as autocast, autograd and ``linear``'s decomposition issue them) as an fp32
+GEMM of the same bf16 values and round the result to bf16.  That is the arithmetic of a native bf16 GEMM (oneDNN on AVX512-BF16 / AMX): products of bf16
 values are exact in fp32, they are accumulated in fp32, and the output is rounded once to bf16 (a bias, when
 there is one, is added in fp32 before the rounding).  Only the summation order differs, as it does between any
 two CPU kinds.  Nothing else changes: every other op, dtype and the autocast policy are untouched.

@@ -45,12 +45,11 @@ GRAD = "grad:"  # key prefix of a linear's output-gradient moment in the cache f
 class Moments:
     """One expert's input second moments: ``site[linear path]`` names its site; :meth:`of` gives the (I, I)
     float64 moment, read lazily from the cache file (``path``) or kept in memory (float32) when not cached.
-    With ``fisher``, :meth:`grad` gives a linear's output-gradient moment (O,) and ``prompts`` counts the
-    prompts (the loss is one term per prompt)."""
+    With ``fisher``, :meth:`grad` gives a linear's output-gradient moment (O,)."""
 
     def __init__(self, site: dict[str, str], tokens: int, path: Path | None = None,
-                 c: dict[str, torch.Tensor] | None = None, prompts: int = 0) -> None:
-        self.site, self.tokens, self.path, self._c, self.prompts = site, tokens, path, c, prompts
+                 c: dict[str, torch.Tensor] | None = None) -> None:
+        self.site, self.tokens, self.path, self._c = site, tokens, path, c
 
     def _get(self, key: str) -> torch.Tensor:
         if self._c is not None:
@@ -197,7 +196,7 @@ def collect(ctx: BuildContext, e: int, texts: list[str], tok: Any, linears: list
             h.remove()
     out = {k: v.float().cpu() for k, v in acc.items()}
     out.update({GRAD + k: v.float().cpu() for k, v in grads.items()})
-    return Moments(site, tokens, c=out, prompts=len(texts))
+    return Moments(site, tokens, c=out)
 
 
 def load(key: str) -> Moments | None:
@@ -208,7 +207,7 @@ def load(key: str) -> Moments | None:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        return Moments(json.loads(meta["site"]), int(meta["tokens"]), path, prompts=int(meta.get("prompts", 0)))
+        return Moments(json.loads(meta["site"]), int(meta["tokens"]), path)
     except (OSError, ValueError, KeyError):
         return None
 
@@ -217,7 +216,7 @@ def save(key: str, m: Moments) -> None:
     """Best effort, atomic (a temporary file renamed into place)."""
     assert m._c is not None
     tensors = {k: v.contiguous() for k, v in m._c.items()}
-    meta = {"site": json.dumps(m.site), "tokens": str(m.tokens), "prompts": str(m.prompts)}
+    meta = {"site": json.dumps(m.site), "tokens": str(m.tokens)}
     analysis_cache.atomic_write(moments_dir(), f"{key}.safetensors", lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
