@@ -11,7 +11,7 @@ mergekit-moe builds a Mixtral (``gate_mode`` hidden by default, experts_per_toke
 experts with 8 positive prompts each, run as its own process.
 
 Reference row "base, moerge kernel": the same dense base with its MLP linears (the routed ones) applied by moerge's
-cached-weight kernel (`blocks_linear`); the routed rows over this row isolate what routing costs from what the
+cached-weight kernel (`cached_linear`); the routed rows over this row isolate what routing costs from what the
 kernel choice gains.
 
 Prompts: chat-templated ``make_task_data`` prompts (seed 1, not the calibration ones).  Batch 1: one prompt per
@@ -182,19 +182,19 @@ def load(path: Path):
 
 def load_kernel_reference(path: Path):
     """The dense base with its MLP linears (the ones the routed builds route) applied through moerge's
-    `blocks_linear`, the kernel of cached effective weights: separates what that kernel gains from what routing
+    `cached_linear`, the kernel of cached effective weights: separates what that kernel gains from what routing
     costs."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from moerge.modeling.modeling_moerge import blocks_linear, weight_blocks
+    from moerge.modeling.modeling_moerge import cached_linear
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and ".mlp." in f".{name}.":
-            blocks = weight_blocks(mod.weight.detach())
-            mod.forward = lambda x, blocks=blocks, bias=mod.bias: blocks_linear(x, blocks, bias)
+            weight = mod.weight.detach()
+            mod.forward = lambda x, w=weight, bias=mod.bias: cached_linear(x, w, bias)
     return model, ""
 
 
@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_kernel_reference:
         name = "base, moerge kernel (reference)"
         results.append(time_pair(name, Path(models["base"]), base, tok, singles, batch, args, load_kernel_reference))
-        notes[name] = ("the dense base with its MLP linears applied by moerge's `blocks_linear` (the kernel of "
+        notes[name] = ("the dense base with its MLP linears applied by moerge's `cached_linear` (the kernel of "
                        "cached effective weights); routed rows / this row = the cost of routing itself")
     for name, note in notes.items():
         if name not in paths and not any(r.name == name for r in results):

@@ -382,3 +382,48 @@ def test_compose_autocasts_only_where_the_cpu_has_bf16_gemms(monkeypatch: pytest
             seen.clear()
             comp.answer_loss(model, batch, ComposeOptions(amp=amp).autocast())
             assert seen == [want], (native, amp)
+
+
+@pytest.mark.parametrize("kind", ["dense", "wemoe", "twin", "bit1", "lora", "sparse"])
+def test_learned_mix_gradients_equal_autograd_through_each_delta(tmp_path: Path, kind: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fitting a composed route runs `LearnedMixLinear` (x kept, W and Δ_e rebuilt in backward); its loss and the
+    gradients of every unit's mix equal plain autograd through x W_s^T + Σ_e w_e (x Δ_e^T + bias_delta_e)."""
+    from test_modeling import build, ids_batch, load, save
+
+    from moerge.modeling import modeling_moerge as mm
+
+    config, sd, _, _ = build("qwen2", kind, "sequence", seed=3)  # qwen2: biases, so bias_delta's gradient too
+    model = load(save(tmp_path / "m", config, sd)).requires_grad_(False)
+    model.add_route("new", {})
+    model.force_route("new")
+    lins = [m for m in model.modules() if isinstance(m, mm.RoutedLinear)]
+    ids = ids_batch(b=3, t=6)
+
+    def loss_and_grads() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        g = torch.Generator().manual_seed(1)
+        mixes = [torch.randn(1, len(lin.experts), generator=g).requires_grad_() for lin in lins]
+        for lin, mix in zip(lins, mixes):
+            lin.set_mix(mix)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), [m.grad for m in mixes]
+
+    calls = []
+    real = mm.LearnedMixLinear.apply
+    monkeypatch.setattr(mm.LearnedMixLinear, "apply", lambda *a: calls.append(1) or real(*a))
+    fast_loss, fast = loss_and_grads()
+    assert len(calls) == len(lins)  # every routed linear took the fast path
+
+    def reference(x: torch.Tensor, w: torch.Tensor, lin: mm.RoutedLinear) -> torch.Tensor:
+        y = torch.nn.functional.linear(x, lin.weight, lin.bias)
+        for e in range(len(lin.experts)):
+            y = y + w[e] * lin.apply_delta(e, x, caching=False)
+        return y
+
+    monkeypatch.setattr(mm.LearnedMixLinear, "apply", reference)
+    ref_loss, ref = loss_and_grads()
+    assert torch.allclose(fast_loss, ref_loss, atol=1e-5)
+    assert all(r.abs().sum() > 0 for r in ref)  # the test has something to compare
+    for a, b in zip(fast, ref):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (a, b)

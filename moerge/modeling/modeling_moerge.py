@@ -355,16 +355,14 @@ DELTAS: dict[str, Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor
 
 
 # --------------------------------------------------------------------------------------------------------------
-# cached effective weights: column blocks on CPU
+# cached effective weights on CPU: the product with a few rows
 # --------------------------------------------------------------------------------------------------------------
-# Cached float32 effective weights on CPU are kept as contiguous column blocks of at most BLOCK_COLS inputs, and a
-# product with at most SMALL_M rows is computed as Σ_j W_j @ x_j^T (rows padded to 2).  On one core of an AVX-512
-# x86 with the MKL BLAS of the torch wheel, that form streams a weight once at 1-4 rows while ``F.linear`` /
-# ``x @ W^T`` re-read it per row at 2-4 rows (e.g. 768x3072 fp32, 25 weights, 2 rows: 12 ms vs 25 ms, reading them
-# once: 11 ms); it is what keeps the decode steps of a mixed-route batch (a few rows per route) near memory speed.
-# bf16 / fp16 (no MKL GEMM: 1.1-2.7x slower that way) and autocast keep ``F.linear`` (of the re-joined weight
-# under autocast, so that the output is rounded once, as without blocks).
-BLOCK_COLS = 1024
+# A product of a cached float32 effective weight W (O, I) with 2..SMALL_M rows on CPU is computed as W @ x^T
+# (x^T a transposed view): MKL streams W once there, while ``F.linear`` / ``x @ W^T`` re-read it per row (issue 3:
+# the decode steps of a mixed-route batch, a few rows per route).  One row takes ``F.linear``'s GEMV: on the AVX2
+# EPYC of 2026-12-07 (1 thread, 60 distinct weights, not cache resident) padding it to 2 rows cost 1.1-2.4x, and
+# splitting W into 1024-column blocks (issue 3's layout) cost 1.2-1.5x a GEMV of the whole W, with no gain at 2-4
+# rows (`bench/RESULTS.md`, "batch 1 on AVX2").  bf16 / fp16 (no MKL GEMM) and autocast keep ``F.linear``.
 SMALL_M = 4
 
 
@@ -379,46 +377,14 @@ def _autocast_cpu() -> bool:
         return torch.is_autocast_cpu_enabled()
 
 
-def weight_blocks(w: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(O, I) -> contiguous (O, I_j) column blocks, I_j <= BLOCK_COLS, for a float32 CPU weight; else (w,)."""
-    if not _cpu_fp32(w) or w.shape[1] <= BLOCK_COLS:
-        return (w,)
-    n = -(-w.shape[1] // BLOCK_COLS)
-    return tuple(b.contiguous() for b in torch.tensor_split(w, n, dim=1))
-
-
-def blocks_linear(x: torch.Tensor, blocks: tuple[torch.Tensor, ...], bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, cat(blocks, 1), bias)`` for x (..., I) -> (..., O), without the concatenated weight."""
-    autocast = _autocast_cpu()
-    small = x.numel() <= SMALL_M * x.shape[-1] and _cpu_fp32(x) and _cpu_fp32(blocks[0]) and not autocast
-    if len(blocks) == 1 and not small:
-        return F.linear(x, blocks[0], bias)
-    if autocast:  # one low-precision product, as F.linear would (no sum of rounded parts)
-        return F.linear(x, torch.cat(blocks, 1), bias)
-    out_features = blocks[0].shape[0]
-    x2 = x.reshape(-1, x.shape[-1])  # (N, I)
-    n = x2.shape[0]
-    if small:
-        if n == 1:
-            x2 = torch.cat([x2, torch.zeros_like(x2)])  # N = 1 takes a slower GEMV path
-        xt, k0, acc = x2.t(), 0, None  # xt (I, N): a transposed view, not a copy (the fast case)
-        for blk in blocks:
-            k1 = k0 + blk.shape[1]
-            if acc is not None:
-                acc = acc.addmm_(blk, xt[k0:k1])
-            elif bias is not None:
-                acc = torch.addmm(bias[:, None].expand(-1, xt.shape[1]), blk, xt[k0:k1])
-            else:
-                acc = torch.mm(blk, xt[k0:k1])  # (O, N)
-            k0 = k1
-        y = acc[:, :n].t()
-    else:
-        y, k0 = None, 0
-        for blk in blocks:
-            k1 = k0 + blk.shape[1]
-            part = F.linear(x2[:, k0:k1], blk, bias if y is None else None)  # (N, O)
-            y, k0 = part if y is None else y + part, k1
-    return y.reshape(*x.shape[:-1], out_features)
+def cached_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, w, bias)`` for x (..., I), w (O, I) -> (..., O), with 2..SMALL_M rows on CPU in fp32 as W @ x^T."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if not (2 <= rows <= SMALL_M and _cpu_fp32(x) and _cpu_fp32(w)) or _autocast_cpu():
+        return F.linear(x, w, bias)
+    xt = x.reshape(rows, x.shape[-1]).t()  # (I, N): a transposed view, not a copy
+    y = torch.mm(w, xt) if bias is None else torch.addmm(bias[:, None], w, xt)  # (O, N)
+    return y.t().reshape(*x.shape[:-1], w.shape[0])
 
 
 def _version(t: torch.Tensor) -> int:
@@ -665,7 +631,7 @@ def hidden_states_of(args: tuple, kwargs: dict) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------
 # routed linear
 # --------------------------------------------------------------------------------------------------------------
-Effective = tuple[tuple[torch.Tensor, ...], torch.Tensor | None]  # (`weight_blocks` of a weight (O, I), bias (O,))
+Effective = tuple[torch.Tensor, torch.Tensor | None]  # (weight (O, I), bias (O,))
 
 
 class ExpertTensors(nn.Module):
@@ -692,12 +658,47 @@ class ExpertTensors(nn.Module):
         return dict(self._buffers)
 
 
+class LearnedMixLinear(torch.autograd.Function):
+    """``y = x (W_s + Σ_e w_e Δ_e)^T + b_s + Σ_e w_e bias_delta_e`` for learnable expert weights w (E,), the same for
+    every row (fitting a composed route: `moerge calibrate --compose`).  Keeps only x and w for backward, as a
+    frozen linear keeps x, and rebuilds the weight and each Δ_e there: ∂L/∂w_e = <∂L/∂W, Δ_e> + <∂L/∂b, bias_δ_e>
+    with ∂L/∂W = gy^T x.  Three products per linear and step (forward, ∂x, ∂W), where autograd through
+    ``Σ_e w_e (x Δ_e^T)`` runs 2 (E + 1) and keeps E outputs (B, T, O) per linear until backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, lin: RoutedLinear) -> torch.Tensor:  # type: ignore[override]
+        ctx.lin = lin
+        ctx.save_for_backward(x, w)
+        weight, bias = lin.learned_weight(w)
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):  # type: ignore[override]
+        x, w = ctx.saved_tensors
+        lin: RoutedLinear = ctx.lin
+        gx = None
+        if ctx.needs_input_grad[0]:
+            weight, _ = lin.learned_weight(w)
+            gx = (gy @ weight.to(gy.dtype)).to(x.dtype)  # (..., I)
+        if not ctx.needs_input_grad[1]:
+            return gx, None, None
+        g2, x2 = gy.reshape(-1, gy.shape[-1]).float(), x.reshape(-1, x.shape[-1]).float()  # (N, O), (N, I)
+        g_weight, g_bias = g2.t() @ x2, g2.sum(0)  # (O, I), (O,)
+        gw = torch.zeros(len(lin.experts), dtype=torch.float32, device=w.device)
+        for e in range(len(lin.experts)):
+            gw[e] = (g_weight * lin.delta(e).float()).sum()
+            bd = lin.expert(e).get("bias_delta")
+            if bd is not None:
+                gw[e] += (g_bias * bd.float()).sum()
+        return gx, gw.to(w.dtype), None
+
+
 class RoutedLinear(nn.Module):
     """A linear layer whose weight is ``W_s + Σ_e r_e Δ_e`` for the current route r (read from ``slot``); what a
     kind stores and how Δ_e is applied is its :class:`ExpertKind` (``self.impl``).
 
     (B, E) routes: rows are grouped by route, each group's effective weight is materialised once and kept in a
-    small LRU cache (as CPU-friendly column blocks, see `blocks_linear`), so a decode step costs one dense
+    small LRU cache (applied by `cached_linear`), so a decode step costs one dense
     matmul per group.  A mixed-route batch of a kind whose ``shared_plus_deltas`` says so instead runs
     ``x @ W_s^T`` once for all rows plus each group's ``x @ Δ_e^T``, reading W_s once rather than one full
     effective weight per route.  (B, T, E) routes: the kind's ``mix_tokens``, ``x @ W_s^T + Σ_e r_e (x @ Δ_e^T)``.
@@ -754,9 +755,14 @@ class RoutedLinear(nn.Module):
     def _forward_mixed(self, x: torch.Tensor, caching: bool) -> torch.Tensor:
         """Composed routes: the slot's route over the outputs translated to this unit's expert weights."""
         slot = self.slot
-        if slot.route.dim() == 2 and slot.groups is not None and not self.mix.requires_grad:
+        one_route = slot.route.dim() == 2 and slot.groups is not None
+        if one_route and not self.mix.requires_grad:
             groups = [(self.expert_key(key), span) for key, span in slot.groups]
             return self._forward_groups(x, groups, caching)
+        if one_route and len(slot.groups) == 1:  # fitting the mix: one learnable weight per expert for every row
+            key = torch.tensor(slot.groups[0][0], dtype=self.mix.dtype, device=self.mix.device)  # (O,)
+            n_exp = len(self.experts)
+            return LearnedMixLinear.apply(x, key[:n_exp] + key[n_exp:] @ self.mix, self)
         route = slot.on(x.device)[0]  # (B, O) or (B, T, O)
         n_exp = len(self.experts)
         mix = self.mix.to(route.device)
@@ -790,8 +796,8 @@ class RoutedLinear(nn.Module):
     def cache_bytes(self) -> int:
         """Bytes of the cached effective weights and of what the kinds keep (deltas, kernel indices)."""
         tensors = []
-        for blocks, bias in self._weights.values():
-            tensors += [*blocks, *([] if bias is None else [bias])]
+        for w, bias in self._weights.values():
+            tensors += [w, *([] if bias is None else [bias])]
         for kept in self._kind_cache.values():
             for t in kept.values():  # a sparse CSR tensor counts its three parts
                 csr = t.layout == torch.sparse_csr
@@ -835,6 +841,18 @@ class RoutedLinear(nn.Module):
         ex = self.experts[e]
         return ex() if "_hf_hook" in ex.__dict__ else ex.tensors()
 
+    def learned_weight(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Expert weights w (E,) (a tensor: `LearnedMixLinear`) -> (W_s + Σ_e w_e Δ_e (O, I), b_s + Σ_e w_e
+        bias_delta_e (O,) or None), float32, without autograd."""
+        with torch.no_grad():
+            acc, bias = self.weight.float(), None if self.bias is None else self.bias.float()
+            for e in range(len(self.experts)):
+                acc = acc + w[e].float() * self.delta(e).float()
+                bd = self.expert(e).get("bias_delta")
+                if bd is not None:
+                    bias = (0.0 if bias is None else bias) + w[e].float() * bd.float()
+            return acc, bias
+
     def combine(self, key: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Route weights r (E floats) -> (the kind's W_s + Σ r_e Δ_e (O, I), b_s + Σ r_e bias_delta_e (O,)), in
         float32 then cast."""
@@ -847,17 +865,15 @@ class RoutedLinear(nn.Module):
         return acc.to(self.weight.dtype), None if bias is None else bias.to(self.weight.dtype)
 
     def effective(self, key: tuple[float, ...], caching: bool) -> Effective:
-        """`combine` as (`weight_blocks` of the weight, bias), through the LRU cache when allowed (no autograd)."""
+        """`combine` (weight, bias), through the LRU cache when allowed (no autograd)."""
         if not caching:
-            w, b = self.combine(key)
-            return (w,), b
+            return self.combine(key)
         hit = self._weights.get(key)
         if hit is not None:
             self._weights.move_to_end(key)
             return hit
         with torch.no_grad():
-            w, b = self.combine(key)
-            hit = (weight_blocks(w), b)
+            hit = self.combine(key)
         self._weights[key] = hit
         while len(self._weights) > max(self.cache_size, 1):
             self._weights.popitem(last=False)
@@ -865,7 +881,7 @@ class RoutedLinear(nn.Module):
 
     def _linear_route(self, x: torch.Tensor, key: tuple[float, ...], caching: bool) -> torch.Tensor:
         """x (..., I) through the effective weight of route ``key`` -> (..., O)."""
-        return blocks_linear(x, *self.effective(key, caching))
+        return cached_linear(x, *self.effective(key, caching))
 
     def _forward_groups(self, x: torch.Tensor, groups: list, caching: bool) -> torch.Tensor:
         """One matmul per group of rows sharing a route, or (`_factored_groups`) one shared matmul plus each
