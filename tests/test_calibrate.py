@@ -289,6 +289,23 @@ def test_add_expert(pool: dict, tmp_path: Path, kind: str) -> None:
     assert (ckpt / "moerge_expert_code.safetensors").is_file()
 
 
+def test_add_expert_folds_the_new_experts_norms(pool: dict, tmp_path: Path) -> None:
+    """Full fine-tunes that also move their layer norms: the build folds each expert's input-norm scale into its
+    routed linears (``fold_norms``), and add-expert folds the new expert's the same way, against the stored
+    (merged) norm, so forcing the added expert reproduces it."""
+    fulls = [tiny.make_full_expert(pool["base"], tmp_path / f"normed{i}", seed=70 + i, scale=0.5,
+                                   modules=("self_attn", "mlp", "layernorm")) for i in range(3)]
+    ckpt = _build(pool, "moe_normed", [("sentiment", fulls[0]), ("topic", fulls[1])], "dense")
+    ckpt = _copy(ckpt, tmp_path)
+    calibrate(ckpt, {t: {"data": str(pool["data"][t]), "chat_template": True} for t in ("sentiment", "topic")})
+    add_expert(ckpt, "math", fulls[2], {"math": {"data": str(pool["data"]["math"]), "chat_template": True}})
+    forced = _forced_logits(ckpt, ["sentiment", "topic", "math"])
+    for name, src in zip(("sentiment", "topic", "math"), fulls):
+        with torch.no_grad():
+            ref = _load(src)(input_ids=IDS).logits
+        assert (forced[name] - ref).abs().max() <= 1e-4, name  # without folding "math" is off by O(0.1)
+
+
 def test_add_expert_refusals(pool: dict, tmp_path: Path) -> None:
     ckpt = _copy(pool["moe"], tmp_path)
     before = _snapshot(ckpt)

@@ -24,6 +24,7 @@ from ..io.sources import FullSource, LoraSource, ModelFolder, open_source
 from ..merge.methods import METHODS, MergeMethod, MergeParams, merge_tensor
 from ..merge.streaming import Rows, row_blocks
 from ..recipe import Recipe
+from .units import fold_ratio
 
 Source = FullSource | LoraSource
 # float32 bytes of one row block: a tensor larger than this is read and merged block by block.  Small blocks keep
@@ -191,13 +192,10 @@ class BuildContext:
         if norm not in self.ratio_cache:
             base = self.load(norm).float()
             taus = self.deltas(norm, base)
-            off = self.family.norm_offset
-            g_s = self.merged(norm, base, taus).to(self.out_dtype).float() + off  # as the static job writes it
+            g_s = self.merged(norm, base, taus).to(self.out_dtype)  # as the static job writes it
             experts = [src.weight(norm, base).float() if isinstance(src, FullSource) else
                        base + (t if t is not None else 0.0) for src, t in zip(self.sources, taus)]
-            ok = g_s.abs() > 1e-6 * float(g_s.abs().max().clamp_min(1e-30))
-            self.ratio_cache[norm] = [torch.where(ok, (g_e + off) / torch.where(ok, g_s, 1.0), 1.0).cpu()
-                                      for g_e in experts]
+            self.ratio_cache[norm] = [fold_ratio(g_e, g_s, self.family.norm_offset).cpu() for g_e in experts]
         return self.ratio_cache[norm]
 
     def norm_folds(self, linears: list[tuple[int, str, str, str]]) -> dict[str, str]:

@@ -27,7 +27,7 @@ from .allocate import allocate_plan
 from .analyze import analyze_units
 from .context import BuildContext
 from .routed import RoutedUnit
-from .units import GROUPS, Linear, Unit, candidate_units
+from .units import GROUPS, Linear, Unit, candidate_units, folds_norms
 
 
 @dataclass
@@ -159,7 +159,7 @@ def make_plan(ctx: BuildContext, progress: bool = True, metrics: dict | None = N
     assert routing is not None
     check_tap(ctx)
     units = candidate_units(ctx.base.index, ctx.n_layers, ctx.family, routing.modules)
-    if routing.fold_norms and not (routing.select.metric != ACTIVATION and KINDS.get(routing.expert.kind).needs_lora):
+    if folds_norms(routing):
         ctx.folds = ctx.norm_folds([(u.layer, u.group, lin.name, lin.weight) for u in units for lin in u.linears])
     if routing.select.metric == ACTIVATION:
         return allocated_plan(ctx, units, progress)

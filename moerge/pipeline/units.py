@@ -7,8 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
+from ..analysis.select import ACTIVATION
 from ..arch import Family
 from ..io.index import CheckpointIndex
+from ..kinds import KINDS
+from ..recipe import RoutingSpec
 
 GROUPS = ("attention", "mlp")
 
@@ -55,3 +60,29 @@ def candidate_units(index: CheckpointIndex, n_layers: int, family: Family, modul
             if lins:
                 units.append(Unit(layer, group, path, lins))
     return units
+
+
+# ---------------------------------------------------------------- norm folding (recipe `routing.fold_norms`)
+
+def folds_norms(routing: RoutingSpec) -> bool:
+    """Whether a build folds each expert's input-norm scale into its routed linears: ``fold_norms``, except for a
+    selection by weight metric whose kind is ``lora`` (the adapters' own factors are stored, nothing to fold)."""
+    return routing.fold_norms and not (routing.select.metric != ACTIVATION and KINDS.get(routing.expert.kind).needs_lora)
+
+
+def unit_input_norm(family: Family, unit: str, linear: str) -> str | None:
+    """The norm weight feeding ``linear`` of unit path ``unit`` (e.g. ``model.layers.3.mlp``), or None."""
+    layer = family.layer_of(f"{unit}.{linear}.weight")
+    if layer is None:
+        return None
+    group = next((g for g in family.groups if family.unit_path(layer, g) == unit), None)
+    return None if group is None else family.input_norm(layer, group, linear)
+
+
+def fold_ratio(g_e: torch.Tensor, g_s: torch.Tensor, offset: float) -> torch.Tensor:
+    """Expert e's norm scale over the written shared one, per input column (I,): ``(offset + g_e) / (offset +
+    g_s)``, 1 where the shared scale is ~0 (nothing to fold into).  A routed linear of expert e is stored as
+    ``W_e * ratio[None, :]``, so that it reads the shared norm's output and computes what expert e computed."""
+    scale_s = g_s.float() + offset
+    ok = scale_s.abs() > 1e-6 * float(scale_s.abs().max().clamp_min(1e-30))
+    return torch.where(ok, (g_e.float() + offset) / torch.where(ok, scale_s, 1.0), 1.0)

@@ -5,7 +5,8 @@ in every routed linear, computed against the *stored* shared weight ``W_s`` with
 (``moerge.kinds``); they go to a new shard ``moerge_expert_<name>.safetensors``.  The manifest (experts and
 each linear's expert shapes) and the index list them; the router grows by one output.  No existing tensor is
 rewritten, so forcing an old expert gives exactly the logits it gave before.  Tensors outside the routed
-units keep the checkpoint's static merge: the new expert contributes through its routed units only.
+units keep the checkpoint's static merge: the new expert contributes through its routed units only, with its own
+input-norm scales folded into them as the build folded the others' (recipe ``routing.fold_norms``).
 
 Atomic: the new checkpoint is assembled in a folder beside the target (old shards hard-linked), calibrated
 there, and swapped in only when complete.  All data is loaded and checked before anything is written.
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from .. import dtypes
+from ..arch import family_for
 from ..checkpoint import Checkpoint, Manifest, names
 from ..checkpoint.index import indexed_files, write_index
 from ..checkpoint.manifest import LinearSpec
@@ -33,6 +35,7 @@ from ..io.sources import FullSource, LoraSource, ModelFolder, open_source
 from ..io.writer import TensorSpec
 from ..kinds import KINDS, ExpertKind, KindConfig
 from ..pipeline.execute import Job, execute
+from ..pipeline.units import fold_ratio, folds_norms, unit_input_norm
 from ..recipe import Recipe, check_expert_name
 from . import parallel
 from .calibrate import CalibrateOptions, calibrate
@@ -161,8 +164,41 @@ def expert_specs(path: str, lin: LinearSpec, kind: ExpertKind, cfg: KindConfig, 
     return specs
 
 
+class NormFolds:
+    """The new expert's input-norm scale over the stored shared one, per routed linear (`fold_ratio`), when the
+    checkpoint's build folded its experts' norms (``folds``: linear weight -> norm weight; empty: no folding)."""
+
+    def __init__(self, folds: dict[str, str], src: Source, stored: TensorLoader, base: ModelFolder,
+                 offset: float) -> None:
+        self.folds, self.src, self.stored, self.base, self.offset = folds, src, stored, base, offset
+        self.ratios: dict[str, torch.Tensor] = {}
+
+    def apply(self, weight: str, w: torch.Tensor) -> torch.Tensor:
+        """(O, I) -> (O, I) with the columns scaled by the ratio of the norm feeding ``weight`` (if folded)."""
+        norm = self.folds.get(weight)
+        if norm is None:
+            return w
+        if norm not in self.ratios:
+            g_e = self.src.weight(norm, self.base.get(norm))
+            self.ratios[norm] = fold_ratio(g_e, self.stored.get(norm), self.offset)
+        return w * self.ratios[norm][None, :]
+
+
+def norm_folds(manifest: Manifest, recipe: Recipe | None, src: Source, stored: TensorLoader,
+               base: ModelFolder) -> NormFolds:
+    """What the build folded: every routed linear fed by a norm the checkpoint stores, if its recipe folds."""
+    family = family_for(base.config, str(base.folder / "config.json"))
+    folds: dict[str, str] = {}
+    if recipe is not None and recipe.routing is not None and folds_norms(recipe.routing):
+        for unit, lin_name, _ in manifest.linears():
+            norm = unit_input_norm(family, unit, lin_name)
+            if norm is not None and norm in stored.index:
+                folds[f"{unit}.{lin_name}.weight"] = norm
+    return NormFolds(folds, src, stored, base, family.norm_offset)
+
+
 def linear_job(path: str, lin: LinearSpec, kind: ExpertKind, cfg: KindConfig, src: Source, e: int,
-               stored: TensorLoader, base: ModelFolder) -> Job:
+               stored: TensorLoader, base: ModelFolder, folds: NormFolds) -> Job:
     w_info = stored.index[f"{path}.weight"]
     dtype = dtypes.from_st(w_info.dtype)
     specs = expert_specs(path, lin, kind, cfg, src, tuple(w_info.shape), dtype)  # type: ignore[arg-type]
@@ -170,7 +206,7 @@ def linear_job(path: str, lin: LinearSpec, kind: ExpertKind, cfg: KindConfig, sr
 
     def run() -> Iterator[tuple[str, torch.Tensor]]:
         w_s = stored.get(f"{path}.weight").float()  # (O, I) the stored shared weight
-        w_new = src.weight(f"{path}.weight", base.get(f"{path}.weight")).float()
+        w_new = folds.apply(f"{path}.weight", src.weight(f"{path}.weight", base.get(f"{path}.weight")).float())
         for k, t in kind.build(w_s, w_new, src.lora_factors(f"{path}.weight"), cfg).items():
             yield tensor[k], t.to(dtype) if t.is_floating_point() else t
         if lin.bias:
@@ -182,14 +218,16 @@ def linear_job(path: str, lin: LinearSpec, kind: ExpertKind, cfg: KindConfig, sr
 
 # ---------------------------------------------------------------- writing
 
-def write_expert(tmp: Path, ckpt: Checkpoint, name: str, src: Source, base: ModelFolder, cfg: KindConfig) -> None:
+def write_expert(tmp: Path, ckpt: Checkpoint, name: str, src: Source, base: ModelFolder, recipe: Recipe | None) -> None:
     """New shard, grown router, index and config in ``tmp`` (a hard-linked copy of the checkpoint)."""
-    manifest = ckpt.require_routed()
+    manifest, cfg = ckpt.require_routed(), kind_config(recipe)
     e = len(manifest.experts)
     stored = TensorLoader(Checkpoint.open(tmp).index())
+    folds = norm_folds(manifest, recipe, src, stored, base)
     jobs, shapes = [], {}
     for unit, lin_name, lin in manifest.linears():
-        job = linear_job(f"{unit}.{lin_name}", lin, KINDS.get(manifest.units[unit].kind), cfg, src, e, stored, base)
+        kind = KINDS.get(manifest.units[unit].kind)
+        job = linear_job(f"{unit}.{lin_name}", lin, kind, cfg, src, e, stored, base, folds)
         jobs.append(job)
         shapes[(unit, lin_name)] = {s.name.rsplit(".", 1)[1]: s.shape for s in job.specs}
     files = indexed_files(tmp)
@@ -245,7 +283,7 @@ def add_expert(checkpoint: str | Path, name: str, source: str | Path, data: str 
                                   ("base", base_model.folder), *data_inputs(data)]
     with atomic_output(target, force=force or in_place, inputs=inputs) as tmp:
         link_copy(ckpt.folder, tmp)
-        write_expert(tmp, ckpt, name, src, base_model, kind_config(recipe))
+        write_expert(tmp, ckpt, name, src, base_model, recipe)
         report = calibrate(tmp, data, options=opts, examples=examples)
     assert report is not None
     report["checkpoint"] = str(target)
