@@ -381,3 +381,40 @@ def test_row_weights_normalise_per_expert_or_over_all() -> None:
         assert torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-6)
     assert float(glob[1]["b"].mean()) > 10 * float(glob[0]["b"].mean())
     assert float(per[0]["a"].min()) > 0
+
+
+# ---------------------------------------------------------------- add-expert on an allocated checkpoint
+
+@pytest.mark.parametrize("budget", ["20x", "1.35x"])
+def test_add_expert_to_an_allocated_checkpoint(pool: dict, tmp_path: Path, budget: str) -> None:
+    """Mixed kinds, and ranks / densities per expert: the new expert takes, per linear, the unit's kind at the size
+    of the largest stored expert; old experts keep their logits bit for bit; where everything fits (20x) the
+    forced new expert reproduces it (its layer norms folded in as the build folds the others')."""
+    from moerge.routing.add_expert import add_expert
+
+    raw = _recipe(pool, [pool["full"][0], pool["mlp"][0]], budget)
+    out = tmp_path / "alloc"
+    moerge.build(recipe_from_dict(raw), out, force=True, progress=False, device="cpu")
+    moe = _load(out)
+    before = {}
+    for e in ("e0", "e1"):
+        moe.force_route(e)
+        before[e] = _logits(moe)
+    add_expert(out, "e2", pool["full"][1], {"e2": {"data": str(pool["data"][TASKS[0]]), "chat_template": True}})
+    moe = _load(out)
+    units = moe.config.moerge["units"]
+    assert units and moe.config.moerge["experts"] == ["e0", "e1", "e2"]
+    for unit in units.values():
+        for lin in unit["linears"].values():
+            *old, new = lin["experts"]
+            key = {"twin": "U", "sparse": "indices"}.get(unit["kind"])
+            if key is not None:
+                assert new[key] == max((s[key] for s in old), key=lambda shape: shape[-1])  # (O, r) or (k,)
+            else:
+                assert new == old[0]
+    for e in ("e0", "e1"):
+        moe.force_route(e)
+        assert torch.equal(_logits(moe), before[e]), e
+    if budget == "20x":
+        moe.force_route("e2")
+        assert (_logits(moe) - _logits(_load(pool["full"][1]))).abs().max() <= 1e-4

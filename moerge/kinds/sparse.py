@@ -3,6 +3,7 @@ as in Mediator, Lai et al. 2025, https://arxiv.org/abs/2502.04411).  Exact at de
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import torch
@@ -22,6 +23,12 @@ class Sparse(ExpertKind):
     @staticmethod
     def nnz(out: int, in_: int, cfg: KindConfig) -> int:
         return keep_count(out * in_, cfg.density or DEFAULT_DENSITY)
+
+    def config_like(self, stored: list[dict[str, list[int]]], out: int, in_: int, cfg: KindConfig) -> KindConfig:
+        if not stored:
+            return cfg
+        k = max(s["indices"][0] for s in stored)
+        return dataclasses.replace(cfg, density=(k + 0.5) / (out * in_))  # keep_count floors: exactly k kept
 
     def shapes(self, out: int, in_: int, cfg: KindConfig, lora_rank: int | None) -> Shapes:
         k = self.nnz(out, in_, cfg)

@@ -11,6 +11,7 @@ the SVD is taken through the factors (two thin QRs and an r x r SVD) instead of 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import torch
@@ -39,6 +40,9 @@ class Twin(ExpertKind):
     @staticmethod
     def rank(out: int, in_: int, cfg: KindConfig) -> int:
         return min(cfg.rank or DEFAULT_RANK, out, in_)
+
+    def config_like(self, stored: list[dict[str, list[int]]], out: int, in_: int, cfg: KindConfig) -> KindConfig:
+        return dataclasses.replace(cfg, rank=max(s["U"][1] for s in stored)) if stored else cfg
 
     def shapes(self, out: int, in_: int, cfg: KindConfig, lora_rank: int | None) -> Shapes:
         r = self.rank(out, in_, cfg)

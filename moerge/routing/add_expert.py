@@ -152,15 +152,15 @@ def lora_rank(src: Source, weight: str) -> int | None:
 
 def expert_specs(path: str, lin: LinearSpec, kind: ExpertKind, cfg: KindConfig, src: Source,
                  shape: tuple[int, int], dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """{tensor name: (shape, dtype)} of the new expert in one routed linear; checked against expert 0."""
+    """{tensor name: (shape, dtype)} of the new expert in one routed linear (``cfg``: `ExpertKind.config_like`,
+    sized as the largest stored expert); checked against the stored experts' shapes."""
     raw = kind.shapes(shape[0], shape[1], cfg, lora_rank(src, f"{path}.weight"))
     specs = {k: (tuple(s), d or dtype) for k, (s, d) in raw.items()}
     if lin.bias:
         specs["bias_delta"] = ((shape[0],), dtype)
-    old = lin.experts[0]
-    if not kind.needs_lora and {k: s for k, (s, _) in specs.items()} != old:
-        raise CheckpointError(path, "experts", f"the new expert's {kind.name} tensors {specs} do not match the "
-                                               f"stored ones {old} (was the recipe's rank/density changed?)")
+    if not kind.needs_lora and {k: s for k, (s, _) in specs.items()} not in lin.experts:
+        raise CheckpointError(path, "experts", f"the new expert's {kind.name} tensors {specs} match none of the "
+                                               f"stored experts' (e.g. {lin.experts[0]})")
     return specs
 
 
@@ -201,6 +201,7 @@ def linear_job(path: str, lin: LinearSpec, kind: ExpertKind, cfg: KindConfig, sr
                stored: TensorLoader, base: ModelFolder, folds: NormFolds) -> Job:
     w_info = stored.index[f"{path}.weight"]
     dtype = dtypes.from_st(w_info.dtype)
+    cfg = kind.config_like([dict(e) for e in lin.experts], w_info.shape[0], w_info.shape[1], cfg)
     specs = expert_specs(path, lin, kind, cfg, src, tuple(w_info.shape), dtype)  # type: ignore[arg-type]
     tensor = {k: names.expert_tensor(path, e, k) for k in specs}
 
