@@ -22,7 +22,9 @@ For each of the four tasks T, with the recipe's other three experts:
 
 Pools: ``lora`` = ``recipes/real_pool.yaml`` (the pool's LoRA experts, lora kind over the base); ``full`` = the
 full fine-tunes of ``~/.cache/moerge/smollm2-135m-instruct-full`` under an all-units ``bit1`` recipe over a
-task-arithmetic shared weight (``--recipe`` takes any recipe file whose experts are named after the tasks).
+task-arithmetic shared weight (``--recipe`` takes any recipe file whose experts are named after the tasks; an
+expert path that does not exist is replaced by the full expert of that name in the moerge cache, so
+``--pool full --recipe recipes/real_pool_full.yaml`` runs the shipped full-pool recipe).
 Scoring as ``bench/real/evaluate.py``; builds and results are cached under ``bench/_work/real/newtask``.
 """
 
@@ -79,6 +81,9 @@ def file_recipe(path: Path, env: Env) -> dict:
         if e.get("calibration"):
             e["calibration"]["data"] = str((path.parent / e["calibration"]["data"]).resolve())
     raw["base"] = str(env.base)
+    for e in raw["experts"]:  # a full-pool recipe's repo-local expert paths: the tool's default cache instead
+        if not Path(e["source"]).exists() and (FULL_EXPERTS / e["name"]).is_dir():
+            e["source"] = str(FULL_EXPERTS / e["name"])
     return raw
 
 
