@@ -384,8 +384,9 @@ def test_compose_autocasts_only_where_the_cpu_has_bf16_gemms(monkeypatch: pytest
             assert seen == [want], (native, amp)
 
 
-@pytest.mark.parametrize("kind", ["dense", "wemoe", "twin", "bit1", "lora", "sparse"])
-def test_learned_mix_gradients_equal_autograd_through_each_delta(tmp_path: Path, kind: str,
+@pytest.mark.parametrize(("kind", "amp"), [(k, False) for k in ("dense", "wemoe", "twin", "bit1", "lora", "sparse")]
+                         + [("twin", True)])
+def test_learned_mix_gradients_equal_autograd_through_each_delta(tmp_path: Path, kind: str, amp: bool,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Fitting a composed route runs `LearnedMixLinear` (x kept, W and Δ_e rebuilt in backward); its loss and the
     gradients of every unit's mix equal plain autograd through x W_s^T + Σ_e w_e (x Δ_e^T + bias_delta_e)."""
@@ -405,7 +406,8 @@ def test_learned_mix_gradients_equal_autograd_through_each_delta(tmp_path: Path,
         mixes = [torch.randn(1, len(lin.experts), generator=g).requires_grad_() for lin in lins]
         for lin, mix in zip(lins, mixes):
             lin.set_mix(mix)
-        loss = model(input_ids=ids, labels=ids).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):  # compose's amp: bf16 products
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         return loss.detach(), [m.grad for m in mixes]
 
@@ -423,7 +425,12 @@ def test_learned_mix_gradients_equal_autograd_through_each_delta(tmp_path: Path,
 
     monkeypatch.setattr(mm.LearnedMixLinear, "apply", reference)
     ref_loss, ref = loss_and_grads()
-    assert torch.allclose(fast_loss, ref_loss, atol=1e-5)
     assert all(r.abs().sum() > 0 for r in ref)  # the test has something to compare
+    if amp:  # bf16: each path rounds its own products; compare the whole gradient
+        a, b = torch.cat([g.flatten() for g in fast]), torch.cat([g.flatten() for g in ref])
+        assert abs(float(fast_loss - ref_loss)) <= 1e-2 * float(ref_loss)
+        assert float((a - b).norm() / b.norm()) <= 0.05
+        return
+    assert torch.allclose(fast_loss, ref_loss, atol=1e-5)
     for a, b in zip(fast, ref):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (a, b)
