@@ -360,8 +360,8 @@ DELTAS: dict[str, Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor
 # A product of a cached float32 effective weight W (O, I) with 2..SMALL_M rows on CPU is computed as W @ x^T
 # (x^T a transposed view): MKL streams W once there, while ``F.linear`` / ``x @ W^T`` re-read it per row (issue 3:
 # the decode steps of a mixed-route batch, a few rows per route).  One row takes ``F.linear``'s GEMV: on the AVX2
-# EPYC of 2026-12-07 (1 thread, 60 distinct weights, not cache resident) padding it to 2 rows cost 1.1-2.4x, and
-# splitting W into 1024-column blocks (issue 3's layout) cost 1.2-1.5x a GEMV of the whole W, with no gain at 2-4
+# EPYC of 2026-12-07 (`bench/small_gemm.py`, 1 thread, weights not cache resident) padding it to 2 rows cost
+# 1.2-2.3x, and issue 3's 1024-column blocks 1.3-3.6x a GEMV of the whole W, with no gain over the whole W at 2-4
 # rows (`bench/RESULTS.md`, "batch 1 on AVX2").  bf16 / fp16 (no MKL GEMM) and autocast keep ``F.linear``.
 SMALL_M = 4
 
