@@ -64,7 +64,7 @@ class ExpertKind:
     def shapes(self, out: int, in_: int, cfg: KindConfig, lora_rank: int | None) -> Shapes:
         raise NotImplementedError
 
-    def config_like(self, stored: list[dict[str, list[int]]], out: int, in_: int, cfg: KindConfig) -> KindConfig:
+    def config_like(self, stored: list[dict[str, tuple[int, ...]]], out: int, in_: int, cfg: KindConfig) -> KindConfig:
         """The parameters of one more expert in a linear (O = out, I = in_) whose experts are stored with shapes
         ``stored`` (a budgeted build sizes each expert on its own): those of the largest; by default ``cfg``."""
         return cfg

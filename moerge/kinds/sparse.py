@@ -24,7 +24,7 @@ class Sparse(ExpertKind):
     def nnz(out: int, in_: int, cfg: KindConfig) -> int:
         return keep_count(out * in_, cfg.density or DEFAULT_DENSITY)
 
-    def config_like(self, stored: list[dict[str, list[int]]], out: int, in_: int, cfg: KindConfig) -> KindConfig:
+    def config_like(self, stored: list[dict[str, tuple[int, ...]]], out: int, in_: int, cfg: KindConfig) -> KindConfig:
         if not stored:
             return cfg
         k = max(s["indices"][0] for s in stored)

@@ -41,7 +41,7 @@ class Twin(ExpertKind):
     def rank(out: int, in_: int, cfg: KindConfig) -> int:
         return min(cfg.rank or DEFAULT_RANK, out, in_)
 
-    def config_like(self, stored: list[dict[str, list[int]]], out: int, in_: int, cfg: KindConfig) -> KindConfig:
+    def config_like(self, stored: list[dict[str, tuple[int, ...]]], out: int, in_: int, cfg: KindConfig) -> KindConfig:
         return dataclasses.replace(cfg, rank=max(s["U"][1] for s in stored)) if stored else cfg
 
     def shapes(self, out: int, in_: int, cfg: KindConfig, lora_rank: int | None) -> Shapes:

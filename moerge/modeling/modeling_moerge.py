@@ -842,16 +842,9 @@ class RoutedLinear(nn.Module):
         return ex() if "_hf_hook" in ex.__dict__ else ex.tensors()
 
     def learned_weight(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Expert weights w (E,) (a tensor: `LearnedMixLinear`) -> (W_s + Σ_e w_e Δ_e (O, I), b_s + Σ_e w_e
-        bias_delta_e (O,) or None), float32, without autograd."""
+        """Expert weights w (E,) (a tensor: `LearnedMixLinear`) -> `combine` of their values, without autograd."""
         with torch.no_grad():
-            acc, bias = self.weight.float(), None if self.bias is None else self.bias.float()
-            for e in range(len(self.experts)):
-                acc = acc + w[e].float() * self.delta(e).float()
-                bd = self.expert(e).get("bias_delta")
-                if bd is not None:
-                    bias = (0.0 if bias is None else bias) + w[e].float() * bd.float()
-            return acc, bias
+            return self.combine(tuple(w.tolist()))
 
     def combine(self, key: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Route weights r (E floats) -> (the kind's W_s + Σ r_e Δ_e (O, I), b_s + Σ r_e bias_delta_e (O,)), in

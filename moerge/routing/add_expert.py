@@ -201,7 +201,7 @@ def linear_job(path: str, lin: LinearSpec, kind: ExpertKind, cfg: KindConfig, sr
                stored: TensorLoader, base: ModelFolder, folds: NormFolds) -> Job:
     w_info = stored.index[f"{path}.weight"]
     dtype = dtypes.from_st(w_info.dtype)
-    cfg = kind.config_like([dict(e) for e in lin.experts], w_info.shape[0], w_info.shape[1], cfg)
+    cfg = kind.config_like(list(lin.experts), w_info.shape[0], w_info.shape[1], cfg)
     specs = expert_specs(path, lin, kind, cfg, src, tuple(w_info.shape), dtype)  # type: ignore[arg-type]
     tensor = {k: names.expert_tensor(path, e, k) for k in specs}
 
