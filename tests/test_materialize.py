@@ -177,3 +177,25 @@ def test_mlp_bias_deltas_are_refused(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "bias_delta" in json.dumps(config(ckpt)["moerge"]["units"])
     _one_error_line(capsys, ["export", str(ckpt), "--to", "mixtral", str(tmp_path / "out"), "--materialize"],
                     "linears.gate_proj: MLP biases have no place in a native MoE format")
+
+
+def test_materialized_export_of_an_anchored_expert(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    """An expert add-expert stored against its anchor (W_s + Σ_i a_i Δ_i) exports as W_s + Δ_e + Σ_i a_i Δ_i: the
+    report's forced-route comparison holds for it too (without the anchor term it is off by O(1))."""
+    import shutil
+
+    from moerge.routing.add_expert import add_expert
+    from moerge.routing.calibrate import CalibrateOptions
+
+    ckpt = tmp_path / "bit1_added"
+    shutil.copytree(ckpts["bit1"], ckpt)
+    new = tiny.make_full_expert(ckpts["base"], tmp_path / "full2", seed=12, scale=0.5, modules=("mlp",))
+    data = tiny.make_task_data(tmp_path / "e2.jsonl", "math", 16, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        add_expert(ckpt, "e2", new, data, options=CalibrateOptions(method="entropy"))
+    assert "e2" in json.loads((ckpt / "config.json").read_text())["moerge"]["anchors"]
+    out = _export(ckpt, "mixtral", tmp_path / "x_anchored", materialize=True)
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert sorted(report["experts"]) == ["e0", "e1", "e2"]
+    assert report["max_abs_logit_diff"] <= 1e-4 and report["mean_kl"] <= 1e-9, report["experts"]

@@ -23,8 +23,12 @@ grid also has the prototype router alone.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from .evaluate import TASKS
 from .methods import (
@@ -43,6 +47,7 @@ from .methods import (
     recipe_dict,
     tensor_shapes,
 )
+from .methods import full_expert as full_expert_folder
 
 WORK_FULL = WORK.with_name(WORK.name + "_full")  # bench/_work/real_full: builds and results of this pool
 TA = {"method": "task_arithmetic", "lambda": 1.0}
@@ -173,6 +178,73 @@ def static_methods() -> list[Method]:
                    load_static(merge), quick, merge, dense=True) for name, merge, quick in statics]
 
 
+def is_linear(name: str) -> bool:
+    return name.endswith(".weight") and name.rsplit(".", 2)[-2] in LINEARS
+
+
+def is_embedding(name: str) -> bool:
+    """Token embeddings, the (untied) output head and the final norm: what every token passes through once."""
+    return "embed" in name or name.startswith("lm_head") or name.endswith("model.norm.weight")
+
+
+def static_merged_oracle(which: str) -> Callable[[Env], Loaded]:
+    """Each expert alone, with its ``which`` tensors (``embeddings``: :func:`is_embedding`; ``static``: every
+    tensor that is not a routed linear: embeddings, final and per-layer norms, biases) replaced by their
+    task-arithmetic (lambda 1) merge over the four experts: what merging those tensors costs when every linear is
+    routed exactly (issue 15, item 3)."""
+    pick = is_embedding if which == "embeddings" else (lambda n: not is_linear(n))
+
+    def load(env: Env) -> Loaded:
+        from safetensors import safe_open
+
+        from .methods import load_causal_lm
+
+        t = time.perf_counter()
+        folders = {task: full_expert_folder(env, task) for task in TASKS}
+        merged: dict[str, torch.Tensor] = {}
+        for folder in [env.base, *folders.values()]:
+            for f in sorted(folder.glob("*.safetensors")):
+                with safe_open(str(f), "pt") as sf:
+                    for name in filter(pick, sf.keys()):
+                        w = sf.get_tensor(name).float()  # base: -3 x (base); experts: + each
+                        merged[name] = merged.get(name, 0) + (w * (1 - len(TASKS)) if folder == env.base else w)
+        current: dict[str, Any] = {}
+
+        def model_for(task: str) -> Any:
+            if task not in current:
+                current.clear()
+                model = load_causal_lm(folders[task])
+                params = dict(model.named_parameters())
+                with torch.no_grad():
+                    for name, w in merged.items():
+                        if name in params:
+                            params[name].copy_(w)
+                current[task] = model
+            return current[task]
+
+        return Loaded(model_for, None, time.perf_counter() - t,
+                      note=f"each expert on its task with its {which} tensors ({len(merged)}) task-arithmetic merged")
+
+    return load
+
+
+def static_tensor_methods() -> list[Method]:
+    """Issue 15, item 3: what merging the non-linear tensors costs, and folding each expert's layer norms into its
+    routed linears (the default) against merging them too."""
+    sel = {"budget": "1.05x", "metric": "activation"}
+
+    def nofold(env: Env) -> dict:
+        out = recipe_dict(env, TA, routing(sel))
+        out["routing"]["fold_norms"] = False
+        return out
+
+    return [Method(f"oracle-merged-{w}", f"expert alone, {w} tensors merged (task arithmetic)", "reference",
+                   static_merged_oracle(w), False, {"which": w, "v": 1}, dense=True)
+            for w in ("embeddings", "static")] + routed_methods(
+        "alloc-nofold-1.05", "moerge allocation 1.05x, layer norms merged (not folded per expert)", nofold, False,
+        {"sel": sel, "fold_norms": False})
+
+
 def load_full_recipe(env: Env) -> Loaded:
     overrides = [f"experts.{i}.source={env.adapter(t)}" for i, t in enumerate(TASKS)]
     return load_recipe_file(env, RECIPE, RECIPE_CALIB, overrides)
@@ -186,7 +258,7 @@ def full_methods() -> list[Method]:
           Method("mergekit-moe", "mergekit-moe (hidden gates, top-2)", "peer", load_mergekit_moe, False)]
     ms.append(Method("recipe-real_pool_full", "recipes/real_pool_full.yaml (allocation 1.05x / calibrated)",
                      "moerge", load_full_recipe, True, {"recipe": _text(RECIPE), "calib": _text(RECIPE_CALIB)}))
-    return ms + budget_methods() + tap_methods() + grid_methods()
+    return ms + static_tensor_methods() + budget_methods() + tap_methods() + grid_methods()
 
 
 def _text(path: Path) -> str:

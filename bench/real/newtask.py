@@ -13,7 +13,9 @@ For each of the four tasks T, with the recipe's other three experts:
 2. ``moerge add-expert`` T with its 64 calib prompts (router recalibrated): wall time, bytes added, T's
    accuracy (normalized by the expert alone on the same prompts) and routing, the three old tasks' accuracy on
    the same prompts before and after, how many old prompts changed route, and a bit-for-bit comparison of old
-   prompts' logits on unchanged routes;
+   prompts' logits on unchanged routes (add-expert anchors a full expert by default: ``moerge/routing/add_expert.py``);
+   the unknown-prompt detector's per-prompt scores on both models give its fallback rates at other thresholds
+   (``calibrate`` reports the out-of-fold quantiles each ``--unknown-quantile`` would choose);
 3. ``moerge remove-expert`` T from the result: forced logits against the three-expert build, and add-expert again:
    forced logits against the first add (the round trip);
 4. ``moerge calibrate --compose T`` on the three-expert model with 32 labelled calib examples of T: T's dev
@@ -53,6 +55,7 @@ from .methods import REPO, WORK, Env, load_causal_lm, run
 FULL_EXPERTS = Path(os.environ.get("MOERGE_CACHE", Path.home() / ".cache" / "moerge")) / "smollm2-135m-instruct-full"
 HEADING = "## new tasks (issue 14)"
 COMPOSE_N = 32
+DETECTOR = "relative Mahalanobis (stored)"
 CHECK_N = 24  # old prompts per task whose logits are compared bit for bit
 
 
@@ -187,7 +190,7 @@ def ood_scores(model: Any, tok: Any, ckpt: Path, texts: list[str]) -> dict[str, 
         det = router.unknown
         d = segs[unit][:, None, :] - det.means[None]
         out["distance to route means"] = d.pow(2).mean(-1).min(-1).values
-        out["relative Mahalanobis (stored)"] = det.score(segs[unit])
+        out[DETECTOR] = det.score(segs[unit])
     return out
 
 
@@ -244,6 +247,8 @@ class LeaveOneOut:
 
         known = {k: torch.cat([scores[t][k] for t in self.known]) for k in scores[self.task]}
         self.r["auroc"] = {k: auroc(known[k], scores[self.task][k]) for k in known}
+        if DETECTOR in scores[self.task]:  # per prompt: thresholds other than the stored one, offline
+            self.r["detector_scores"] = {t: scores[t][DETECTOR].tolist() for t in ev.TASKS}
         self.r["before"] = before
         self.save()
 
@@ -271,6 +276,9 @@ class LeaveOneOut:
             after[t] = {"routes": top, "preds": preds, "acc": acc}
         self.r["after"] = after
         self.r["oracle"] = oracle
+        scores = {t: ood_scores(model, self.scorer.tok, self.added, self.scorer.tasks[t].prompts) for t in ev.TASKS}
+        if DETECTOR in scores[self.task]:
+            self.r["detector_scores_added"] = {t: scores[t][DETECTOR].tolist() for t in ev.TASKS}
         self.r["identical"] = self.bit_check(model)
         self.save()
 
@@ -407,7 +415,40 @@ def summarize(rs: dict[str, dict], pool: str) -> list[str]:
         lines.append(f"| {t} | {norm:.3f} ({r['after'][t]['acc']:.3f} / {r['oracle'][t]:.3f}) | {routing:.3f} | "
                      f"{pairs} ({loss:+.3f}) | {moved} of {n * len(olds)} | {ident['identical']} of "
                      f"{ident['compared']} | {r['add']['add_s']:.0f} | {r['add']['bytes_added'] / 1e6:.1f} MB |")
-    return lines + [""] + unknown_table(rs) + [""] + compose_table(rs) + [""] + roundtrip_table(rs)
+    return (lines + [""] + unknown_table(rs) + [""] + threshold_table(rs) + [""] + compose_table(rs) + [""] +
+            roundtrip_table(rs))
+
+
+def fallback_rates(scores: dict[str, list[float]], thresholds: dict[str, float], tasks: list[str]) -> list[float]:
+    """Per threshold (in ``thresholds``' order): the share of ``tasks``' prompts scoring above it."""
+    pooled = torch.tensor([x for t in tasks for x in scores[t]])
+    return [float((pooled > thr).float().mean()) for thr in thresholds.values()]
+
+
+def threshold_table(rs: dict[str, dict]) -> list[str]:
+    """The detector at other quantiles of its out-of-fold calib scores (``calibrate`` reports them), from the
+    stored per-prompt scores: unknown T's fallback rate and the known tasks' (three-expert model), and T's own
+    fallback once added (four-expert model, its detector refitted by add-expert)."""
+    lines = [("The unknown-prompt detector at other thresholds (`--unknown-quantile q`: the q-quantile of the "
+             "out-of-fold calib scores; the shipped default is 0.98), from the stored per-prompt scores. Three-expert "
+             "model: T's fallback rate (should be high) and the known tasks' (low); after add-expert: T's own "
+             "prompts falling back (low)."), "",
+             ("| left-out task T | q | T -> shared (three experts) | known -> shared (three experts) | T -> shared "
+             "after its add | old tasks -> shared after the add |"), "|---|---|---|---|---|---|"]
+    for t, r in rs.items():
+        three = ((r.get("three") or {}).get("unknown") or {}).get("out_of_fold_quantiles")
+        if not three or "detector_scores" not in r:
+            continue
+        olds = [k for k in ev.TASKS if k != t]
+        added = ((r.get("add") or {}).get("unknown") or {}).get("out_of_fold_quantiles")
+        unk = fallback_rates(r["detector_scores"], three, [t])
+        kn = fallback_rates(r["detector_scores"], three, olds)
+        after = r.get("detector_scores_added")
+        t_after = fallback_rates(after, added, [t]) if added and after else [math.nan] * len(three)
+        o_after = fallback_rates(after, added, olds) if added and after else [math.nan] * len(three)
+        for i, q in enumerate(three):
+            lines.append(f"| {t} | {q} | {unk[i]:.3f} | {kn[i]:.3f} | {t_after[i]:.3f} | {o_after[i]:.3f} |")
+    return lines
 
 
 def unknown_table(rs: dict[str, dict]) -> list[str]:

@@ -91,7 +91,11 @@ class Unknown:
 @dataclass(frozen=True)
 class Manifest:
     """``config.json["moerge"]``.  The router's outputs are the experts, then the composed ``routes`` (each a
-    per-unit mix of the experts); ``unknown`` (optional) sends prompts unlike every route to the shared weights."""
+    per-unit mix of the experts); ``unknown`` (optional) sends prompts unlike every route to the shared weights.
+
+    ``anchors`` (optional; written by ``moerge add-expert``): expert -> {unit: one weight per expert}.  An anchored
+    expert e was stored against ``W_s + Σ_i a_i Δ_i`` rather than ``W_s``, so in that unit its delta is
+    ``Δ_e + Σ_i a_i Δ_i`` (``a_e = 0``); every route's expert weights ``w`` become ``w + w A`` there."""
 
     experts: tuple[str, ...]
     level: str = "sequence"
@@ -107,6 +111,7 @@ class Manifest:
     # the sequence router's input runs after some routed units: the model computes it with a pre-pass of the
     # shared model at prefill (written only when true, so older checkpoints read as False)
     prepass: bool = False
+    anchors: dict[str, RouteWeights] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out = {"version": self.version, "experts": list(self.experts), "level": self.level, "top_k": self.top_k,
@@ -119,6 +124,8 @@ class Manifest:
             out["unknown"] = self.unknown.to_dict()
         if self.prepass:
             out["prepass"] = True
+        if self.anchors:
+            out["anchors"] = {n: {u: list(w) for u, w in r.items()} for n, r in self.anchors.items()}
         return out
 
     @classmethod
@@ -136,7 +143,7 @@ class Manifest:
                    str(raw.get("shared", "merge")),
                    {str(p): UnitSpec.from_dict(u, file, f"moerge.units.{p}") for p, u in units.items()},
                    int(raw.get("version", 1)), _routes(raw.get("routes") or {}, len(experts), file), unknown,
-                   bool(raw.get("prepass", False)))
+                   bool(raw.get("prepass", False)), _anchors(raw.get("anchors") or {}, experts, file))
 
     # ---- what callers ask
     @property
@@ -161,20 +168,33 @@ class Manifest:
     def calibrated(self, fallback: Fallback | None, unknown: Unknown | None = None) -> Manifest:
         return replace(self, initialized=True, fallback=fallback, unknown=unknown)
 
-    def with_expert(self, name: str, shapes: dict[tuple[str, str], Shapes]) -> Manifest:
+    def with_expert(self, name: str, shapes: dict[tuple[str, str], Shapes],
+                    anchor: RouteWeights | None = None) -> Manifest:
         """One more expert (index E, before the composed routes, which give it weight 0 everywhere):
-        ``shapes[(unit, linear)]`` gives its stored tensors in each routed linear."""
+        ``shapes[(unit, linear)]`` gives its stored tensors in each routed linear; ``anchor[unit]`` (E weights
+        over the old experts), the combination of them it was stored against (omitted or all zero: none)."""
         units = {p: UnitSpec(u.kind, {n: LinearSpec(lin.bias, (*lin.experts, shapes[(p, n)]))
                                       for n, lin in u.linears.items()}) for p, u in self.units.items()}
         routes = {r: {u: (*w, 0.0) for u, w in per.items()} for r, per in self.routes.items()}
-        return replace(self, experts=(*self.experts, name), units=units, routes=routes)
+        anchors = {r: {u: (*w, 0.0) for u, w in per.items()} for r, per in self.anchors.items()}
+        kept = {u: (*map(float, w), 0.0) for u, w in (anchor or {}).items() if any(v != 0.0 for v in w)}
+        if kept:
+            anchors[name] = kept
+        return replace(self, experts=(*self.experts, name), units=units, routes=routes, anchors=anchors)
 
     def without_expert(self, e: int) -> Manifest:
         """Expert ``e`` dropped everywhere (later experts move down one index; composed routes lose its weight)."""
         units = {p: UnitSpec(u.kind, {n: LinearSpec(lin.bias, lin.experts[:e] + lin.experts[e + 1:])
                                       for n, lin in u.linears.items()}) for p, u in self.units.items()}
         routes = {r: {u: w[:e] + w[e + 1:] for u, w in per.items()} for r, per in self.routes.items()}
-        return replace(self, experts=self.experts[:e] + self.experts[e + 1:], units=units, routes=routes)
+        anchors = {r: {u: w[:e] + w[e + 1:] for u, w in per.items()} for r, per in self.anchors.items()
+                   if r != self.experts[e]}
+        return replace(self, experts=self.experts[:e] + self.experts[e + 1:], units=units, routes=routes,
+                       anchors=anchors)
+
+    def anchored_on(self, e: int) -> list[str]:
+        """The experts stored against a combination that includes expert ``e``."""
+        return [r for r, per in self.anchors.items() if any(w[e] != 0.0 for w in per.values())]
 
     def with_route(self, name: str, weights: RouteWeights) -> Manifest:
         """One more composed route (the last router output); ``weights[unit]`` has one weight per expert."""
@@ -184,17 +204,28 @@ class Manifest:
         return replace(self, routes={r: w for r, w in self.routes.items() if r != name})
 
 
-def _routes(raw: Any, n_experts: int, file: str) -> dict[str, RouteWeights]:
+def _routes(raw: Any, n_experts: int, file: str, key: str = "routes") -> dict[str, RouteWeights]:
     """``{name: {unit: [one weight per expert]}}``, checked."""
     out: dict[str, RouteWeights] = {}
-    for name, per_unit in _mapping(raw, file, "moerge.routes").items():
-        where = f"moerge.routes.{name}"
+    for name, per_unit in _mapping(raw, file, f"moerge.{key}").items():
+        where = f"moerge.{key}.{name}"
         weights = {}
         for unit, w in _mapping(per_unit, file, where).items():
             if not isinstance(w, list) or len(w) != n_experts or not all(isinstance(v, (int, float)) for v in w):
                 raise CheckpointError(file, f"{where}.{unit}", f"expected {n_experts} numbers (one per expert)")
             weights[str(unit)] = tuple(float(v) for v in w)
         out[str(name)] = weights
+    return out
+
+
+def _anchors(raw: Any, experts: tuple[str, ...], file: str) -> dict[str, RouteWeights]:
+    """``{expert: {unit: [one weight per expert]}}``, checked: known experts, no weight on the expert itself."""
+    out = _routes(raw, len(experts), file, "anchors")
+    for name, per in out.items():
+        if name not in experts:
+            raise CheckpointError(file, f"moerge.anchors.{name}", f"no expert '{name}' (experts: {list(experts)})")
+        if any(w[experts.index(name)] != 0.0 for w in per.values()):
+            raise CheckpointError(file, f"moerge.anchors.{name}", "an expert cannot be anchored on itself")
     return out
 
 

@@ -48,6 +48,8 @@ def inspect_checkpoint(path: Path) -> str:
         lines.append(f"experts: {', '.join(m.experts)}; level {m.level}; {len(m.units)} routed units")
         if m.routes:
             lines.append(f"composed routes: {', '.join(m.routes)}")
+        if m.anchors:
+            lines.append("anchored experts (add-expert): " + ", ".join(f"{n} ({len(u)} units)" for n, u in m.anchors.items()))
         if m.unknown is not None:
             lines.append(f"unknown prompts: shared weights above score {m.unknown.threshold:.4g} ({m.unknown.score}, "
                          f"{m.unknown.segments} segments)")

@@ -1,7 +1,8 @@
 """``moerge export --materialize``: routed MLP experts of any kind written as dense native experts.
 
 A native MoE stores each expert's full MLP, so expert e of a routed linear becomes ``W_e = W_s + Δ_e`` with
-``Δ_e`` computed from the checkpoint's stored tensors by the serve-side math itself (``moerge.modeling.DELTAS``:
+``Δ_e`` (plus, for an expert `moerge add-expert` anchored, ``Σ_i a_i Δ_i``) computed from the checkpoint's stored
+tensors by the serve-side math itself (``moerge.modeling.DELTAS``:
 ``U V`` for twin, ``B A`` for lora, the scaled signs for bit1, the scattered values for sparse, ``delta`` for
 wemoe), in float32, then rounded once to the checkpoint's dtype by the writer.  Dense experts are written as
 stored (bit-exact).  One linear of all experts is in memory at a time, as for dense exports.
@@ -45,5 +46,20 @@ class MaterializedInput(CheckpointInput):
         if linear is None:  # a linear the unit does not route: every expert is W_s
             return [w_s] * len(self.names)
         path = self.family.mlp_weight(layer, lin).removesuffix(".weight")
-        return [dense_expert(spec.kind, {t: self.loader.get(names.expert_tensor(path, e, t)).to(self.device) for t in shapes}, w_s)
-                for e, shapes in enumerate(linear.experts)]
+        out = [dense_expert(spec.kind, {t: self.loader.get(names.expert_tensor(path, e, t)).to(self.device) for t in shapes}, w_s)
+               for e, shapes in enumerate(linear.experts)]
+        return anchored(out, w_s, self.manifest.anchors, self.names, self.family.unit_path(layer, "mlp"))
+
+
+def anchored(weights: list[torch.Tensor], w_s: torch.Tensor, anchors: dict, experts: list[str] | tuple[str, ...],
+             unit: str) -> list[torch.Tensor]:
+    """Experts stored against ``W_s + Σ_i a_i Δ_i`` (manifest ``anchors``, `moerge add-expert`): ``W_e + Σ_i a_i
+    (W_i - W_s)``; the others as they are."""
+    out = list(weights)
+    for name, per in anchors.items():
+        a = per.get(unit)
+        if a is None:
+            continue
+        e = list(experts).index(name)
+        out[e] = weights[e].float() + sum(float(v) * (weights[i].float() - w_s.float()) for i, v in enumerate(a) if v)
+    return out

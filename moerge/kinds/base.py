@@ -52,6 +52,9 @@ class ExpertKind:
     name: ClassVar[str]
     params: ClassVar[tuple[str, ...]] = ()
     needs_lora: ClassVar[bool] = False  # stores a LoRA adapter's own factors: every expert must be LoRA
+    # what it stores depends on W_e - W_s only, so an expert can be stored against another reference weight
+    # (``moerge add-expert`` anchors a new full expert on a combination of the stored ones)
+    anchorable: ClassVar[bool] = True
 
     def check(self, cfg: KindConfig, file: str) -> None:
         """Refuse parameters the kind does not take."""

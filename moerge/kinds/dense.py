@@ -11,6 +11,7 @@ from .base import FullMatrix, register
 @register
 class Dense(FullMatrix):
     name, key = "dense", "weight"
+    anchorable = False  # stores W_e itself
 
     def matrix(self, w_s: torch.Tensor, w_e: torch.Tensor) -> torch.Tensor:
         return w_e  # (out, in)

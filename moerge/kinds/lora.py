@@ -14,6 +14,7 @@ from .base import ExpertKind, KindConfig, Read, Rows, Scratch, Shapes, heap_scra
 class Lora(ExpertKind):
     name = "lora"
     needs_lora = True
+    anchorable = False  # stores the adapter's own factors
 
     def shapes(self, out: int, in_: int, cfg: KindConfig, lora_rank: int | None) -> Shapes:
         r = lora_rank or 0

@@ -705,8 +705,10 @@ class RoutedLinear(nn.Module):
 
     Composed routes: a route is a vector over the router's outputs (E experts, then R composed routes); ``mix``
     (R, E) holds this unit's expert weights of each composed route, and a route r over the outputs means the
-    expert weights ``r[:E] + r[E:] @ mix`` here (`expert_key`).  Without composed routes (``mix`` None) routes are
-    used as they are.  A ``mix`` that requires grad (fitting composed routes) takes the per-row tensor path.
+    expert weights ``r[:E] + r[E:] @ mix`` here (`expert_key`).  Anchored experts (``anchor`` (E, E), row e: the
+    old experts' weights that expert e was stored against, `moerge add-expert`): expert weights w become
+    ``w + w @ anchor``.  Without either (None) routes are used as they are.  A ``mix`` that requires grad (fitting
+    composed routes) takes the per-row tensor path.
     """
 
     def __init__(
@@ -717,6 +719,7 @@ class RoutedLinear(nn.Module):
         slot: RouteSlot,
         cache_size: int = 4,
         mix: torch.Tensor | None = None,
+        anchor: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if kind not in KIND_IMPLS:
@@ -732,6 +735,8 @@ class RoutedLinear(nn.Module):
         self._weights: OrderedDict[tuple[float, ...], Effective] = OrderedDict()  # LRU: route key -> weight
         self._kind_cache: dict[int, dict[str, torch.Tensor]] = {}  # per expert: what its kind keeps (Δ_e, ...)
         self._signature: tuple = ()
+        self.anchor = anchor
+        self._anchor_rows = None if anchor is None else anchor.tolist()
         self.set_mix(mix)
 
     def set_mix(self, mix: torch.Tensor | None) -> None:
@@ -741,33 +746,53 @@ class RoutedLinear(nn.Module):
         self._mix_rows = None if mix is None else mix.detach().tolist()
         # cached effective weights are keyed by expert weights, so they stay valid when the mix changes
 
+    @property
+    def translates(self) -> bool:
+        """Whether routes over the outputs need translating to this unit's stored expert weights."""
+        return self.mix is not None or self.anchor is not None
+
     def expert_key(self, key: tuple[float, ...]) -> tuple[float, ...]:
-        """A route over the outputs (O floats) -> expert weights here (E floats): ``r[:E] + r[E:] @ mix``."""
+        """A route over the outputs (O floats) -> expert weights here (E floats): ``w = r[:E] + r[E:] @ mix``,
+        then ``w + w @ anchor``."""
         hit = self._mix_keys.get(key)
         if hit is None:
-            n_exp, rows = len(self.experts), self._mix_rows
+            n_exp, rows = len(self.experts), self._mix_rows or []
             hit = tuple(key[e] + sum(key[n_exp + j] * row[e] for j, row in enumerate(rows)) for e in range(n_exp))
+            if self._anchor_rows is not None:
+                hit = tuple(hit[e] + sum(hit[k] * row[e] for k, row in enumerate(self._anchor_rows) if hit[k])
+                            for e in range(n_exp))
             if len(self._mix_keys) >= 64:
                 self._mix_keys.clear()
             self._mix_keys[key] = hit
         return hit
 
+    def translate(self, route: torch.Tensor) -> torch.Tensor:
+        """Routes over the outputs (..., O) -> expert weights here (..., E) (`expert_key` for tensors)."""
+        n_exp = len(self.experts)
+        r = route[..., :n_exp]
+        if self.mix is not None:
+            mix = self.mix.to(route.device)
+            r = r + route[..., n_exp:].to(mix.dtype) @ mix
+        if self.anchor is not None:
+            r = r + r @ self.anchor.to(device=r.device, dtype=r.dtype)
+        return r
+
     def _forward_mixed(self, x: torch.Tensor, caching: bool) -> torch.Tensor:
-        """Composed routes: the slot's route over the outputs translated to this unit's expert weights."""
+        """Composed routes or anchored experts: the slot's route over the outputs translated to this unit's
+        expert weights."""
         slot = self.slot
         one_route = slot.route.dim() == 2 and slot.groups is not None
-        if one_route and not self.mix.requires_grad:
+        learning = self.mix is not None and self.mix.requires_grad
+        if one_route and not learning:
             groups = [(self.expert_key(key), span) for key, span in slot.groups]
             return self._forward_groups(x, groups, caching)
         if one_route and len(slot.groups) == 1:  # fitting the mix: one learnable weight per expert for every row
             key = torch.tensor(slot.groups[0][0], dtype=self.mix.dtype, device=self.mix.device)  # (O,)
-            n_exp = len(self.experts)
-            return LearnedMixLinear.apply(x, key[:n_exp] + key[n_exp:] @ self.mix, self)
+            return LearnedMixLinear.apply(x, self.translate(key), self)
         route = slot.on(x.device)[0]  # (B, O) or (B, T, O)
         n_exp = len(self.experts)
-        mix = self.mix.to(route.device)
-        r = route[..., :n_exp] + route[..., n_exp:].to(mix.dtype) @ mix  # (B, E) or (B, T, E)
-        if self.mix.requires_grad:  # every expert: a weight that is 0 now still needs its gradient
+        r = self.translate(route)  # (B, E) or (B, T, E)
+        if learning:  # every expert: a weight that is 0 now still needs its gradient
             active = list(range(n_exp))
         else:
             active = torch.nonzero(r.detach().reshape(-1, n_exp).ne(0).any(0)).flatten().tolist()
@@ -931,7 +956,7 @@ class RoutedLinear(nn.Module):
                 f"moerge: input batch {x.shape[0]} does not match the route's {slot.route.shape[0]}"
             )
         caching = self._caching()
-        if self.mix is not None:
+        if self.translates:
             return self._forward_mixed(x, caching)
         if slot.route.dim() == 2 and slot.groups is not None:
             return self._forward_groups(x, slot.groups, caching)
@@ -984,6 +1009,7 @@ class RoutingState:
         self.plan = plan  # config.moerge: top_k, initialized, fallback and unknown are read live from it
         self.experts: list[str] = list(plan.get("experts", []))
         self.routes: dict[str, dict[str, list[float]]] = dict(plan.get("routes") or {})
+        self.anchors: dict[str, dict[str, list[float]]] = dict(plan.get("anchors") or {})
         self.outputs: list[str] = [*self.experts, *self.routes]
         self.level: str = plan.get("level", "sequence")
         self.max_groups = cache_size
@@ -1018,6 +1044,20 @@ class RoutingState:
                 raise ValueError(f"moerge: route {name!r} has {len(w)} weights in {unit}, expected {len(self.experts)}")
             rows.append(w)
         return torch.tensor(rows, dtype=torch.float32, device="cpu")
+
+    def anchor_for(self, unit: str) -> torch.Tensor | None:
+        """(E, E) float32: row e = the old experts' weights that expert e was stored against in ``unit`` (absent:
+        0); None when no expert is anchored here."""
+        rows = {self.experts.index(n): per[unit] for n, per in self.anchors.items() if unit in per}
+        if not rows:
+            return None
+        for e, w in rows.items():
+            if len(w) != len(self.experts):
+                raise ValueError(f"moerge: anchor of {self.experts[e]!r} has {len(w)} weights in {unit}, expected "
+                                 f"{len(self.experts)}")
+        zero = [0.0] * len(self.experts)
+        matrix = [[float(v) for v in rows[e]] if e in rows else zero for e in range(len(self.experts))]
+        return torch.tensor(matrix, dtype=torch.float32, device="cpu")
 
     def weights(self, route: str | int | dict | None) -> tuple[torch.Tensor, tuple[float, ...]] | None:
         """force_route's argument -> ((O,) float32 weights over the outputs summing to 1, the same as floats)."""
@@ -1239,7 +1279,8 @@ class MoergeForCausalLM(PreTrainedModel, GenerationMixin):
         parent_name, _, attr = lin_name.rpartition(".")
         parent = unit.get_submodule(parent_name) if parent_name else unit
         slot = self._moerge.slot_for(unit_name)
-        routed = RoutedLinear(linear, kind, experts, slot, self.cache_size, self._moerge.mix_for(unit_name))
+        routed = RoutedLinear(linear, kind, experts, slot, self.cache_size, self._moerge.mix_for(unit_name),
+                              self._moerge.anchor_for(unit_name))
         routed.unit = unit_name
         setattr(parent, attr, routed)
 

@@ -50,6 +50,8 @@ REPORT_FILE = names.REPORT
 CONFUSION_FILE = names.CONFUSION
 DEFAULT_STEPS = {"supervised": 300, "entropy": 50}
 DEFAULT_LR = {"supervised": 0.02, "entropy": 0.05}
+REPORT_QUANTILES = (0.9, 0.95, 0.98, 0.99, 0.995, 1.0)  # out-of-fold score quantiles in the report (thresholds
+# another --unknown-quantile would choose)
 
 
 @dataclass
@@ -280,13 +282,15 @@ def unknown_detector(feats: Features, examples: Examples, train: list[int], held
     assert feats.segments is not None
     x, y = feats.segments[train], labels_of(examples, train)  # (N, S * C), (N,)
     n_out = len(examples.experts)
-    threshold = choose_threshold(out_of_fold_scores(x, y, n_out, seed=opts.seed), opts.unknown_quantile)
+    oof = out_of_fold_scores(x, y, n_out, seed=opts.seed)  # (N,)
+    threshold = choose_threshold(oof, opts.unknown_quantile)
     det = fit_unknown(x, y, n_out).map(lambda t: t.to(dtype).float())
     spec = Unknown(round(threshold, 6), segments, det.factor.shape[0], det.background_factor.shape[0])
     held_x = feats.segments[held] if held else x
     rate = float((det.score(held_x) > spec.threshold).float().mean()) if len(held_x) else 0.0
     report = {**spec.to_dict(), "quantile": opts.unknown_quantile,
-              "known_fallback_rate": rate, "evaluated_on": "heldout" if held else "train"}
+              "known_fallback_rate": rate, "evaluated_on": "heldout" if held else "train",
+              "out_of_fold_quantiles": {f"{q:g}": round(choose_threshold(oof, q), 6) for q in REPORT_QUANTILES}}
     return det, spec, report
 
 

@@ -76,7 +76,7 @@ def cmd_add_expert(args: argparse.Namespace) -> int:
 
     _quiet(args)
     _print(add_expert(args.checkpoint, args.name, args.source, args.data, base=args.base, out=args.out,
-                      force=args.force, options=_options(args)))
+                      force=args.force, options=_options(args), anchor=args.anchor))
     return 0
 
 
@@ -147,6 +147,9 @@ def add_commands(sub: argparse._SubParsersAction, common: Callable[[argparse.Arg
     add.add_argument("--name", required=True, help="the new expert's name")
     add.add_argument("--source", required=True, help="full checkpoint or LoRA adapter of the same base")
     add.add_argument("--base", help="the base model folder (default: `base` of the checkpoint's moerge_recipe.yaml)")
+    add.add_argument("--no-anchor", dest="anchor", action="store_false",
+                     help="store a full expert against the shared weight only, not against its least-squares fit by "
+                          "the stored experts (the default, where the unit's kind allows)")
     add.set_defaults(func=cmd_add_expert)
     rem = sub.add_parser("remove-expert", help="drop an expert (or composed route) from a built checkpoint")
     common(rem)

@@ -2,7 +2,7 @@
 
 An expert is dropped from every routed linear (its tensors ``P.experts.{e}.*`` go, later experts' tensors are
 renumbered down by one, by byte copy: :mod:`moerge.checkpoint.rewrite`), from the manifest (``experts``, each
-linear's ``experts`` list, each composed route's weights) and from the router (its prototype and bias row, and
+linear's ``experts`` list, each composed route's weights and anchors) and from the router (its prototype and bias row, and
 its mean in the unknown-prompt detector).  A composed route is dropped from ``routes`` and the router.  Nothing
 else changes: the shared weights stay as built, so forcing any remaining expert gives exactly the logits it gave
 before, and the remaining router outputs keep their scores (the softmax renormalises over them).  ``data``
@@ -44,6 +44,12 @@ def check_removable(manifest: Manifest, name: str, folder: Path) -> None:
     if name in manifest.experts and len(manifest.experts) == 1:
         raise DataError(folder / names.CONFIG, "moerge.experts", f"'{name}' is the checkpoint's last expert; a "
                                                                  "routed checkpoint needs at least one")
+    if name in manifest.experts:
+        users = manifest.anchored_on(manifest.experts.index(name))
+        if users:
+            raise DataError(folder / names.CONFIG, "moerge.anchors", f"expert(s) {', '.join(users)} were added "
+                            f"against a combination that includes '{name}' (add-expert anchors); remove "
+                            f"{', '.join(users)} first (and add it back after, if wanted)")
 
 
 def renumber_shards(tmp: Path, src: Path, e: int) -> tuple[list[str], dict[str, int]]:
