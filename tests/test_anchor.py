@@ -174,3 +174,32 @@ def test_manifest_anchors_checked() -> None:
         with pytest.raises(CheckpointError, match=what) as err:
             Manifest.from_dict({**raw, "anchors": bad}, "config.json")
         assert "moerge.anchors" in str(err.value)
+
+
+def test_composed_routes_weigh_the_anchored_expert(pool: dict, tmp_path: Path) -> None:
+    """A composed route's weight on an anchored expert means the whole expert (its anchor included): translation
+    is mix first, then the anchor; fitting a route over an anchored checkpoint runs (LearnedMixLinear path)."""
+    from moerge.routing.calibrate import CalibrateOptions
+    from moerge.routing.compose import ComposeOptions, compose
+    from moerge.routing.data import Defaults
+
+    ckpt = _add(pool, _build(pool, "bit1"), tmp_path, "added")
+    model = _load(ckpt)
+    units = list(model.config.moerge["units"])
+    model.add_route("only_math", {u: [0.0, 0.0, 1.0] for u in units})
+    model.add_route("half", {u: [0.5, 0.0, 0.5] for u in units})
+    out = {}
+    for route in ("only_math", TASKS[2], "half", {TASKS[0]: 0.5, TASKS[2]: 0.5}):
+        model.force_route(route)
+        with torch.no_grad():
+            out[str(route)] = model(input_ids=IDS).logits
+    assert (out["only_math"] - out[TASKS[2]]).abs().max() <= 1e-5
+    assert (out["half"] - out[str({TASKS[0]: 0.5, TASKS[2]: 0.5})]).abs().max() <= 1e-5
+    rows = [json.loads(line)["prompt"] for line in pool["data"][TASKS[0]].read_text().splitlines()]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": r, "answer": "yes"}) + "\n" for r in rows))
+    report = compose(ckpt, pairs, "yesno", options=CalibrateOptions(defaults=Defaults(chat_template=True)),
+                     compose_options=ComposeOptions(steps=2, lr=0.2))
+    assert report["compose"]["route"] == "yesno"
+    plan = json.loads((ckpt / "config.json").read_text())["moerge"]
+    assert set(plan["routes"]) == {"yesno"} and TASKS[2] in plan["anchors"]
