@@ -203,3 +203,22 @@ def test_composed_routes_weigh_the_anchored_expert(pool: dict, tmp_path: Path) -
     assert report["compose"]["route"] == "yesno"
     plan = json.loads((ckpt / "config.json").read_text())["moerge"]
     assert set(plan["routes"]) == {"yesno"} and TASKS[2] in plan["anchors"]
+
+
+def test_compose_can_start_at_the_base(pool: dict) -> None:
+    """Over a task-arithmetic shared weight the base model is a route of the experts (`base_route`): exact with an
+    exact kind; none when an expert of the merge is left out of the mix."""
+    from moerge.checkpoint import Checkpoint
+    from moerge.routing.compose import base_route
+
+    two = _build(pool, "wemoe")
+    ckpt = Checkpoint.open(two)
+    w = base_route(ckpt, ckpt.manifest, [0, 1])
+    assert w is not None and torch.allclose(w, torch.tensor([1.0, 1.0]))  # lambda 1, two experts: 1 / (2 - 1)
+    assert base_route(ckpt, ckpt.manifest, [0]) is None
+    model = _load(two)
+    model.add_route("base", {u: w.tolist() for u in model.config.moerge["units"]})
+    model.force_route("base")
+    with torch.no_grad():
+        out, ref = model(input_ids=IDS).logits, _load(pool["base"])(input_ids=IDS).logits
+    assert (out - ref).abs().max() <= 1e-4

@@ -5,11 +5,12 @@ expert and per routed unit, tied per layer by default (AdaMerging's layer-wise c
 https://arxiv.org/abs/2310.02575; LoraHub's few-shot composition of LoRA modules, Huang et al. 2023,
 https://arxiv.org/abs/2307.13269, with gradients instead of a gradient-free search).  The route means, in unit u,
 the weight ``W_s + Σ_e w[u, e] Δ_e``: weights are free reals (not a convex mix), so the zero route (the shared
-weights), any single expert, their average and their task-arithmetic sum are all routes it can learn.
+weights), any single expert, their average and their task-arithmetic sum are all routes it can learn, and so is
+the base model where the shared weight is a task-arithmetic merge (`base_route`).
 
 Fitting: the answer tokens' cross-entropy (the answer followed by the tokenizer's end-of-sequence token, after the
 templated prompt) under the forced route, by Adam on the weights only (the model is frozen); it starts from the
-best of the simple routes above on the examples and keeps the best weights seen.  Stored as one more entry of
+best of the simple routes above (the base among them) on the examples and keeps the best weights seen.  Stored as one more entry of
 ``config.moerge["routes"]`` and one more router output, which ``force_route(NAME)`` and the router pick; the
 router is then recalibrated on the examples' prompts (labelled NAME) and the earlier calibration data, as
 ``moerge add-expert`` does.  Atomic: written into a hard-linked copy, swapped in when complete.
@@ -157,6 +158,24 @@ def simple_routes(experts: list[str], over: list[int]) -> dict[str, torch.Tensor
     return out
 
 
+def base_route(ckpt: Checkpoint, manifest: Manifest, over: list[int]) -> torch.Tensor | None:
+    """(E,) expert weights whose deltas cancel a task-arithmetic shared weight, i.e. the base model as a route
+    (None where there is no such route).  With ``W_s = W_0 + λ Σ_i w_i τ_i`` and ``Δ_i = τ_i - λ Σ_j w_j τ_j``,
+    weights ``a_i = k w_i`` give ``Σ_i a_i Δ_i = -λ Σ_j w_j τ_j`` for ``k = λ / (λ Σ_j w_j - 1)``: exact for exact
+    kinds, up to the compression of the others.  Needs every merged expert stored and in ``over``."""
+    recipe = ckpt.recipe()
+    if manifest.shared != "merge" or recipe is None or recipe.merge.method != "task_arithmetic":
+        return None
+    lam, merged = recipe.merge.lambda_, {e.name: recipe.merge.weights.get(e.name, 1.0) for e in recipe.experts}
+    if any(name not in manifest.experts or manifest.experts.index(name) not in over
+           for name, w in merged.items() if w):
+        return None
+    total = lam * sum(merged.values())
+    if abs(total - 1.0) < 1e-6:
+        return None
+    return torch.tensor([lam / (total - 1.0) * merged.get(e, 0.0) for e in manifest.experts])
+
+
 def set_route(model: Any, weights: torch.Tensor, groups: dict[str, int], row: int) -> None:
     """Row ``row`` of every routed linear's mix = its unit's group's weights (G, E) (may require grad)."""
     from ..modeling import RoutedLinear
@@ -239,14 +258,18 @@ def learn(ckpt: Checkpoint, pairs: Pairs, name: str, over: list[int], copts: Com
     row = len(manifest.routes)
     groups, n_groups = unit_groups(manifest, copts.level)
     data = batches(tok, pairs, copts.batch_size)
+    candidates = simple_routes(list(manifest.experts), over)
+    base = base_route(ckpt, manifest, over)
+    if base is not None:
+        candidates["base"] = base
     starts = {}
-    for label, w in simple_routes(list(manifest.experts), over).items():
+    for label, w in candidates.items():
         set_route(model, w.expand(n_groups, -1), groups, row)
         starts[label] = mean_loss(model, data, copts.autocast())
     first = min(starts, key=starts.get)
     free = torch.zeros(len(manifest.experts))
     free[over] = 1.0
-    start = simple_routes(list(manifest.experts), over)[first].expand(n_groups, -1)
+    start = candidates[first].expand(n_groups, -1)
     weights, history = fit_route(model, data, start, free, groups, row, copts)
     per_unit = {u: [round(float(v), 6) for v in weights[g]] for u, g in groups.items()}
     return {"weights": per_unit, "start": first, "start_losses": starts, "loss": history,
