@@ -50,11 +50,12 @@ def state(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def bit1(delta: torch.Tensor) -> torch.Tensor:
-    """The dequantised bit1 of ``delta`` (O, I), as the checkpoint applies it."""
-    from moerge.kinds.bit1 import bit1_delta, unpack_signs
+    """The dequantised bit1 of ``delta`` (O, I): the build-side kind, then the serve-side math (`DELTAS`)."""
+    from moerge.kinds import KINDS, KindConfig
+    from moerge.modeling import DELTAS
 
-    signs, scale = bit1_delta(delta)
-    return scale[:, None] * unpack_signs(signs, delta.shape[1])
+    zero = torch.zeros_like(delta)
+    return DELTAS["bit1"](KINDS.get("bit1").build(zero, delta, None, KindConfig()), zero).float()
 
 
 def fit(deltas: dict[str, list[torch.Tensor]], target: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:

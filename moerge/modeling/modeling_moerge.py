@@ -1032,32 +1032,31 @@ class RoutingState:
             return self.sequence_slot
         return self.slots.setdefault(unit, RouteSlot())
 
+    def _unit_row(self, what: str, per_unit: dict[str, list[float]], unit: str) -> list[float]:
+        """One weight per expert of ``per_unit[unit]`` (an absent unit: all 0), checked."""
+        w = [float(v) for v in per_unit.get(unit, [0.0] * len(self.experts))]
+        if len(w) != len(self.experts):
+            raise ValueError(f"moerge: {what} has {len(w)} weights in {unit}, expected {len(self.experts)}")
+        return w
+
     def mix_for(self, unit: str) -> torch.Tensor | None:
         """(R, E) float32: row r = composed route r's expert weights in ``unit`` (absent unit = 0); None when the
         plan has no composed routes."""
         if not self.routes:
             return None
-        rows = []
-        for name, per_unit in self.routes.items():
-            w = [float(v) for v in per_unit.get(unit, [0.0] * len(self.experts))]
-            if len(w) != len(self.experts):
-                raise ValueError(f"moerge: route {name!r} has {len(w)} weights in {unit}, expected {len(self.experts)}")
-            rows.append(w)
+        rows = [self._unit_row(f"route {name!r}", per, unit) for name, per in self.routes.items()]
         return torch.tensor(rows, dtype=torch.float32, device="cpu")
 
     def anchor_for(self, unit: str) -> torch.Tensor | None:
         """(E, E) float32: row e = the old experts' weights that expert e was stored against in ``unit`` (absent:
         0); None when no expert is anchored here."""
-        rows = {self.experts.index(n): per[unit] for n, per in self.anchors.items() if unit in per}
-        if not rows:
+        if not any(unit in per for per in self.anchors.values()):
             return None
-        for e, w in rows.items():
-            if len(w) != len(self.experts):
-                raise ValueError(f"moerge: anchor of {self.experts[e]!r} has {len(w)} weights in {unit}, expected "
-                                 f"{len(self.experts)}")
-        zero = [0.0] * len(self.experts)
-        matrix = [[float(v) for v in rows[e]] if e in rows else zero for e in range(len(self.experts))]
-        return torch.tensor(matrix, dtype=torch.float32, device="cpu")
+        unknown = [n for n in self.anchors if n not in self.experts]
+        if unknown:
+            raise ValueError(f"moerge: anchors of unknown expert(s) {unknown}; experts are {self.experts}")
+        rows = [self._unit_row(f"anchor of {name!r}", self.anchors.get(name, {}), unit) for name in self.experts]
+        return torch.tensor(rows, dtype=torch.float32, device="cpu")
 
     def weights(self, route: str | int | dict | None) -> tuple[torch.Tensor, tuple[float, ...]] | None:
         """force_route's argument -> ((O,) float32 weights over the outputs summing to 1, the same as floats)."""

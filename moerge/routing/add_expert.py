@@ -14,8 +14,10 @@ change, as the build's deltas do.  For a full-checkpoint expert in a unit of a k
 new expert is stored against ``W_s + Σ_i c_i Δ_i`` instead, c the least-squares fit of its delta by the stored
 experts' deltas over the unit's linears (``Δ_i`` by the serve-side math, so the fit uses what the model applies);
 the manifest's ``anchors`` record c and the model adds ``Σ_i c_i Δ_i`` whenever the new expert is weighted.  On
-the real full pool (bit1 over task arithmetic) this took tweets, added to the other three, from 0.756 to 0.97 of
-its expert's accuracy.  ``anchor=False`` (``--no-anchor``) stores against ``W_s``.
+the real full pool (bit1 over task arithmetic) this took tweets, added to the other three, from 0.756 to 0.878 of
+its expert's accuracy (bench/RESULTS.md).  ``anchor=False`` (``--no-anchor``) stores against ``W_s``.
+The fit reads each linear's stored deltas and new weight once, and the build reads them again (jobs are per linear,
+the fit per unit).
 
 Atomic: the new checkpoint is assembled in a folder beside the target (old shards hard-linked), calibrated
 there, and swapped in only when complete.  All data is loaded and checked before anything is written.
