@@ -16,9 +16,10 @@ from moerge.testing import tiny
 def test_methods_cover_every_budget_once() -> None:
     keys = [m.key for m in full.full_methods()]
     assert len(keys) == len(set(keys))
-    for b in full.BUDGETS:
-        for prefix in ("alloc", "alloc-fisher", "sel-sign_conflict-bit1", "sel-merge_error-bit1", "twin-uniform"):
-            assert f"{prefix}-{b}-cal" in keys
+    for b in full.BUDGETS:  # the allocation at every budget; the side-by-side comparison at 1.03x and 1.05x
+        assert {f"alloc-{b}-cal", f"alloc-fisher_global-{b}-cal"} <= set(keys)
+        for prefix in ("sel-sign_conflict-bit1", "sel-merge_error-bit1", "twin-uniform"):
+            assert (f"{prefix}-{b}-cal" in keys) == (b in ("1.03", "1.05"))
     quick = [m.key for m in full.full_methods() if m.quick]
     assert {"base", "oracle", "recipe-real_pool_full"} <= set(quick)
 

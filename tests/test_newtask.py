@@ -27,7 +27,14 @@ from moerge.routing.calibrate import CalibrateOptions, calibrate
 from moerge.routing.compose import ComposeOptions, compose
 from moerge.routing.data import Defaults
 from moerge.routing.remove_expert import remove_expert
-from moerge.routing.unknown import auroc, choose_threshold, fit_unknown, out_of_fold_scores
+from moerge.routing.unknown import (
+    auroc,
+    choose_threshold,
+    fit_unknown,
+    out_of_fold_scores,
+    route_thresholds,
+    with_route_thresholds,
+)
 from moerge.testing import tiny
 
 TASKS = list(tiny.TASKS)  # sentiment, topic, math, code
@@ -225,6 +232,65 @@ def test_unknown_detector_pure_pieces() -> None:
     assert float((det.score(near) > threshold).float().mean()) <= 0.25
     assert auroc(torch.tensor([1.0, 2.0]), torch.tensor([1.5, 3.0])) == pytest.approx(0.75)
     assert auroc(torch.tensor([1.0]), torch.tensor([1.0])) == pytest.approx(0.5)
+
+
+def test_per_route_thresholds_give_each_route_its_share() -> None:
+    """Routes of different spread: one global quantile makes the wide route lose far more than 1 - q of its
+    prompts; per-route thresholds keep every route near its share, and the stored offsets decide exactly as the
+    per-route rule (known iff some route o has d_o - back <= t_o)."""
+    gen = torch.Generator().manual_seed(0)
+    means = torch.randn(3, 16, generator=gen) * 4
+    spread = torch.tensor([0.5, 0.5, 2.0])  # route 2 is wide
+    y = torch.arange(3).repeat_interleave(200)
+    x = means[y] + torch.randn(600, 16, generator=gen) * spread[y, None]
+    det = fit_unknown(x, y, 3)
+    fresh = means[y] + torch.randn(600, 16, generator=gen) * spread[y, None]
+    q = 0.9
+    glob = choose_threshold(out_of_fold_scores(x, y, 3), q)
+    lost_global = [float((det.score(fresh[y == o]) > glob).float().mean()) for o in range(3)]
+    t = route_thresholds(out_of_fold_scores(x, y, 3, own=True), y, 3, q)
+    per, top = with_route_thresholds(det, t)
+    lost_route = [float((per.score(fresh[y == o]) > top).float().mean()) for o in range(3)]
+    assert lost_global[2] > 0.2 and lost_global[0] < 0.02, lost_global  # the wide route pays for the global one
+    assert max(lost_route) <= 0.15, lost_route  # ~1 - q each
+    rule = (det.route_scores(fresh) > t).all(-1)  # unknown under the per-route rule
+    assert torch.equal(per.score(fresh) > top, rule)
+    assert float(t.max()) == pytest.approx(top) and float(per.offsets.max()) == 0.0
+    # an output without prompts gets the quantile over all prompts
+    assert route_thresholds(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0, 0, 1]), 3, 1.0).tolist() == [2.0, 3.0, 3.0]
+
+
+def test_per_route_detector_in_the_checkpoint(pool: dict, tmp_path: Path) -> None:
+    """A new detector is per-route by default (offsets stored, ``per_route`` in the manifest), the model's score
+    is the library's formula with the offsets, ``keep`` keeps the choice and ``global`` drops the offsets."""
+    from moerge.checkpoint.folder import Checkpoint
+    from moerge.modeling.modeling_moerge import segment_pool
+
+    def read_routers(folder: Path) -> dict:
+        return Checkpoint.open(folder, routed=True).routers()
+
+    plan = json.loads((pool["three"] / "config.json").read_text())["moerge"]
+    assert plan["unknown"]["per_route"] is True
+    ckpt = _copy(pool["three"], tmp_path)
+    det = next(iter(read_routers(ckpt).values())).unknown
+    assert det is not None and det.offsets is not None and det.offsets.shape == (3,)
+    model = _load(ckpt)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 7, model.config.hidden_size, generator=gen)
+    with torch.no_grad():
+        got = model.moerge_router.unknown(x, None)
+    want = det.score(segment_pool(x, None, plan["unknown"]["segments"]))
+    assert torch.allclose(got, want, atol=1e-5)
+    with torch.no_grad():  # the offsets take part: without them the score differs
+        model.moerge_router.unknown.offsets.zero_()
+        assert not torch.allclose(model.moerge_router.unknown(x, None), want, atol=1e-5)
+    calibrate(ckpt, _mapping(pool, TASKS[:3]))  # keep
+    assert json.loads((ckpt / "config.json").read_text())["moerge"]["unknown"]["per_route"] is True
+    calibrate(ckpt, _mapping(pool, TASKS[:3]), options=CalibrateOptions(unknown_thresholds="global"))
+    plan = json.loads((ckpt / "config.json").read_text())["moerge"]
+    assert "per_route" not in plan["unknown"]
+    assert next(iter(read_routers(ckpt).values())).unknown.offsets is None
+    assert not hasattr(_load(ckpt).moerge_router.unknown, "offsets")
 
 
 def test_unknown_keep_and_none(pool: dict, tmp_path: Path) -> None:
@@ -438,3 +504,17 @@ def test_learned_mix_gradients_equal_autograd_through_each_delta(tmp_path: Path,
     assert torch.allclose(fast_loss, ref_loss, atol=1e-5)
     for a, b in zip(fast, ref):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (a, b)
+
+
+def test_bench_threshold_table_reads_per_route_thresholds() -> None:
+    """bench.real.newtask's offline fallback rates follow the detector's rule: with per-route thresholds a prompt
+    falls back only when it is beyond every route's own threshold."""
+    from bench.real.newtask import detector_rates
+
+    scores = {"a": [[0.0, 5.0], [3.0, 5.0]], "b": [[5.0, 1.0], [5.0, 5.0]]}  # (N, O) relative distances
+    r = {"three": {"unknown": {"route_thresholds": {"x": {"0.9": 1.0, "1": 4.0}, "y": {"0.9": 2.0, "1": 2.0}}}},
+         "detector_route_scores": scores}
+    assert detector_rates(r, "three", ["a"]) == [0.5, 0.0]  # [3, 5] is beyond x (1) and y (2) at 0.9 only
+    assert detector_rates(r, "three", ["b"]) == [0.5, 0.5]
+    r = {"three": {"unknown": {"out_of_fold_quantiles": {"0.9": 2.5}}}, "detector_scores": {"a": [1.0, 3.0]}}
+    assert detector_rates(r, "three", ["a"]) == [0.5] and detector_rates(r, "add", ["a"]) is None

@@ -108,18 +108,26 @@ def routed_methods(key: str, label: str, recipe_of: Callable[[Env], dict], quick
                    load_built(key, recipe_of, cal), quick and cal, {**params, "cal": cal}) for cal in cals]
 
 
+COMPARED = ("1.03", "1.05")  # budgets where the allocation meets the weight-metric selections and a uniform rank
+SENSITIVITIES = {"fisher_global": "fisher row weights"}  # ("fisher": per-expert row weights, measured 12-07: no
+# better than fisher_global; `--only alloc-fisher-` is not in the default grid any more, to fit the 60-minute run)
+
+
 def budget_methods() -> list[Method]:
-    """Per budget: the allocation, the two weight-metric selections and the uniform twin rank."""
+    """Per budget: the allocation (plain and fisher-weighted); at the compared budgets also the two weight-metric
+    selections and the uniform twin rank of the same bytes."""
     ms: list[Method] = []
     for b in BUDGETS:
         quick = b == QUICK_BUDGET  # (the allocation at the quick budget is the recipe row's build)
         sel = {"budget": f"{b}x", "metric": "activation"}
         ms += routed_methods(f"alloc-{b}", f"moerge allocation {b}x (activation)", budget_recipe(sel), False,
                              {"sel": sel, "v": 1})
-        for sens, what in (("fisher", "fisher row weights per expert"), ("fisher_global", "fisher row weights")):
+        for sens, what in SENSITIVITIES.items():
             alloc = {"sensitivity": sens}
             ms += routed_methods(f"alloc-{sens}-{b}", f"moerge allocation {b}x (activation, {what})",
                                  budget_recipe(sel, allocate=alloc), False, {"sel": sel, "allocate": alloc})
+        if b not in COMPARED:
+            continue
         for metric in ("sign_conflict", "merge_error"):
             sel = {"budget": f"{b}x", "metric": metric}
             ms += routed_methods(f"sel-{metric}-bit1-{b}", f"moerge {metric} selection {b}x (bit1 units)",
@@ -151,9 +159,9 @@ def tap_methods() -> list[Method]:
 
 GRID_KINDS: dict[str, dict] = {
     "dense": {"kind": "dense"}, "wemoe": {"kind": "wemoe"}, "bit1": {"kind": "bit1"},
-    **{f"twin{r}": {"kind": "twin", "rank": r} for r in (2, 4, 8, 16, 32, 64)},
-    **{f"sparse{d:g}": {"kind": "sparse", "density": d} for d in (0.01, 0.03, 0.1)},
-}
+    **{f"twin{r}": {"kind": "twin", "rank": r} for r in (2, 8, 16, 64)},
+    **{f"sparse{d:g}": {"kind": "sparse", "density": d} for d in (0.01, 0.1)},
+}  # (twin 4 / 32 and sparse 0.03 left out of the default grid to fit the 60-minute run; the curve is monotone)
 
 
 def grid_methods() -> list[Method]:

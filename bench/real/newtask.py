@@ -56,6 +56,7 @@ FULL_EXPERTS = Path(os.environ.get("MOERGE_CACHE", Path.home() / ".cache" / "moe
 HEADING = "## new tasks (issue 14)"
 COMPOSE_N = 32
 DETECTOR = "relative Mahalanobis (stored)"
+ROUTE_SCORES = "relative distance to each route"
 CHECK_N = 24  # old prompts per task whose logits are compared bit for bit
 
 
@@ -191,6 +192,7 @@ def ood_scores(model: Any, tok: Any, ckpt: Path, texts: list[str]) -> dict[str, 
         d = segs[unit][:, None, :] - det.means[None]
         out["distance to route means"] = d.pow(2).mean(-1).min(-1).values
         out[DETECTOR] = det.score(segs[unit])
+        out[ROUTE_SCORES] = det.route_scores(segs[unit])  # (N, O): not a score of its own (no AUROC)
     return out
 
 
@@ -245,10 +247,11 @@ class LeaveOneOut:
         scores = {t: ood_scores(model, tok, self.three, self.scorer.tasks[t].prompts) for t in ev.TASKS}
         from moerge.routing.unknown import auroc
 
-        known = {k: torch.cat([scores[t][k] for t in self.known]) for k in scores[self.task]}
+        known = {k: torch.cat([scores[t][k] for t in self.known]) for k in scores[self.task] if k != ROUTE_SCORES}
         self.r["auroc"] = {k: auroc(known[k], scores[self.task][k]) for k in known}
         if DETECTOR in scores[self.task]:  # per prompt: thresholds other than the stored one, offline
             self.r["detector_scores"] = {t: scores[t][DETECTOR].tolist() for t in ev.TASKS}
+            self.r["detector_route_scores"] = {t: scores[t][ROUTE_SCORES].tolist() for t in ev.TASKS}
         self.r["before"] = before
         self.save()
 
@@ -279,6 +282,7 @@ class LeaveOneOut:
         scores = {t: ood_scores(model, self.scorer.tok, self.added, self.scorer.tasks[t].prompts) for t in ev.TASKS}
         if DETECTOR in scores[self.task]:
             self.r["detector_scores_added"] = {t: scores[t][DETECTOR].tolist() for t in ev.TASKS}
+            self.r["detector_route_scores_added"] = {t: scores[t][ROUTE_SCORES].tolist() for t in ev.TASKS}
         self.r["identical"] = self.bit_check(model)
         self.save()
 
@@ -425,27 +429,47 @@ def fallback_rates(scores: dict[str, list[float]], thresholds: dict[str, float],
     return [float((pooled > thr).float().mean()) for thr in thresholds.values()]
 
 
+def route_fallback_rates(route_scores: dict[str, list[list[float]]], per_route: dict[str, dict[str, float]],
+                         tasks: list[str]) -> list[float]:
+    """Per-route thresholds (``calibrate``'s ``route_thresholds``: output -> quantile -> threshold, outputs in the
+    router's order): per quantile, the share of ``tasks``' prompts beyond every route's own threshold."""
+    rel = torch.tensor([x for t in tasks for x in route_scores[t]])  # (N, O)
+    quantiles = next(iter(per_route.values()))
+    return [float((rel > torch.tensor([per_route[o][q] for o in per_route])).all(-1).float().mean())
+            for q in quantiles]
+
+
+def detector_rates(r: dict, model: str, tasks: list[str]) -> list[float] | None:
+    """Fallback rates of ``tasks``' stored prompts at each reported quantile, on the ``three`` or ``add`` model's
+    detector (global or per-route thresholds, as calibrated); None when not measured."""
+    report = (r.get(model) or {}).get("unknown") or {}
+    suffix = "" if model == "three" else "_added"
+    if report.get("route_thresholds") and r.get("detector_route_scores" + suffix):
+        return route_fallback_rates(r["detector_route_scores" + suffix], report["route_thresholds"], tasks)
+    if report.get("out_of_fold_quantiles") and r.get("detector_scores" + suffix):
+        return fallback_rates(r["detector_scores" + suffix], report["out_of_fold_quantiles"], tasks)
+    return None
+
+
 def threshold_table(rs: dict[str, dict]) -> list[str]:
     """The detector at other quantiles of its out-of-fold calib scores (``calibrate`` reports them), from the
     stored per-prompt scores: unknown T's fallback rate and the known tasks' (three-expert model), and T's own
     fallback once added (four-expert model, its detector refitted by add-expert)."""
     lines = [("The unknown-prompt detector at other thresholds (`--unknown-quantile q`: the q-quantile of the "
-             "out-of-fold calib scores; the shipped default is 0.98), from the stored per-prompt scores. Three-expert "
+             "out-of-fold calib scores, per route where the detector has per-route thresholds; the shipped default is "
+             "0.98), from the stored per-prompt scores. Three-expert "
              "model: T's fallback rate (should be high) and the known tasks' (low); after add-expert: T's own "
              "prompts falling back (low)."), "",
              ("| left-out task T | q | T -> shared (three experts) | known -> shared (three experts) | T -> shared "
              "after its add | old tasks -> shared after the add |"), "|---|---|---|---|---|---|"]
     for t, r in rs.items():
         three = ((r.get("three") or {}).get("unknown") or {}).get("out_of_fold_quantiles")
-        if not three or "detector_scores" not in r:
-            continue
         olds = [k for k in ev.TASKS if k != t]
-        added = ((r.get("add") or {}).get("unknown") or {}).get("out_of_fold_quantiles")
-        unk = fallback_rates(r["detector_scores"], three, [t])
-        kn = fallback_rates(r["detector_scores"], three, olds)
-        after = r.get("detector_scores_added")
-        t_after = fallback_rates(after, added, [t]) if added and after else [math.nan] * len(three)
-        o_after = fallback_rates(after, added, olds) if added and after else [math.nan] * len(three)
+        unk, kn = detector_rates(r, "three", [t]), detector_rates(r, "three", olds)
+        if not three or unk is None or kn is None:
+            continue
+        t_after = detector_rates(r, "add", [t]) or [math.nan] * len(three)
+        o_after = detector_rates(r, "add", olds) or [math.nan] * len(three)
         for i, q in enumerate(three):
             lines.append(f"| {t} | {q} | {unk[i]:.3f} | {kn[i]:.3f} | {t_after[i]:.3f} | {o_after[i]:.3f} |")
     return lines

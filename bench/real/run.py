@@ -528,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         normalize(grid, oracle)
         keep = finalists(grid)
         log(f"finalists: {', '.join(keep)}")
+        runner.speed = speed and args.pool == "lora"  # full pool: tokens/s of the recipe row (and peers) only
         rows += [runner.row(m) for m in grid_methods if m.key in keep]
         normalize(rows)
     copy_dense_speed(rows)

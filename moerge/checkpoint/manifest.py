@@ -66,24 +66,31 @@ class Fallback:
 @dataclass(frozen=True)
 class Unknown:
     """Prompts whose :class:`~moerge.modeling.modeling_moerge.UnknownDetector` score exceeds ``threshold`` take
-    the shared weights (the zero route).  ``segments``, ``rank`` and ``background_rank`` give its tensor shapes."""
+    the shared weights (the zero route).  ``segments``, ``rank`` and ``background_rank`` give its tensor shapes;
+    ``per_route``: the detector carries one threshold offset per route (``unknown.offsets``), so each route keeps
+    its own share of known prompts (``moerge calibrate --unknown-thresholds per_route``)."""
 
     threshold: float
     segments: int
     rank: int
     background_rank: int
     score: str = "relative_mahalanobis"
+    per_route: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {"score": self.score, "threshold": self.threshold, "segments": self.segments, "rank": self.rank,
-                "background_rank": self.background_rank}
+        out = {"score": self.score, "threshold": self.threshold, "segments": self.segments, "rank": self.rank,
+               "background_rank": self.background_rank}
+        return {**out, "per_route": True} if self.per_route else out
 
     @classmethod
     def from_dict(cls, raw: Any, file: str) -> Unknown:
         raw = _mapping(raw, file, "moerge.unknown")
         try:
+            per_route = raw.get("per_route", False)
+            if not isinstance(per_route, bool):
+                raise TypeError(f"per_route must be true or false, got {per_route!r}")
             return cls(float(raw["threshold"]), int(raw["segments"]), int(raw["rank"]), int(raw["background_rank"]),
-                       str(raw.get("score", "relative_mahalanobis")))
+                       str(raw.get("score", "relative_mahalanobis")), per_route)
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(file, "moerge.unknown", f"malformed ({exc})") from None
 

@@ -27,7 +27,9 @@ class UnknownTensors:
     """The unknown-prompt detector of a sequence router (float32): per-output means (O, D), the shared
     within-route covariance as ``factor`` (r, D) and ``inv_var`` (), and the background Gaussian of all
     calibration prompts (``background_mean`` (D,), ``background_factor`` (r0, D), ``background_inv_var`` ()),
-    D = segments * C (see :func:`moerge.modeling.modeling_moerge.gaussian_distance`)."""
+    D = segments * C (see :func:`moerge.modeling.modeling_moerge.gaussian_distance`).  ``offsets`` (O,), optional
+    (per-route thresholds): route o's distance counts as ``d_o - offsets[o]``, so a prompt is known when it lies
+    within any route's own threshold."""
 
     means: torch.Tensor
     factor: torch.Tensor
@@ -35,18 +37,27 @@ class UnknownTensors:
     background_mean: torch.Tensor
     background_factor: torch.Tensor
     background_inv_var: torch.Tensor
+    offsets: torch.Tensor | None = None
 
     def as_dict(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    def route_scores(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Segment-pooled features (N, D) -> (N, O) relative distance to each route (before the offsets)."""
+        back = gaussian_distance(pooled, self.background_mean[None], self.background_factor, self.background_inv_var)
+        return gaussian_distance(pooled, self.means, self.factor, self.inv_var) - back  # (N, O)
 
     def score(self, pooled: torch.Tensor) -> torch.Tensor:
         """Segment-pooled features (N, D) -> (N,) relative Mahalanobis score, the model's formula."""
-        near = gaussian_distance(pooled, self.means, self.factor, self.inv_var).min(-1).values
-        back = gaussian_distance(pooled, self.background_mean[None], self.background_factor, self.background_inv_var)
-        return near - back[:, 0]
+        rel = self.route_scores(pooled)
+        return (rel if self.offsets is None else rel - self.offsets.float()).min(-1).values
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> UnknownTensors:
-        return UnknownTensors(*(fn(getattr(self, f.name)) for f in fields(self)))
+        return UnknownTensors(*(None if (t := getattr(self, f.name)) is None else fn(t) for f in fields(self)))
+
+    def rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> UnknownTensors:
+        """The per-output tensors (means, offsets) mapped by ``fn`` (an output added or dropped)."""
+        return replace(self, means=fn(self.means), offsets=None if self.offsets is None else fn(self.offsets))
 
 
 @dataclass
@@ -101,19 +112,19 @@ class RouterTensors:
 
     def grown(self, at: int | None = None) -> RouterTensors:
         """One more output at index ``at`` (default: last): a zero prototype row and a zero bias (calibration sets
-        them; the detector's mean row is zero too)."""
+        them; the detector's mean and offset rows are zero too)."""
         at = self.bias.numel() if at is None else at
 
         def insert(t: torch.Tensor) -> torch.Tensor:
             return torch.cat([t[:at], t.new_zeros(1, *t.shape[1:]), t[at:]])
 
-        unknown = None if self.unknown is None else replace(self.unknown, means=insert(self.unknown.means))
+        unknown = None if self.unknown is None else self.unknown.rows(insert)
         return RouterTensors(insert(self.prototypes), self.center, self.scale, insert(self.bias), unknown)
 
     def without(self, e: int) -> RouterTensors:
-        """Output ``e`` dropped (and the detector's mean of it)."""
+        """Output ``e`` dropped (and the detector's mean and offset of it)."""
         keep = [i for i in range(self.bias.numel()) if i != e]
-        unknown = None if self.unknown is None else replace(self.unknown, means=self.unknown.means[keep])
+        unknown = None if self.unknown is None else self.unknown.rows(lambda t: t[keep])
         return RouterTensors(self.prototypes[keep], self.center, self.scale, self.bias[keep], unknown)
 
 

@@ -531,12 +531,14 @@ class MoergeRouter(nn.Module):
     @torch.no_grad()
     def grow(self) -> None:
         """One more output (a composed route added at run time): a zero prototype and a bias of -1e4, so that the
-        router does not pick it before calibration; the detector's new mean repeats the first one."""
+        router does not pick it before calibration; the detector's new mean (and offset) repeats the first one."""
         self.prototypes = nn.Parameter(torch.cat([self.prototypes, self.prototypes.new_zeros(1, self.prototypes.shape[1])]))
         self.bias = nn.Parameter(torch.cat([self.bias, self.bias.new_full((1,), -1e4)]))
         det = getattr(self, "unknown", None)
         if det is not None:
             det.means = nn.Parameter(torch.cat([det.means, det.means[:1]]))
+            if getattr(det, "offsets", None) is not None:
+                det.offsets = nn.Parameter(torch.cat([det.offsets, det.offsets[:1]]))
 
 
 def segment_pool(x: torch.Tensor, mask: torch.Tensor | None, segments: int) -> torch.Tensor:
@@ -588,13 +590,17 @@ class UnknownDetector(nn.Module):
         self.background_mean = param(dim)  # (D,)
         self.background_factor = param(int(spec["background_rank"]), dim)  # (r0, D)
         self.background_inv_var = param()  # ()
+        if spec.get("per_route"):  # per-route thresholds: route o's distance counts as d_o - offsets[o]
+            self.offsets = param(num_outputs)  # (E,)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Router input (B, T, C) -> score (B,) float32."""
         pooled = segment_pool(x, mask, self.segments).to(self.means.device)  # (B, D)
-        near = gaussian_distance(pooled, self.means, self.factor, self.inv_var).min(-1).values  # (B,)
+        dist = gaussian_distance(pooled, self.means, self.factor, self.inv_var)  # (B, E)
+        if getattr(self, "offsets", None) is not None:
+            dist = dist - self.offsets.float()
         back = gaussian_distance(pooled, self.background_mean[None], self.background_factor, self.background_inv_var)
-        return near - back[:, 0]
+        return dist.min(-1).values - back[:, 0]
 
     def reset(self) -> None:
         for p in self.parameters():

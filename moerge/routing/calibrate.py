@@ -44,7 +44,16 @@ from .diagnostics import confusion_png, format_metrics, routing_metrics
 from .entropy import minimise_entropy, spread_prototypes
 from .features import pooled_and_segments, token_inputs
 from .fit import fallback_threshold, fit_supervised, fit_temperature, standardiser
-from .unknown import QUANTILE, SEGMENTS, choose_threshold, fit_unknown, out_of_fold_scores
+from .unknown import (
+    QUANTILE,
+    SEGMENTS,
+    THRESHOLDS,
+    choose_threshold,
+    fit_unknown,
+    out_of_fold_scores,
+    route_thresholds,
+    with_route_thresholds,
+)
 
 REPORT_FILE = names.REPORT
 CONFUSION_FILE = names.CONFUSION
@@ -71,6 +80,7 @@ class CalibrateOptions:
     unknown: Literal["keep", "shared", "none"] = "keep"  # keep: refit the checkpoint's detector if it has one
     unknown_quantile: float = QUANTILE  # share of known (out-of-fold) prompts that stay routed
     unknown_segments: int = SEGMENTS
+    unknown_thresholds: Literal["keep", "global", "per_route"] = "keep"  # keep: the checkpoint's (new: THRESHOLDS)
     device: str = "auto"  # auto: device_map="auto" (GPUs, then CPU memory); cpu / cuda[:N]: all of it there
     defaults: Defaults = field(default_factory=Defaults)
 
@@ -99,6 +109,15 @@ class CalibrateOptions:
             raise DataError(None, "unknown_quantile", f"must be in [0.5, 1], got {self.unknown_quantile}")
         if self.unknown_segments < 1:
             raise DataError(None, "unknown_segments", f"must be >= 1, got {self.unknown_segments}")
+        if self.unknown_thresholds not in ("keep", "global", "per_route"):
+            raise DataError(None, "unknown_thresholds", f"unknown mode '{self.unknown_thresholds}'; one of keep, "
+                            "global, per_route")
+
+    def per_route(self, manifest: Manifest) -> bool:
+        """Whether the detector gets one threshold per route (keep: as the checkpoint's detector, else THRESHOLDS)."""
+        if self.unknown_thresholds == "keep":
+            return manifest.unknown.per_route if manifest.unknown is not None else THRESHOLDS == "per_route"
+        return self.unknown_thresholds == "per_route"
 
     def segments(self, manifest: Manifest) -> int:
         """Segments of the unknown-prompt detector to fit (0: none)."""
@@ -282,16 +301,32 @@ def unknown_detector(feats: Features, examples: Examples, train: list[int], held
     assert feats.segments is not None
     x, y = feats.segments[train], labels_of(examples, train)  # (N, S * C), (N,)
     n_out = len(examples.experts)
-    oof = out_of_fold_scores(x, y, n_out, seed=opts.seed)  # (N,)
-    threshold = choose_threshold(oof, opts.unknown_quantile)
-    det = fit_unknown(x, y, n_out).map(lambda t: t.to(dtype).float())
-    spec = Unknown(round(threshold, 6), segments, det.factor.shape[0], det.background_factor.shape[0])
+    per_route = opts.per_route(manifest)
+    oof = out_of_fold_scores(x, y, n_out, seed=opts.seed, own=per_route)  # (N,)
+    det = fit_unknown(x, y, n_out)
+    if per_route:
+        det, threshold = with_route_thresholds(det, route_thresholds(oof, y, n_out, opts.unknown_quantile))
+    else:
+        threshold = choose_threshold(oof, opts.unknown_quantile)
+    det = det.map(lambda t: t.to(dtype).float())
+    spec = Unknown(round(threshold, 6), segments, det.factor.shape[0], det.background_factor.shape[0],
+                   per_route=per_route)
     held_x = feats.segments[held] if held else x
     rate = float((det.score(held_x) > spec.threshold).float().mean()) if len(held_x) else 0.0
     report = {**spec.to_dict(), "quantile": opts.unknown_quantile,
               "known_fallback_rate": rate, "evaluated_on": "heldout" if held else "train",
-              "out_of_fold_quantiles": {f"{q:g}": round(choose_threshold(oof, q), 6) for q in REPORT_QUANTILES}}
+              "out_of_fold_quantiles": {f"{q:g}": round(_chosen(oof, y, n_out, q, per_route), 6)
+                                        for q in REPORT_QUANTILES}}
+    if per_route:  # each route's own threshold at the report's quantiles
+        table = {f"{q:g}": route_thresholds(oof, y, n_out, q).tolist() for q in REPORT_QUANTILES}
+        report["route_thresholds"] = {name: {q: round(t[o], 6) for q, t in table.items()}
+                                      for o, name in enumerate(examples.experts)}
     return det, spec, report
+
+
+def _chosen(oof: torch.Tensor, y: torch.Tensor, n_out: int, quantile: float, per_route: bool) -> float:
+    """The scalar threshold ``--unknown-quantile quantile`` chooses (per route: the loosest route's)."""
+    return float(route_thresholds(oof, y, n_out, quantile).max()) if per_route else choose_threshold(oof, quantile)
 
 
 # ---------------------------------------------------------------- the command

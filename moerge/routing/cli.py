@@ -28,7 +28,8 @@ def _options(args: argparse.Namespace) -> CalibrateOptions:
     return CalibrateOptions(method=args.method, holdout=args.holdout, seed=args.seed, steps=args.steps, lr=args.lr,
                             fallback=args.fallback, threshold=args.threshold, batch_size=args.batch_size,
                             tokens_per_text=args.tokens_per_text, dtype=args.dtype, device=args.device,
-                            unknown=args.unknown, unknown_quantile=args.unknown_quantile, defaults=defaults)
+                            unknown=args.unknown, unknown_quantile=args.unknown_quantile,
+                            unknown_thresholds=args.unknown_thresholds, defaults=defaults)
 
 
 def _quiet(args: argparse.Namespace) -> None:
@@ -114,6 +115,9 @@ def _calibration_args(p: argparse.ArgumentParser, data_required: bool = True) ->
                         "`none` drops it, `keep` (default) refits it where the checkpoint has one (sequence level)")
     p.add_argument("--unknown-quantile", type=finite_float(0.5, 1), default=0.98,
                    help="share of known (out-of-fold) calibration prompts the detector keeps routed (default 0.98)")
+    p.add_argument("--unknown-thresholds", choices=["keep", "global", "per_route"], default="keep",
+                   help="one detector threshold for all routes, or one per route (each keeps --unknown-quantile of its "
+                        "own prompts); keep (default): the checkpoint's choice, per_route for a new detector")
     p.add_argument("--field", default="prompt", help="text field of the data (default prompt)")
     p.add_argument("--label-field", default="expert", help="label column of a table (default expert)")
     p.add_argument("--split", default="train", help="split of hub datasets (default train)")
