@@ -192,7 +192,11 @@ def test_remove_expert_cli_recalibrates(pool: dict, tmp_path: Path, capsys: pyte
     assert report["unknown"] is not None  # the detector is kept (refitted)
     quantiles = report["unknown"]["out_of_fold_quantiles"]  # the thresholds other quantiles would choose
     assert list(quantiles) == ["0.9", "0.95", "0.98", "0.99", "0.995", "1"]
-    assert quantiles["0.98"] == pytest.approx(report["unknown"]["threshold"], abs=1e-5)
+    from moerge.routing.cli import UNKNOWN_QUANTILE
+    from moerge.routing.unknown import QUANTILE
+
+    assert UNKNOWN_QUANTILE == QUANTILE == CalibrateOptions().unknown_quantile
+    assert quantiles[f"{QUANTILE:g}"] == pytest.approx(report["unknown"]["threshold"], abs=1e-5)
     assert list(quantiles.values()) == sorted(quantiles.values())
 
 

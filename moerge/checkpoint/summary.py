@@ -52,7 +52,7 @@ def inspect_checkpoint(path: Path) -> str:
             lines.append("anchored experts (add-expert): " + ", ".join(f"{n} ({len(u)} units)" for n, u in m.anchors.items()))
         if m.unknown is not None:
             lines.append(f"unknown prompts: shared weights above score {m.unknown.threshold:.4g} ({m.unknown.score}, "
-                         f"{m.unknown.segments} segments)")
+                         f"{m.unknown.segments} segments{', per-route thresholds' if m.unknown.per_route else ''})")
         parts = storage_breakdown(index, m)
         base = parts.get("shared", 0)
         for key, n in sorted(parts.items()):

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 from ..cliargs import device_arg, finite_float, int_at_least
 from .data import Defaults
 
+UNKNOWN_QUANTILE = 0.995  # = routing.unknown.QUANTILE (kept here so that building the parser imports no torch)
+
 if TYPE_CHECKING:
     from .calibrate import CalibrateOptions
 
@@ -113,8 +115,9 @@ def _calibration_args(p: argparse.ArgumentParser, data_required: bool = True) ->
     p.add_argument("--unknown", choices=["keep", "shared", "none"], default="keep",
                    help="prompts unlike every known task take the shared weights: `shared` fits the detector, "
                         "`none` drops it, `keep` (default) refits it where the checkpoint has one (sequence level)")
-    p.add_argument("--unknown-quantile", type=finite_float(0.5, 1), default=0.98,
-                   help="share of known (out-of-fold) calibration prompts the detector keeps routed (default 0.98)")
+    p.add_argument("--unknown-quantile", type=finite_float(0.5, 1), default=UNKNOWN_QUANTILE,
+                   help=f"share of known (out-of-fold) calibration prompts the detector keeps routed, per route with "
+                        f"per-route thresholds (default {UNKNOWN_QUANTILE}; 0.98 suits --unknown-thresholds global)")
     p.add_argument("--unknown-thresholds", choices=["keep", "global", "per_route"], default="keep",
                    help="one detector threshold for all routes, or one per route (each keeps --unknown-quantile of its "
                         "own prompts); keep (default): the checkpoint's choice, per_route for a new detector")
