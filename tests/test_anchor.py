@@ -222,3 +222,45 @@ def test_compose_can_start_at_the_base(pool: dict) -> None:
     with torch.no_grad():
         out, ref = model(input_ids=IDS).logits, _load(pool["base"])(input_ids=IDS).logits
     assert (out - ref).abs().max() <= 1e-4
+
+
+def test_add_expert_rank_takes_more_bytes_for_a_closer_copy(pool: dict, tmp_path: Path) -> None:
+    """``rank``: the added full expert's own rank in twin units.  At full rank (hidden 32) its forced logits are the
+    expert's; at the stored rank (2) they are not; old experts stay bit-identical either way.  A LoRA source or a
+    checkpoint without a ranked kind is refused before anything is written."""
+    raw = {"base": str(pool["base"]),
+           "experts": [{"name": t, "source": str(s), "calibration": {"data": str(pool["data"][t]), "chat_template": True}}
+                       for t, s in zip(TASKS[:2], pool["full"][:2])],
+           "merge": {"method": "task_arithmetic", "lambda": 1.0},
+           "routing": {"select": {"all": True}, "modules": "both", "expert": {"kind": "twin", "rank": 2},
+                       "shared": "merge", "router": {"level": "sequence", "init": "prototype"}}}
+    two = tmp_path / "two"
+    moerge.build(recipe_from_dict(raw), two, force=True, progress=False)
+    before = _forced(two)
+    data = {TASKS[2]: {"data": str(pool["data"][TASKS[2]]), "chat_template": True}}
+    outs = {}
+    for rank in (None, 32):
+        outs[rank] = tmp_path / f"r{rank}"
+        add_expert(two, TASKS[2], pool["full"][2], data, out=outs[rank], rank=rank)
+    with torch.no_grad():
+        ref = _load(pool["full"][2])(input_ids=IDS).logits
+    errors = {}
+    for rank, folder in outs.items():
+        forced = _forced(folder)
+        for name in TASKS[:2]:
+            assert torch.equal(forced[name], before[name]), (rank, name)
+        errors[rank] = float((forced[TASKS[2]] - ref).abs().max())
+        plan = json.loads((folder / "config.json").read_text())["moerge"]
+        lin = next(iter(plan["units"].values()))["linears"]
+        shapes = next(iter(lin.values()))["experts"]
+        assert shapes[2]["U"][1] == (rank or 2) and shapes[0]["U"][1] == 2
+    assert errors[32] <= 1e-4 < errors[None], errors
+    assert (outs[32] / f"moerge_expert_{TASKS[2]}.safetensors").stat().st_size > \
+        (outs[None] / f"moerge_expert_{TASKS[2]}.safetensors").stat().st_size
+    snap = _snapshot(two)
+    lora = tiny.make_lora_expert(pool["base"], tmp_path / "lora", seed=5, r=4, alpha=8)
+    with pytest.raises(DataError, match="rank"):
+        add_expert(two, "lora", lora, data, out=tmp_path / "x", rank=8)
+    with pytest.raises(DataError, match="ranked kind"):
+        add_expert(_build(pool, "bit1"), TASKS[2], pool["full"][2], data, out=tmp_path / "y", rank=8)
+    assert _snapshot(two) == snap and not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -208,6 +208,19 @@ class LeaveOneOut:
         self.logs = folder / "log.txt"
         self.results = folder / "results.json"
         self.r: dict[str, Any] = json.loads(self.results.read_text()) if self.results.is_file() else {}
+        self.add_rank: int | None = None
+
+    def seed_from(self, other: Path) -> None:
+        """Start from another run's three-expert stage (same recipe and prompts; ``--add-rank`` changes the add)."""
+        if self.r or not (other / "results.json").is_file():
+            return
+        done = json.loads((other / "results.json").read_text())
+        if "before" not in done or not (other / "three").is_dir():
+            return
+        shutil.copytree(other / "three", self.three, dirs_exist_ok=True)
+        self.r = {k: v for k, v in done.items() if k in ("three", "auroc", "detector_scores", "detector_route_scores",
+                                                          "before")}
+        self.save()
 
     def save(self) -> None:
         self.results.write_text(json.dumps(self.r, indent=1) + "\n")
@@ -260,8 +273,9 @@ class LeaveOneOut:
             return
         shutil.rmtree(self.added, ignore_errors=True)
         data = calib_mapping(self.env, [self.task], self.folder)
+        rank = ["--rank", str(self.add_rank)] if self.add_rank else []
         add_s = cli(["add-expert", self.three, "--name", self.task, "--source", source_of(self.raw, self.task),
-                     "--data", data, "--out", self.added, "--quiet"], self.logs, self.env)
+                     "--data", data, "--out", self.added, *rank, "--quiet"], self.logs, self.env)
         report = json.loads((self.added / "calibration.json").read_text())
         self.r["add"] = {"add_s": add_s, "bytes_added": safetensors_bytes(self.added) - self.r["three"]["bytes"],
                          "new_shard_bytes": (self.added / f"moerge_expert_{self.task}.safetensors").stat().st_size,
@@ -540,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", nargs="*", default=list(ev.TASKS))
     ap.add_argument("--phases", default="add,compose", help="add (1-3) and/or compose (4)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--add-rank", type=int, help="add-expert --rank R (the added full expert's rank in twin units)")
     ap.add_argument("--no-record", action="store_true")
     ap.add_argument("--pool-dir", type=Path, default=REPO.parent / "shared" / "pool")
     args = ap.parse_args(argv)
@@ -553,11 +568,17 @@ def main(argv: list[str] | None = None) -> int:
         file_recipe(REPO / "recipes" / "real_pool.yaml", env) if args.pool == "lora" else full_recipe(env))
     kind = "lora" if raw["routing"].get("shared") == "base" else "full"
     work = WORK / "newtask" / (args.pool + (f"-{args.recipe.stem}" if args.recipe else ""))  # a recipe's own cache
+    plain_work = work
+    if args.add_rank:  # its own cache, seeded with the plain run's three-expert stage
+        work = work.with_name(work.name + f"-addrank{args.add_rank}")
     scorer = Scorer(env, args.n, work)
     t0 = time.perf_counter()
     results = {}
     for task in args.tasks:
         loo = LeaveOneOut(env, raw, task, scorer, work / task, kind)
+        if args.add_rank:
+            loo.add_rank = args.add_rank
+            loo.seed_from(plain_work / task)
         steps = [loo.build_three, loo.score_three, loo.add,
                  lambda loo=loo: "after" in loo.r or loo.score_added(oracle_accuracy(env, scorer, args.pool, loo)),
                  loo.round_trip]

@@ -25,6 +25,7 @@ there, and swapped in only when complete.  All data is loaded and checked before
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from collections.abc import Iterator
@@ -84,6 +85,17 @@ def check_kind(manifest: Manifest, src: Source) -> None:
         if KINDS.get(spec.kind).needs_lora and isinstance(src, FullSource):
             raise SourceError(src.path, unit, f"kind '{spec.kind}' stores LoRA factors: the new expert must be a "
                                               "LoRA adapter, not a full checkpoint")
+
+
+def check_rank(rank: int | None, manifest: Manifest, src: Source) -> None:
+    """``rank`` needs a full checkpoint and at least one unit of a ranked kind."""
+    if rank is None:
+        return
+    if not isinstance(src, FullSource):
+        raise DataError(None, "rank", "applies to a full checkpoint; a LoRA adapter is stored at its own rank")
+    if not any("rank" in KINDS.get(spec.kind).params for spec in manifest.units.values()):
+        kinds = sorted({spec.kind for spec in manifest.units.values()})
+        raise DataError(None, "rank", f"no routed unit has a ranked kind (twin); the checkpoint's kinds: {kinds}")
 
 
 def kind_config(recipe: Recipe | None) -> KindConfig:
@@ -164,14 +176,19 @@ def lora_rank(src: Source, weight: str) -> int | None:
 
 
 def expert_specs(path: str, lin: LinearSpec, kind: ExpertKind, cfg: KindConfig, src: Source,
-                 shape: tuple[int, int], dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+                 shape: tuple[int, int], dtype: torch.dtype,
+                 own_rank: bool = False) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """{tensor name: (shape, dtype)} of the new expert in one routed linear (``cfg``: `ExpertKind.config_like`,
-    sized as the largest stored expert); checked against the stored experts' shapes."""
+    sized as the largest stored expert); checked against the stored experts' shapes (``own_rank``: a rank of the
+    new expert's own, so only the tensor names are checked)."""
     raw = kind.shapes(shape[0], shape[1], cfg, lora_rank(src, f"{path}.weight"))
     specs = {k: (tuple(s), d or dtype) for k, (s, d) in raw.items()}
     if lin.bias:
         specs["bias_delta"] = ((shape[0],), dtype)
-    if not kind.needs_lora and {k: s for k, (s, _) in specs.items()} not in lin.experts:
+    if own_rank and any(set(specs) != set(shapes) for shapes in lin.experts):
+        raise CheckpointError(path, "experts", f"the new expert's {kind.name} tensors {sorted(specs)} match none of "
+                                               f"the stored experts' ({sorted(lin.experts[0])})")
+    if not kind.needs_lora and not own_rank and {k: s for k, (s, _) in specs.items()} not in lin.experts:
         raise CheckpointError(path, "experts", f"the new expert's {kind.name} tensors {specs} match none of the "
                                                f"stored experts' (e.g. {lin.experts[0]})")
     return specs
@@ -278,11 +295,14 @@ def reference(path: str, lin: LinearSpec, kind: str, stored: TensorLoader, ancho
 
 def linear_job(path: str, lin: LinearSpec, kind: ExpertKind, cfg: KindConfig, src: Source, e: int,
                stored: TensorLoader, base: ModelFolder, folds: NormFolds,
-               anchor: tuple[float, ...] | None = None) -> Job:
+               anchor: tuple[float, ...] | None = None, rank: int | None = None) -> Job:
     w_info = stored.index[f"{path}.weight"]
     dtype = dtypes.from_st(w_info.dtype)
     cfg = kind.config_like(list(lin.experts), w_info.shape[0], w_info.shape[1], cfg)
-    specs = expert_specs(path, lin, kind, cfg, src, tuple(w_info.shape), dtype)  # type: ignore[arg-type]
+    own_rank = rank is not None and "rank" in kind.params and isinstance(src, FullSource)
+    if own_rank:
+        cfg = dataclasses.replace(cfg, rank=rank)
+    specs = expert_specs(path, lin, kind, cfg, src, tuple(w_info.shape), dtype, own_rank)  # type: ignore[arg-type]
     tensor = {k: names.expert_tensor(path, e, k) for k in specs}
 
     def run() -> Iterator[tuple[str, torch.Tensor]]:
@@ -300,9 +320,10 @@ def linear_job(path: str, lin: LinearSpec, kind: ExpertKind, cfg: KindConfig, sr
 # ---------------------------------------------------------------- writing
 
 def write_expert(tmp: Path, ckpt: Checkpoint, name: str, src: Source, base: ModelFolder, recipe: Recipe | None,
-                 anchor: bool = True) -> dict[str, tuple[float, ...]]:
+                 anchor: bool = True, rank: int | None = None) -> dict[str, tuple[float, ...]]:
     """New shard, grown router, index and config in ``tmp`` (a hard-linked copy of the checkpoint); returns the
-    new expert's anchors (unit -> weights of the old experts, see the module docstring)."""
+    new expert's anchors (unit -> weights of the old experts, see the module docstring).  ``rank``: the new full
+    expert's rank in units of a ranked kind (twin) instead of the largest stored one."""
     manifest, cfg = ckpt.require_routed(), kind_config(recipe)
     e = len(manifest.experts)
     stored = TensorLoader(Checkpoint.open(tmp).index())
@@ -311,7 +332,7 @@ def write_expert(tmp: Path, ckpt: Checkpoint, name: str, src: Source, base: Mode
     jobs, shapes = [], {}
     for unit, lin_name, lin in manifest.linears():
         kind = KINDS.get(manifest.units[unit].kind)
-        job = linear_job(f"{unit}.{lin_name}", lin, kind, cfg, src, e, stored, base, folds, anchors.get(unit))
+        job = linear_job(f"{unit}.{lin_name}", lin, kind, cfg, src, e, stored, base, folds, anchors.get(unit), rank)
         jobs.append(job)
         shapes[(unit, lin_name)] = {s.name.rsplit(".", 1)[1]: s.shape for s in job.specs}
     files = indexed_files(tmp)
@@ -344,13 +365,17 @@ def note_unrouted(src: Source, manifest: Manifest) -> None:
 
 def add_expert(checkpoint: str | Path, name: str, source: str | Path, data: str | Path | dict[str, Any], *,
                base: str | Path | None = None, out: str | Path | None = None, force: bool = False,
-               options: CalibrateOptions | None = None, anchor: bool = True) -> dict[str, Any] | None:
+               options: CalibrateOptions | None = None, anchor: bool = True,
+               rank: int | None = None) -> dict[str, Any] | None:
     """Add expert ``name`` from ``source`` to every routed unit of ``checkpoint`` and calibrate the grown
     router on DATA (old experts that DATA omits use the last calibration's data or the recipe's).  ``anchor``: store
     a full expert against its least-squares fit by the stored experts where the kind allows (module docstring).
-    Returns the calibration report."""
+    ``rank``: a full expert's rank in twin units (default: each linear's largest stored rank); more bytes, a closer
+    copy.  Returns the calibration report."""
     opts = options or CalibrateOptions()
     opts.check()
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise DataError(None, "rank", f"must be an integer >= 1, got {rank!r}")
     if parallel.state().num_processes > 1:
         raise NotSupportedError(None, "add-expert", "run add-expert in one process (calibrate can be sharded)")
     ckpt = Checkpoint.open(checkpoint, routed=True)
@@ -360,6 +385,7 @@ def add_expert(checkpoint: str | Path, name: str, source: str | Path, data: str 
     base_model = open_base(base, recipe, ckpt.folder)
     src = open_source(name, Path(source), base_model)
     check_kind(manifest, src)
+    check_rank(rank, manifest, src)
     outputs = [*manifest.experts, name, *manifest.routes]  # the grown router's outputs
     examples = gather_examples(ckpt, data, outputs, name, ckpt.tokenizer(), opts)
     note_unrouted(src, manifest)
@@ -369,7 +395,7 @@ def add_expert(checkpoint: str | Path, name: str, source: str | Path, data: str 
                                   ("base", base_model.folder), *data_inputs(data)]
     with atomic_output(target, force=force or in_place, inputs=inputs) as tmp:
         link_copy(ckpt.folder, tmp)
-        anchors = write_expert(tmp, ckpt, name, src, base_model, recipe, anchor)
+        anchors = write_expert(tmp, ckpt, name, src, base_model, recipe, anchor, rank)
         report = calibrate(tmp, data, options=opts, examples=examples)
     assert report is not None
     report["checkpoint"] = str(target)

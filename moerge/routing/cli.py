@@ -79,7 +79,7 @@ def cmd_add_expert(args: argparse.Namespace) -> int:
 
     _quiet(args)
     _print(add_expert(args.checkpoint, args.name, args.source, args.data, base=args.base, out=args.out,
-                      force=args.force, options=_options(args), anchor=args.anchor))
+                      force=args.force, options=_options(args), anchor=args.anchor, rank=args.rank))
     return 0
 
 
@@ -157,6 +157,8 @@ def add_commands(sub: argparse._SubParsersAction, common: Callable[[argparse.Arg
     add.add_argument("--no-anchor", dest="anchor", action="store_false",
                      help="store a full expert against the shared weight only, not against its least-squares fit by "
                           "the stored experts (the default, where the unit's kind allows)")
+    add.add_argument("--rank", type=int_at_least(1), help="a full expert's rank in twin units (default: each "
+                     "linear's largest stored rank); more bytes, a closer copy of the expert")
     add.set_defaults(func=cmd_add_expert)
     rem = sub.add_parser("remove-expert", help="drop an expert (or composed route) from a built checkpoint")
     common(rem)
