@@ -333,8 +333,9 @@ class LeaveOneOut:
         rm_s = cli(["remove-expert", self.added, self.task, "--out", work, "--quiet"], self.logs, self.env)
         vs_three = forced_diff(work, self.three, self.known)
         data = calib_mapping(self.env, [self.task], self.folder)
+        rank = ["--rank", str(self.add_rank)] if self.add_rank else []
         cli(["add-expert", work, "--name", self.task, "--source", source_of(self.raw, self.task), "--data", data,
-             "--quiet"], self.logs, self.env)
+             *rank, "--quiet"], self.logs, self.env)
         vs_added = forced_diff(work, self.added, ev.TASKS, routed=True)
         self.r["round_trip"] = {"remove_s": rm_s, "removed_vs_three": vs_three, "readded_vs_added": vs_added}
         shutil.rmtree(work, ignore_errors=True)
@@ -471,7 +472,7 @@ def threshold_table(rs: dict[str, dict]) -> list[str]:
     fallback once added (four-expert model, its detector refitted by add-expert)."""
     lines = [("The unknown-prompt detector at other thresholds (`--unknown-quantile q`: the q-quantile of the "
              "out-of-fold calib scores, per route where the detector has per-route thresholds; the shipped default is "
-             "0.98), from the stored per-prompt scores. Three-expert "
+             "0.995 per route, 0.98 before 2026-12-07), from the stored per-prompt scores. Three-expert "
              "model: T's fallback rate (should be high) and the known tasks' (low); after add-expert: T's own "
              "prompts falling back (low)."), "",
              ("| left-out task T | q | T -> shared (three experts) | known -> shared (three experts) | T -> shared "

@@ -241,7 +241,8 @@ def copy_dense_speed(rows: list[dict]) -> None:
 def finalists(grid: list[dict], n_fit: int = 3) -> list[str]:
     """Builds to re-run on every dev prompt: the best ``n_fit`` within the storage goal and the best overall
     (by mean normalized accuracy on the screening prompts); both routers of each build."""
-    ok = sorted((r for r in grid if r["status"] == "ok" and "mean_norm" in r), key=lambda r: -r["mean_norm"])
+    ok = sorted((r for r in grid if r["status"] == "ok" and "mean_norm" in r and not r["key"].startswith("mixed")),
+                key=lambda r: -r["mean_norm"])  # (the mixed row's LoRA experts are not the oracle's: not a finalist)
     builds: list[str] = []
     for r in [r for r in ok if r["storage"] <= GOALS["storage"] + 1e-9] + ok[:1]:
         b = r["key"].removesuffix("-cal")
