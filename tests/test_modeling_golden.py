@@ -8,13 +8,16 @@ hit), under autograd (with the router trained and frozen, and the gradients), gr
 and ``RoutedLinear`` alone on route sums of 1, 0.5 and 0 (the `dense` special case of `combine`).
 
 Where the fixture was recorded with the same torch / transformers versions and CPU capability the outputs must be
-bit-identical; elsewhere they are compared with a tolerance (float rounding of other kernels).
+bit-identical (greedy generations: on the same CPU host too, :func:`host`); elsewhere they are compared with a
+tolerance (float rounding of other kernels).
 Regenerate (only when a change of the numbers is intended): ``python tests/test_modeling_golden.py``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import platform
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,7 +53,24 @@ def environment() -> dict[str, str]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "cpu": torch.backends.cpu.get_cpu_capability(),
+        "host": host(),
     }
+
+
+def host() -> str:
+    """The CPU itself (model, cache size, instruction flags): the decode steps' one-row GEMMs are blocked by it, so
+    greedy generation's fp32 logits differ in the last bits between two AVX512 hosts (measured 2026-12-07: 1e-7
+    relative on 8 of the generations) while every full forward stays bit-identical."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+    except OSError:
+        return platform.processor()
+    keep = [line for line in lines if line.split(":")[0].strip() in ("model name", "cache size", "flags")]
+    return hashlib.sha256("\n".join(keep).encode()).hexdigest()[:16]
+
+
+def decoding(key: str) -> bool:
+    return key.rsplit("/", 1)[-1] in ("gen_ids", "gen_logits")
 
 
 HEAD = 16
@@ -279,14 +299,17 @@ def record() -> dict[str, torch.Tensor]:
     return out
 
 
-def mismatches(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], exact: bool) -> list[str]:
-    """Keys missing on either side, and outputs that differ: at all (``exact``), or beyond float rounding."""
+def mismatches(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], exact: bool,
+               exact_decode: bool = True) -> list[str]:
+    """Keys missing on either side, and outputs that differ: at all (``exact``; greedy generations only with
+    ``exact_decode`` too, i.e. on the fixture's own host), or beyond float rounding."""
     bad = sorted(set(got) ^ set(want))
     for key in sorted(set(got) & set(want)):
         a, b = got[key], want[key]
-        if not exact and chaotic(key):
+        key_exact = exact and (exact_decode or not decoding(key))
+        if not key_exact and chaotic(key):
             continue
-        if exact:
+        if key_exact:
             same = torch.equal(a, b)
         else:
             tol = TOL[torch.bfloat16 if "bfloat16" in key else torch.float32]
@@ -320,10 +343,11 @@ def save_fixture(outputs: dict[str, torch.Tensor]) -> None:
 
 def test_outputs_match_the_golden_fixture() -> None:
     env, want = load_fixture()
-    exact = env == environment()
+    mine = environment()
+    exact = all(env.get(k) == mine[k] for k in ("torch", "transformers", "cpu"))
     got = record()
     assert len(got) > 1000
-    bad = mismatches(got, want, exact)
+    bad = mismatches(got, want, exact, exact and env.get("host") == mine["host"])
     assert not bad, f"{len(bad)} outputs differ ({'exact' if exact else 'tolerance'}):\n" + "\n".join(
         bad[:40]
     )
@@ -336,6 +360,10 @@ def test_the_comparison_sees_a_one_ulp_change() -> None:
     assert mismatches({"k": keep(bumped)}, {"k": keep(t)}, exact=True)
     assert not mismatches({"k": keep(t.clone())}, {"k": keep(t)}, exact=True)
     assert not mismatches({"k": keep(bumped)}, {"k": keep(t)}, exact=False)
+    gen = "llama/dense/sequence/torch.float32/gen_logits"  # decoding: exact on the fixture's host only
+    assert mismatches({gen: keep(bumped)}, {gen: keep(t)}, exact=True, exact_decode=True)
+    assert not mismatches({gen: keep(bumped)}, {gen: keep(t)}, exact=True, exact_decode=False)
+    assert mismatches({"k": keep(bumped)}, {"k": keep(t)}, exact=True, exact_decode=False)
 
 
 if __name__ == "__main__":
