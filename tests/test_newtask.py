@@ -288,6 +288,12 @@ def test_per_route_detector_in_the_checkpoint(pool: dict, tmp_path: Path) -> Non
     with torch.no_grad():  # the offsets take part: without them the score differs
         model.moerge_router.unknown.offsets.zero_()
         assert not torch.allclose(model.moerge_router.unknown(x, None), want, atol=1e-5)
+    bad = _copy(pool["three"], tmp_path, "bad")  # the offsets without the manifest's flag: refused, not ignored
+    config = json.loads((bad / "config.json").read_text())
+    del config["moerge"]["unknown"]["per_route"]
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="offsets.*present without"):
+        read_routers(bad)
     calibrate(ckpt, _mapping(pool, TASKS[:3]))  # keep
     assert json.loads((ckpt / "config.json").read_text())["moerge"]["unknown"]["per_route"] is True
     calibrate(ckpt, _mapping(pool, TASKS[:3]), options=CalibrateOptions(unknown_thresholds="global"))

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import CheckpointError
 from ..modeling.modeling_moerge import gaussian_distance, router_logits
 from . import names
 from .manifest import Manifest
@@ -143,7 +144,19 @@ def read_routers(path: Path, manifest: Manifest, hidden: int) -> dict[str, Route
     for prefix in manifest.router_prefixes():
         own = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
         out[prefix] = RouterTensors.from_dict(own, hidden)
+        check_offsets(path, f"{prefix}.{UNKNOWN}.offsets", out[prefix].unknown, manifest)
     return out
+
+
+def check_offsets(path: Path, name: str, det: UnknownTensors | None, manifest: Manifest) -> None:
+    """Per-route threshold offsets are there exactly when ``moerge.unknown.per_route`` says so, one per output."""
+    if det is None or manifest.unknown is None:
+        return
+    if (det.offsets is not None) != manifest.unknown.per_route:
+        raise CheckpointError(path, name, "present without moerge.unknown.per_route" if det.offsets is not None
+                              else "missing (moerge.unknown.per_route is true)")
+    if det.offsets is not None and tuple(det.offsets.shape) != (len(manifest.outputs),):
+        raise CheckpointError(path, name, f"shape {tuple(det.offsets.shape)}, expected ({len(manifest.outputs)},)")
 
 
 def router_state(routers: dict[str, RouterTensors], dtype: torch.dtype) -> dict[str, torch.Tensor]:
