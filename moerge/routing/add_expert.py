@@ -88,9 +88,11 @@ def check_kind(manifest: Manifest, src: Source) -> None:
 
 
 def check_rank(rank: int | None, manifest: Manifest, src: Source) -> None:
-    """``rank`` needs a full checkpoint and at least one unit of a ranked kind."""
+    """``rank``: an integer >= 1, for a full checkpoint and a checkpoint with at least one unit of a ranked kind."""
     if rank is None:
         return
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise DataError(None, "rank", f"must be an integer >= 1, got {rank!r}")
     if not isinstance(src, FullSource):
         raise DataError(None, "rank", "applies to a full checkpoint; a LoRA adapter is stored at its own rank")
     if not any("rank" in KINDS.get(spec.kind).params for spec in manifest.units.values()):
@@ -299,7 +301,7 @@ def linear_job(path: str, lin: LinearSpec, kind: ExpertKind, cfg: KindConfig, sr
     w_info = stored.index[f"{path}.weight"]
     dtype = dtypes.from_st(w_info.dtype)
     cfg = kind.config_like(list(lin.experts), w_info.shape[0], w_info.shape[1], cfg)
-    own_rank = rank is not None and "rank" in kind.params and isinstance(src, FullSource)
+    own_rank = rank is not None and "rank" in kind.params  # (check_rank refused a LoRA source)
     if own_rank:
         cfg = dataclasses.replace(cfg, rank=rank)
     specs = expert_specs(path, lin, kind, cfg, src, tuple(w_info.shape), dtype, own_rank)  # type: ignore[arg-type]
@@ -374,8 +376,6 @@ def add_expert(checkpoint: str | Path, name: str, source: str | Path, data: str 
     copy.  Returns the calibration report."""
     opts = options or CalibrateOptions()
     opts.check()
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise DataError(None, "rank", f"must be an integer >= 1, got {rank!r}")
     if parallel.state().num_processes > 1:
         raise NotSupportedError(None, "add-expert", "run add-expert in one process (calibrate can be sharded)")
     ckpt = Checkpoint.open(checkpoint, routed=True)

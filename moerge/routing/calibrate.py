@@ -314,19 +314,15 @@ def unknown_detector(feats: Features, examples: Examples, train: list[int], held
     held_x = feats.segments[held] if held else x
     rate = float((det.score(held_x) > spec.threshold).float().mean()) if len(held_x) else 0.0
     report = {**spec.to_dict(), "quantile": opts.unknown_quantile,
-              "known_fallback_rate": rate, "evaluated_on": "heldout" if held else "train",
-              "out_of_fold_quantiles": {f"{q:g}": round(_chosen(oof, y, n_out, q, per_route), 6)
-                                        for q in REPORT_QUANTILES}}
-    if per_route:  # each route's own threshold at the report's quantiles
-        table = {f"{q:g}": route_thresholds(oof, y, n_out, q).tolist() for q in REPORT_QUANTILES}
-        report["route_thresholds"] = {name: {q: round(t[o], 6) for q, t in table.items()}
+              "known_fallback_rate": rate, "evaluated_on": "heldout" if held else "train"}
+    if per_route:  # each route's own threshold at the report's quantiles; the scalar one is the loosest route's
+        table = {f"{q:g}": route_thresholds(oof, y, n_out, q) for q in REPORT_QUANTILES}
+        report["out_of_fold_quantiles"] = {q: round(float(t.max()), 6) for q, t in table.items()}
+        report["route_thresholds"] = {name: {q: round(float(t[o]), 6) for q, t in table.items()}
                                       for o, name in enumerate(examples.experts)}
+    else:  # the thresholds another --unknown-quantile would choose
+        report["out_of_fold_quantiles"] = {f"{q:g}": round(choose_threshold(oof, q), 6) for q in REPORT_QUANTILES}
     return det, spec, report
-
-
-def _chosen(oof: torch.Tensor, y: torch.Tensor, n_out: int, quantile: float, per_route: bool) -> float:
-    """The scalar threshold ``--unknown-quantile quantile`` chooses (per route: the loosest route's)."""
-    return float(route_thresholds(oof, y, n_out, quantile).max()) if per_route else choose_threshold(oof, quantile)
 
 
 # ---------------------------------------------------------------- the command
