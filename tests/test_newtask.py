@@ -303,6 +303,22 @@ def test_per_route_detector_in_the_checkpoint(pool: dict, tmp_path: Path) -> Non
     assert not hasattr(_load(ckpt).moerge_router.unknown, "offsets")
 
 
+def test_router_scores_are_float32_under_autocast(pool: dict) -> None:
+    """Routes and the detector are calibrated in float32; under bf16 autocast (how the bench and many users
+    serve) the router's cosines and the detector's Mahalanobis distances must not drop to bf16 matmuls."""
+    model = _load(pool["three"])
+    router = model.moerge_router
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 9, model.config.hidden_size, generator=gen) * 4 + 1
+    with torch.no_grad():
+        want = (router.probs(x.mean(1)), router.unknown(x, None))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = (router.probs(x.mean(1)), router.unknown(x, None))
+            assert (torch.ones(2, 3) @ torch.ones(3, 2)).dtype == torch.bfloat16  # autocast is on here
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32 and torch.equal(g, w)
+
+
 def test_unknown_keep_and_none(pool: dict, tmp_path: Path) -> None:
     ckpt = _copy(pool["three"], tmp_path)
     calibrate(ckpt, _mapping(pool, TASKS[:3]))  # default: keep (refit) the detector
