@@ -39,3 +39,13 @@ def test_uniform_twin_rank_fits_the_budget(tmp_path: Path) -> None:
 def test_pool_flag(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(SystemExit):
         run.main(["--pool", "nowhere"])
+
+
+def test_worker_groups_keep_a_build_together() -> None:
+    """--jobs: a build's prototype and calibrated rows share its folder and predictions, so one worker runs both
+    (in order); every key is in exactly one group."""
+    keys = [m.key for m in full.full_methods()]
+    groups = run.worker_groups(keys)
+    assert sorted(k for g in groups for k in g) == sorted(keys)
+    assert ["grid-dense-all", "grid-dense-all-cal"] in groups and ["alloc-1.03-cal"] in groups
+    assert run.worker_groups(["a-cal", "b", "a"]) == [["a-cal", "a"], ["b"]]

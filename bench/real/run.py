@@ -1,7 +1,7 @@
 """The real-pool benchmark: every method on the dev splits -> ``bench/RESULTS.md`` table + accuracy/storage PNG.
 
-    python -m bench.real.run [--pool lora|full] [--quick] [--only KEY ...] [--fresh] [--threads 1] [--no-record]
-                             [--table-only]
+    python -m bench.real.run [--pool lora|full] [--quick] [--only KEY ...] [--fresh] [--threads 1] [--jobs 1]
+                             [--no-record] [--table-only]
 
 ``--pool full``: the four full fine-tune experts (``tools/get_full_pool.py``, made once into the moerge cache;
 issue 15) and their methods (:mod:`.full`): static merges, mergekit, and moerge at storage budgets (the
@@ -16,7 +16,8 @@ and peer rows and ``recipes/real_pool.yaml`` on the first ``--n`` dev prompts pe
 ``--screen`` prompts (20), then its best builds again on ``--n``.  Built checkpoints, evaluation results and
 per-(prompt, route) predictions are cached under ``bench/_work/real/`` (``$MOERGE_BENCH_WORK``); ``--fresh``
 re-evaluates (builds are reused while their recipe is unchanged); ``--table-only`` writes the table from whatever
-is cached.  The results go to ``bench/RESULTS.md`` under ``## real benchmark (issue 6)`` (only that section is
+is cached.  ``--jobs 2``: rows without a tokens/s measurement (the grid, the finalists, dense rows) run in two worker
+processes of one torch thread each (the rows of one build in the same worker); tokens/s rows run alone after them.  The results go to ``bench/RESULTS.md`` under ``## real benchmark (issue 6)`` (only that section is
 rewritten) and to ``bench/real/accuracy_vs_storage.png``.
 
 Per method: accuracy per task, mean normalized accuracy (accuracy / the expert's own accuracy on the same
@@ -28,14 +29,17 @@ and generation speed at batch 1 and 8 (tokens/s, and the ratio to the dense base
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import math
+import multiprocessing
 import os
 import platform
 import sys
 import time
 import traceback
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +214,59 @@ class Runner:
         return out
 
 
+# ---------------------------------------------------------------------------------------------------- parallel rows
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker process needs to rebuild the parent's runner (methods travel by key: they hold closures)."""
+    pool: str
+    env: Env
+    n: int | None
+    fresh: bool
+
+
+_WORKER_RUNNERS: dict[tuple, Runner] = {}  # per worker process: one runner per (n, fresh), built on first use
+
+
+def _worker_rows(spec: WorkerSpec, keys: list[str]) -> list[dict]:
+    """In a worker process (one torch thread): the rows of ``keys``, in order, without tokens/s."""
+    torch.set_num_threads(1)
+    if str(REPO / "tools") not in sys.path:
+        sys.path.insert(0, str(REPO / "tools"))
+    runner = _WORKER_RUNNERS.get((spec.n, spec.fresh))
+    if runner is None:
+        runner = _WORKER_RUNNERS[(spec.n, spec.fresh)] = Runner(spec.env, spec.n, spec.fresh, False)
+    methods = {m.key: m for m in (all_methods() if spec.pool == "lora" else full_methods())}
+    return [runner.row(methods[k]) for k in keys]
+
+
+def worker_groups(keys: list[str]) -> list[list[str]]:
+    """Method keys -> one group per build (``K`` and ``K-cal`` share a folder), in first-seen order."""
+    groups: dict[str, list[str]] = {}
+    for k in keys:
+        groups.setdefault(k.removesuffix("-cal"), []).append(k)
+    return list(groups.values())
+
+
+def run_rows(runner: Runner, methods: list[Method], jobs: int, pool: str) -> list[dict]:
+    """The rows of ``methods``, in their order.  With ``jobs`` > 1 every row's build and accuracy run in ``jobs``
+    worker processes of one torch thread each (the rows of one build, its prototype and calibrated routers, in the
+    same worker: they share its folder and per-(prompt, route) predictions); the tokens/s of the rows that have
+    them are then measured here, alone (from the workers' cached rows), not beside another job."""
+    if jobs <= 1 or runner.table_only:
+        return [runner.row(m) for m in methods]
+    alone = [m for m in methods if runner.wants_speed(m)]  # accuracy in a worker (unless --fresh), speeds here
+    groups = worker_groups([m.key for m in methods if m not in alone or not runner.fresh])
+    spec = WorkerSpec(pool, dataclasses.replace(runner.env, threads=1), runner.n, runner.fresh)
+    done: dict[str, dict] = {}
+    if groups:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as workers:
+            futures = [workers.submit(_worker_rows, spec, keys) for keys in groups]
+            done.update((r["key"], r) for f in futures for r in f.result())
+    done.update((m.key, runner.row(m)) for m in alone)
+    return [done[m.key] for m in methods]
+
+
 # ---------------------------------------------------------------------------------------------------- table
 
 def normalize(rows: list[dict], oracle: dict | None = None) -> None:
@@ -380,13 +437,17 @@ def section(rows: list[dict], grid: list[dict], args: argparse.Namespace, wall: 
     cmd = "python -m bench.real.run" + (" --pool full" if args.pool == "full" else "") + \
         (" --quick" if args.quick else "") + (" --only " + " ".join(args.only) if args.only else "") + \
         "".join(f" --{k} {v}" for k, v in (("n", args.n), ("screen", None if args.quick else args.screen),
-                                            ("threads", args.threads)) if v is not None)
+                                            ("threads", args.threads),
+                                            ("jobs", args.jobs if getattr(args, "jobs", 1) > 1 else None))
+                if v is not None)
     lines = [heading(args), "",
              (f"Command: `{cmd}` ({'quick' if args.quick else 'full'} mode), run on "
               f"{dt.datetime.now().strftime('%Y-%m-%d %H:%M')}, {wall / 60:.1f} min wall "
               f"(rows cached from an earlier run keep the times measured then; the rows' own wall times add up to "
               f"{rows_minutes(rows + grid):.1f} min)."),
-             f"Machine: {machine()}; {args.threads} torch threads for evaluation, shared with other jobs.", "",
+             f"Machine: {machine()}; {args.threads} torch threads for evaluation"
+             + (f", rows without tokens/s in {args.jobs} worker processes of 1 thread each" if getattr(args, "jobs", 1) > 1
+                else ", shared with other jobs") + ".", "",
              METHOD_NOTES if args.pool == "lora" else FULL_NOTES, ""]
     lines += goals(rows) + ["", f"### Main table ({n_main} dev prompts per task)", "", *table(rows), ""]
     if grid:
@@ -482,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="*", help="method keys (prefix match) to run")
     ap.add_argument("--fresh", action="store_true", help="ignore cached evaluation results")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
+    ap.add_argument("--jobs", type=int, default=1, help="worker processes (one torch thread each) for the rows "
+                    "without tokens/s; tokens/s rows run alone after them")
     ap.add_argument("--no-speed", action="store_true", help="skip the tokens/s measurements")
     ap.add_argument("--no-record", action="store_true", help="do not write bench/RESULTS.md and the PNG")
     ap.add_argument("--table-only", action="store_true", help="run nothing: the table from cached results")
@@ -512,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"quick: {len(methods)} methods, {n} dev prompts per task, {args.threads} threads, work {env.work}")
         runner = Runner(env, n, args.fresh, speed)
         runner.table_only = args.table_only
-        rows, grid = [runner.row(m) for m in methods], []
+        rows, grid = run_rows(runner, methods, args.jobs, args.pool), []
         normalize(rows)
     else:  # the moerge grid on --screen prompts, then the main table (finalists included) on --n prompts
         n = FULL_N if args.n is None else (args.n or None)  # None: every dev prompt
@@ -521,16 +584,16 @@ def main(argv: list[str] | None = None) -> int:
         log(f"full: {len(main_methods)} methods + a {len(grid_methods)}-row moerge grid, {args.threads} threads")
         runner = Runner(env, n, args.fresh, speed)
         runner.table_only = args.table_only
-        rows = [runner.row(m) for m in main_methods]
+        rows = run_rows(runner, main_methods, args.jobs, args.pool)
         screen = Runner(env, args.screen, args.fresh, False)
         screen.table_only = args.table_only
-        grid = [screen.row(m) for m in grid_methods]
+        grid = run_rows(screen, grid_methods, args.jobs, args.pool)
         oracle = next((r for r in rows if r["key"] == "oracle"), None)
         normalize(grid, oracle)
         keep = finalists(grid)
         log(f"finalists: {', '.join(keep)}")
         runner.speed = speed and args.pool == "lora"  # full pool: tokens/s of the recipe row (and peers) only
-        rows += [runner.row(m) for m in grid_methods if m.key in keep]
+        rows += run_rows(runner, [m for m in grid_methods if m.key in keep], args.jobs, args.pool)
         normalize(rows)
     copy_dense_speed(rows)
     wall = time.perf_counter() - t0
