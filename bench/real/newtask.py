@@ -167,7 +167,10 @@ class Scorer:
         if k not in seen:
             model = load_causal_lm(folder)
             seen[k] = ev.accuracy(self.tasks[task], ev.predict(model, self.tok, self.tasks[task]))
-            path.write_text(json.dumps(seen, indent=1))
+            now = json.loads(path.read_text()) if path.is_file() else {}  # another run (other --tasks) may have added
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({**now, **seen}, indent=1))
+            os.replace(tmp, path)  # atomic: a parallel run never reads half a file
         return seen[k]
 
 
