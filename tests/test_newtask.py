@@ -33,6 +33,7 @@ from moerge.routing.unknown import (
     fit_unknown,
     out_of_fold_scores,
     route_thresholds,
+    tail_quantile,
     with_route_thresholds,
 )
 from moerge.testing import tiny
@@ -317,6 +318,53 @@ def test_router_scores_are_float32_under_autocast(pool: dict) -> None:
             assert (torch.ones(2, 3) @ torch.ones(3, 2)).dtype == torch.bfloat16  # autocast is on here
     for g, w in zip(got, want):
         assert g.dtype == torch.float32 and torch.equal(g, w)
+
+
+def test_tail_quantile_reaches_beyond_the_sample() -> None:
+    """With 51 scores the empirical 0.995 quantile is about the sample maximum (new scores exceed it ~2% of the
+    time); the exponential tail's estimate of exponential data is near the true quantile and exceeded less."""
+    gen = torch.Generator().manual_seed(0)
+    true = -torch.log(torch.tensor(0.005)).item()
+    emp, tail = [], []
+    for _ in range(200):
+        s = -torch.log(torch.rand(51, generator=gen))  # Exp(1)
+        emp.append(choose_threshold(s, 0.995))
+        tail.append(choose_threshold(s, 0.995, "exponential"))
+        assert tail[-1] == tail_quantile(s, 0.995)
+    exceed = lambda ts: sum(torch.exp(-torch.tensor(ts))).item() / len(ts)  # P(new > t) for Exp(1)
+    assert abs(sum(tail) / len(tail) - true) < 0.3 < true - sum(emp) / len(emp)
+    assert exceed(tail) < 0.6 * exceed(emp)
+    s = torch.arange(20.0)
+    assert tail_quantile(s, 0.9) == pytest.approx(float(s.quantile(0.9)))  # at or below the tail's start: empirical
+    assert tail_quantile(s, 1.0) == 19.0
+    assert tail_quantile(s, 0.99) > 19.0  # beyond the largest score
+    one = torch.tensor([0.0] * 19 + [5.0])  # one score above u: empirical
+    assert tail_quantile(one, 0.99) == pytest.approx(float(one.quantile(0.99)))
+
+
+def test_unknown_tail_in_the_checkpoint(pool: dict, tmp_path: Path) -> None:
+    """--unknown-tail exponential is written to the manifest, later calibrations keep it, `empirical` drops it;
+    its per-route thresholds reach beyond the empirical ones at q 0.998."""
+    ckpt = _copy(pool["three"], tmp_path)
+    data = _mapping(pool, TASKS[:3])
+    emp = calibrate(ckpt, data, options=CalibrateOptions(unknown_quantile=0.998))["unknown"]
+    assert "tail" not in json.loads((ckpt / "config.json").read_text())["moerge"]["unknown"]
+    rep = calibrate(ckpt, data, options=CalibrateOptions(unknown_quantile=0.998, unknown_tail="exponential"))["unknown"]
+    assert json.loads((ckpt / "config.json").read_text())["moerge"]["unknown"]["tail"] == "exponential"
+    for name, t in rep["route_thresholds"].items():
+        assert t["0.998"] >= t["0.9"] and t["1"] == emp["route_thresholds"][name]["1"]  # the maximum stays
+    assert any(t["0.998"] > t["1"] for t in rep["route_thresholds"].values())
+    calibrate(ckpt, data)  # keep
+    assert json.loads((ckpt / "config.json").read_text())["moerge"]["unknown"]["tail"] == "exponential"
+    calibrate(ckpt, data, options=CalibrateOptions(unknown_tail="empirical"))
+    assert "tail" not in json.loads((ckpt / "config.json").read_text())["moerge"]["unknown"]
+    with pytest.raises(DataError, match="unknown_tail"):
+        calibrate(ckpt, data, options=CalibrateOptions(unknown_tail="gumbel"))  # type: ignore[arg-type]
+    config = json.loads((ckpt / "config.json").read_text())
+    config["moerge"]["unknown"]["tail"] = "gumbel"
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="tail"):
+        calibrate(ckpt, data)
 
 
 def test_unknown_keep_and_none(pool: dict, tmp_path: Path) -> None:

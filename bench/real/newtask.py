@@ -212,6 +212,7 @@ class LeaveOneOut:
         self.results = folder / "results.json"
         self.r: dict[str, Any] = json.loads(self.results.read_text()) if self.results.is_file() else {}
         self.add_rank: int | None = None
+        self.calib_args: list[str] = []  # detector options for calibrate and add-expert (--unknown-quantile / -tail)
 
     def seed_from(self, other: Path) -> None:
         """Start from another run's three-expert stage (same recipe and prompts; ``--add-rank`` changes the add)."""
@@ -244,7 +245,7 @@ class LeaveOneOut:
         build_s = cli(["build", recipe, self.three, "--force", "--quiet"], self.logs, self.env)
         data = calib_mapping(self.env, self.known, self.folder)
         calib_s = cli(["calibrate", self.three, "--data", data, "--method", "supervised", "--holdout", "0.2",
-                       "--unknown", "shared", "--quiet"], self.logs, self.env)
+                       "--unknown", "shared", *self.calib_args, "--quiet"], self.logs, self.env)
         report = json.loads((self.three / "calibration.json").read_text())
         self.r["three"] = {"build_s": build_s, "calib_s": calib_s, "bytes": safetensors_bytes(self.three),
                            "unknown": report.get("unknown"), "calib_heldout_routing": report["accuracy"]}
@@ -278,7 +279,7 @@ class LeaveOneOut:
         data = calib_mapping(self.env, [self.task], self.folder)
         rank = ["--rank", str(self.add_rank)] if self.add_rank else []
         add_s = cli(["add-expert", self.three, "--name", self.task, "--source", source_of(self.raw, self.task),
-                     "--data", data, "--out", self.added, *rank, "--quiet"], self.logs, self.env)
+                     "--data", data, "--out", self.added, *rank, *self.calib_args, "--quiet"], self.logs, self.env)
         report = json.loads((self.added / "calibration.json").read_text())
         self.r["add"] = {"add_s": add_s, "bytes_added": safetensors_bytes(self.added) - self.r["three"]["bytes"],
                          "new_shard_bytes": (self.added / f"moerge_expert_{self.task}.safetensors").stat().st_size,
@@ -338,7 +339,7 @@ class LeaveOneOut:
         data = calib_mapping(self.env, [self.task], self.folder)
         rank = ["--rank", str(self.add_rank)] if self.add_rank else []
         cli(["add-expert", work, "--name", self.task, "--source", source_of(self.raw, self.task), "--data", data,
-             *rank, "--quiet"], self.logs, self.env)
+             *rank, *self.calib_args, "--quiet"], self.logs, self.env)
         vs_added = forced_diff(work, self.added, ev.TASKS, routed=True)
         self.r["round_trip"] = {"remove_s": rm_s, "removed_vs_three": vs_three, "readded_vs_added": vs_added}
         shutil.rmtree(work, ignore_errors=True)
@@ -559,6 +560,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--phases", default="add,compose", help="add (1-3) and/or compose (4)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--add-rank", type=int, help="add-expert --rank R (the added full expert's rank in twin units)")
+    ap.add_argument("--unknown-quantile", type=float, help="calibrate / add-expert --unknown-quantile (default: theirs)")
+    ap.add_argument("--unknown-tail", choices=["empirical", "exponential"], help="calibrate / add-expert "
+                    "--unknown-tail (default: theirs)")
     ap.add_argument("--no-record", action="store_true")
     ap.add_argument("--pool-dir", type=Path, default=REPO.parent / "shared" / "pool")
     args = ap.parse_args(argv)
@@ -572,6 +576,10 @@ def main(argv: list[str] | None = None) -> int:
         file_recipe(REPO / "recipes" / "real_pool.yaml", env) if args.pool == "lora" else full_recipe(env))
     kind = "lora" if raw["routing"].get("shared") == "base" else "full"
     work = WORK / "newtask" / (args.pool + (f"-{args.recipe.stem}" if args.recipe else ""))  # a recipe's own cache
+    calib_args = [a for flag, v in (("--unknown-quantile", args.unknown_quantile), ("--unknown-tail", args.unknown_tail))
+                  if v is not None for a in (flag, str(v))]
+    if calib_args:  # its own cache: every checkpoint is calibrated with them
+        work = work.with_name(work.name + "".join(f"-{v}" for v in calib_args[1::2]))
     plain_work = work
     if args.add_rank:  # its own cache, seeded with the plain run's three-expert stage
         work = work.with_name(work.name + f"-addrank{args.add_rank}")
@@ -580,6 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for task in args.tasks:
         loo = LeaveOneOut(env, raw, task, scorer, work / task, kind)
+        loo.calib_args = calib_args
         if args.add_rank:
             loo.add_rank = args.add_rank
             loo.seed_from(plain_work / task)

@@ -68,7 +68,9 @@ class Unknown:
     """Prompts whose :class:`~moerge.modeling.modeling_moerge.UnknownDetector` score exceeds ``threshold`` take
     the shared weights (the zero route).  ``segments``, ``rank`` and ``background_rank`` give its tensor shapes;
     ``per_route``: the detector carries one threshold offset per route (``unknown.offsets``), so each route keeps
-    its own share of known prompts (``moerge calibrate --unknown-thresholds per_route``)."""
+    its own share of known prompts (``moerge calibrate --unknown-thresholds per_route``); ``tail``: how the
+    thresholds were taken from the calibration scores (``empirical`` quantiles, or ``exponential``: an
+    extrapolated tail; ``moerge calibrate --unknown-tail``), kept by later calibrations."""
 
     threshold: float
     segments: int
@@ -76,11 +78,16 @@ class Unknown:
     background_rank: int
     score: str = "relative_mahalanobis"
     per_route: bool = False
+    tail: str = "empirical"
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"score": self.score, "threshold": self.threshold, "segments": self.segments, "rank": self.rank,
-               "background_rank": self.background_rank}
-        return {**out, "per_route": True} if self.per_route else out
+        out: dict[str, Any] = {"score": self.score, "threshold": self.threshold, "segments": self.segments,
+                               "rank": self.rank, "background_rank": self.background_rank}
+        if self.per_route:
+            out["per_route"] = True
+        if self.tail != "empirical":
+            out["tail"] = self.tail
+        return out
 
     @classmethod
     def from_dict(cls, raw: Any, file: str) -> Unknown:
@@ -89,8 +96,11 @@ class Unknown:
             per_route = raw.get("per_route", False)
             if not isinstance(per_route, bool):
                 raise TypeError(f"per_route must be true or false, got {per_route!r}")
+            tail = raw.get("tail", "empirical")
+            if tail not in ("empirical", "exponential"):
+                raise ValueError(f"tail must be empirical or exponential, got {tail!r}")
             return cls(float(raw["threshold"]), int(raw["segments"]), int(raw["rank"]), int(raw["background_rank"]),
-                       str(raw.get("score", "relative_mahalanobis")), per_route)
+                       str(raw.get("score", "relative_mahalanobis")), per_route, tail)
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(file, "moerge.unknown", f"malformed ({exc})") from None
 

@@ -47,6 +47,8 @@ from .fit import fallback_threshold, fit_supervised, fit_temperature, standardis
 from .unknown import (
     QUANTILE,
     SEGMENTS,
+    TAIL,
+    TAILS,
     THRESHOLDS,
     choose_threshold,
     fit_unknown,
@@ -81,6 +83,7 @@ class CalibrateOptions:
     unknown_quantile: float = QUANTILE  # share of known (out-of-fold) prompts that stay routed
     unknown_segments: int = SEGMENTS
     unknown_thresholds: Literal["keep", "global", "per_route"] = "keep"  # keep: the checkpoint's (new: THRESHOLDS)
+    unknown_tail: Literal["keep", "empirical", "exponential"] = "keep"  # keep: the checkpoint's (new: TAIL)
     device: str = "auto"  # auto: device_map="auto" (GPUs, then CPU memory); cpu / cuda[:N]: all of it there
     defaults: Defaults = field(default_factory=Defaults)
 
@@ -109,6 +112,9 @@ class CalibrateOptions:
             raise DataError(None, "unknown_quantile", f"must be in [0.5, 1], got {self.unknown_quantile}")
         if self.unknown_segments < 1:
             raise DataError(None, "unknown_segments", f"must be >= 1, got {self.unknown_segments}")
+        if self.unknown_tail not in ("keep", *TAILS):
+            raise DataError(None, "unknown_tail", f"unknown tail '{self.unknown_tail}'; one of keep, "
+                            + ", ".join(TAILS))
         if self.unknown_thresholds not in ("keep", "global", "per_route"):
             raise DataError(None, "unknown_thresholds", f"unknown mode '{self.unknown_thresholds}'; one of keep, "
                             "global, per_route")
@@ -118,6 +124,12 @@ class CalibrateOptions:
         if self.unknown_thresholds == "keep":
             return manifest.unknown.per_route if manifest.unknown is not None else THRESHOLDS == "per_route"
         return self.unknown_thresholds == "per_route"
+
+    def tail(self, manifest: Manifest) -> str:
+        """How the detector's quantiles are taken: the option, or (keep) the checkpoint's, TAIL for a new one."""
+        if self.unknown_tail == "keep":
+            return manifest.unknown.tail if manifest.unknown is not None else TAIL
+        return self.unknown_tail
 
     def segments(self, manifest: Manifest) -> int:
         """Segments of the unknown-prompt detector to fit (0: none)."""
@@ -301,27 +313,28 @@ def unknown_detector(feats: Features, examples: Examples, train: list[int], held
     assert feats.segments is not None
     x, y = feats.segments[train], labels_of(examples, train)  # (N, S * C), (N,)
     n_out = len(examples.experts)
-    per_route = opts.per_route(manifest)
+    per_route, tail = opts.per_route(manifest), opts.tail(manifest)
     oof = out_of_fold_scores(x, y, n_out, seed=opts.seed, own=per_route)  # (N,)
     det = fit_unknown(x, y, n_out)
     if per_route:
-        det, threshold = with_route_thresholds(det, route_thresholds(oof, y, n_out, opts.unknown_quantile))
+        det, threshold = with_route_thresholds(det, route_thresholds(oof, y, n_out, opts.unknown_quantile, tail))
     else:
-        threshold = choose_threshold(oof, opts.unknown_quantile)
+        threshold = choose_threshold(oof, opts.unknown_quantile, tail)
     det = det.map(lambda t: t.to(dtype).float())
     spec = Unknown(round(threshold, 6), segments, det.factor.shape[0], det.background_factor.shape[0],
-                   per_route=per_route)
+                   per_route=per_route, tail=tail)
     held_x = feats.segments[held] if held else x
     rate = float((det.score(held_x) > spec.threshold).float().mean()) if len(held_x) else 0.0
     report = {**spec.to_dict(), "quantile": opts.unknown_quantile,
               "known_fallback_rate": rate, "evaluated_on": "heldout" if held else "train"}
+    quantiles = sorted({*REPORT_QUANTILES, opts.unknown_quantile})
     if per_route:  # each route's own threshold at the report's quantiles; the scalar one is the loosest route's
-        table = {f"{q:g}": route_thresholds(oof, y, n_out, q) for q in REPORT_QUANTILES}
+        table = {f"{q:g}": route_thresholds(oof, y, n_out, q, tail) for q in quantiles}
         report["out_of_fold_quantiles"] = {q: round(float(t.max()), 6) for q, t in table.items()}
         report["route_thresholds"] = {name: {q: round(float(t[o]), 6) for q, t in table.items()}
                                       for o, name in enumerate(examples.experts)}
     else:  # the thresholds another --unknown-quantile would choose
-        report["out_of_fold_quantiles"] = {f"{q:g}": round(choose_threshold(oof, q), 6) for q in REPORT_QUANTILES}
+        report["out_of_fold_quantiles"] = {f"{q:g}": round(choose_threshold(oof, q, tail), 6) for q in quantiles}
     return det, spec, report
 
 

@@ -31,7 +31,8 @@ def _options(args: argparse.Namespace) -> CalibrateOptions:
                             fallback=args.fallback, threshold=args.threshold, batch_size=args.batch_size,
                             tokens_per_text=args.tokens_per_text, dtype=args.dtype, device=args.device,
                             unknown=args.unknown, unknown_quantile=args.unknown_quantile,
-                            unknown_thresholds=args.unknown_thresholds, defaults=defaults)
+                            unknown_thresholds=args.unknown_thresholds, unknown_tail=args.unknown_tail,
+                            defaults=defaults)
 
 
 def _quiet(args: argparse.Namespace) -> None:
@@ -121,6 +122,10 @@ def _calibration_args(p: argparse.ArgumentParser, data_required: bool = True) ->
     p.add_argument("--unknown-thresholds", choices=["keep", "global", "per_route"], default="keep",
                    help="one detector threshold for all routes, or one per route (each keeps --unknown-quantile of its "
                         "own prompts); keep (default): the checkpoint's choice, per_route for a new detector")
+    p.add_argument("--unknown-tail", choices=["keep", "empirical", "exponential"], default="keep",
+                   help="detector thresholds as empirical quantiles of the calibration prompts' scores, or from an "
+                        "exponential tail fitted above their 0.9 quantile (may lie beyond the largest score); keep "
+                        "(default): the checkpoint's choice, empirical for a new detector")
     p.add_argument("--field", default="prompt", help="text field of the data (default prompt)")
     p.add_argument("--label-field", default="expert", help="label column of a table (default expert)")
     p.add_argument("--split", default="train", help="split of hub datasets (default train)")

@@ -18,11 +18,15 @@ fall back.  One global quantile lets a spread-out route lose more than its share
 tweets expert lost 4.5% of its prompts at q 0.98) while a compact one keeps a loose threshold that lets unknown
 prompts through; per-route thresholds (:func:`route_thresholds`) take the quantile of each route's own prompts'
 relative distance to their route, stored as offsets (a prompt is known when it lies within any route's own
-threshold).
+threshold).  With n calibration prompts per route an empirical quantile above 1 - 1/n is the sample maximum, which
+new prompts of the same task exceed about 1/(n + 1) of the time (1.5-3.5% of an added route's dev prompts at 51
+training prompts); ``tail="exponential"`` (:func:`tail_quantile`) extrapolates the quantile from an exponential
+tail fitted to the scores above their 0.9 quantile instead (peaks over threshold).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
@@ -35,6 +39,9 @@ SEGMENTS = 4
 QUANTILE = 0.995  # per-route thresholds at 0.995 keep ~0.5-1.3% of known prompts out (real LoRA pool, RESULTS)
 FOLDS = 5
 THRESHOLDS = "per_route"  # a new detector's thresholds: "per_route" or "global" (calibrate --unknown-thresholds)
+TAILS = ("empirical", "exponential")  # how a quantile of out-of-fold scores is taken (calibrate --unknown-tail)
+TAIL = "empirical"  # a new detector's
+TAIL_FROM = 0.9  # the exponential tail is fitted to the scores above this quantile
 
 
 def shrunk_gaussian(resid: torch.Tensor, shrinkage: float, max_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,11 +89,12 @@ def out_of_fold_scores(x: torch.Tensor, y: torch.Tensor, n_outputs: int, *, fold
     return scores
 
 
-def route_thresholds(own: torch.Tensor, y: torch.Tensor, n_outputs: int, quantile: float = QUANTILE) -> torch.Tensor:
+def route_thresholds(own: torch.Tensor, y: torch.Tensor, n_outputs: int, quantile: float = QUANTILE,
+                     tail: str = TAIL) -> torch.Tensor:
     """Out-of-fold own-route scores (N,) of prompts labelled y (N,) -> (O,) thresholds: the ``quantile`` of each
     route's prompts (a route without prompts gets the quantile over all of them)."""
-    every = choose_threshold(own, quantile)
-    return torch.tensor([choose_threshold(own[y == o], quantile) if bool((y == o).any()) else every
+    every = choose_threshold(own, quantile, tail)
+    return torch.tensor([choose_threshold(own[y == o], quantile, tail) if bool((y == o).any()) else every
                          for o in range(n_outputs)])
 
 
@@ -97,9 +105,27 @@ def with_route_thresholds(det: UnknownTensors, thresholds: torch.Tensor) -> tupl
     return replace(det, offsets=(thresholds - top).float()), top
 
 
-def choose_threshold(scores: torch.Tensor, quantile: float = QUANTILE) -> float:
-    """The ``quantile`` of known prompts' out-of-fold scores (higher scores fall back)."""
+def choose_threshold(scores: torch.Tensor, quantile: float = QUANTILE, tail: str = TAIL) -> float:
+    """The ``quantile`` of known prompts' out-of-fold scores (higher scores fall back): empirical, or from an
+    exponential tail (:func:`tail_quantile`)."""
+    if tail == "exponential":
+        return tail_quantile(scores, quantile)
     return float(scores.float().quantile(quantile))
+
+
+def tail_quantile(scores: torch.Tensor, quantile: float, start: float = TAIL_FROM) -> float:
+    """The ``quantile`` of ``scores`` (N,) beyond their ``start`` quantile u from an exponential tail (peaks over
+    threshold): P(s > u + t) = (1 - start) exp(-t / b), b = the mean excess of the scores above u, so the quantile
+    is ``u + b ln((1 - start) / (1 - quantile))``.  It may exceed the largest score, which an empirical quantile
+    of a few dozen scores cannot.  ``quantile`` <= ``start`` or 1, or fewer than 2 scores above u: empirical."""
+    s = scores.float()
+    if not start < quantile < 1.0:
+        return float(s.quantile(quantile))
+    u = s.quantile(start)
+    excess = s[s > u] - u
+    if len(excess) < 2:
+        return float(s.quantile(quantile))
+    return float(u + excess.mean() * math.log((1.0 - start) / (1.0 - quantile)))
 
 
 def auroc(known: torch.Tensor, unknown: torch.Tensor) -> float:
