@@ -434,11 +434,12 @@ def rows_minutes(rows: list[dict]) -> float:
 
 def section(rows: list[dict], grid: list[dict], args: argparse.Namespace, wall: float, n_main: int,
             n_grid: int) -> str:
+    jobs = getattr(args, "jobs", None) or 1
     cmd = "python -m bench.real.run" + (" --pool full" if args.pool == "full" else "") + \
         (" --quick" if args.quick else "") + (" --only " + " ".join(args.only) if args.only else "") + \
         "".join(f" --{k} {v}" for k, v in (("n", args.n), ("screen", None if args.quick else args.screen),
                                             ("threads", args.threads),
-                                            ("jobs", args.jobs if getattr(args, "jobs", 1) > 1 else None))
+                                            ("jobs", jobs if jobs > 1 else None))
                 if v is not None)
     lines = [heading(args), "",
              (f"Command: `{cmd}` ({'quick' if args.quick else 'full'} mode), run on "
@@ -446,7 +447,8 @@ def section(rows: list[dict], grid: list[dict], args: argparse.Namespace, wall: 
               f"(rows cached from an earlier run keep the times measured then; the rows' own wall times add up to "
               f"{rows_minutes(rows + grid):.1f} min)."),
              f"Machine: {machine()}; {args.threads} torch threads for evaluation"
-             + (f", rows without tokens/s in {args.jobs} worker processes of 1 thread each" if getattr(args, "jobs", 1) > 1
+             + (f", rows' builds and accuracy in {jobs} worker processes of 1 thread each, tokens/s alone after them"
+                if jobs > 1
                 else ", shared with other jobs") + ".", "",
              METHOD_NOTES if args.pool == "lora" else FULL_NOTES, ""]
     lines += goals(rows) + ["", f"### Main table ({n_main} dev prompts per task)", "", *table(rows), ""]
@@ -543,8 +545,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="*", help="method keys (prefix match) to run")
     ap.add_argument("--fresh", action="store_true", help="ignore cached evaluation results")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
-    ap.add_argument("--jobs", type=int, default=1, help="worker processes (one torch thread each) for the rows "
-                    "without tokens/s; tokens/s rows run alone after them")
+    ap.add_argument("--jobs", type=int, default=None, help="worker processes (one torch thread each) for the rows' "
+                    "builds and accuracy; tokens/s are measured alone after them (default: 2 for --pool full, "
+                    "as timed for issue 15's 60 minutes; 1 for the LoRA pool)")
     ap.add_argument("--no-speed", action="store_true", help="skip the tokens/s measurements")
     ap.add_argument("--no-record", action="store_true", help="do not write bench/RESULTS.md and the PNG")
     ap.add_argument("--table-only", action="store_true", help="run nothing: the table from cached results")
@@ -552,6 +555,8 @@ def main(argv: list[str] | None = None) -> int:
                     "the full fine-tunes (tools/get_full_pool.py; issue 15)")
     ap.add_argument("--pool-dir", type=Path, default=REPO.parent / "shared" / "pool", help="the real pool folder")
     args = ap.parse_args(argv)
+    if args.jobs is None:
+        args.jobs = 2 if args.pool == "full" else 1
     torch.set_num_threads(args.threads)
     for var, value in (("TOKENIZERS_PARALLELISM", "false"), ("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1")):
         os.environ.setdefault(var, value)  # local files only (peft otherwise looks the base's name up online)
