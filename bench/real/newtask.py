@@ -226,6 +226,10 @@ class LeaveOneOut:
                                                           "before")}
         self.save()
 
+    def add_options(self) -> list[str]:
+        """add-expert's flags beyond the expert and its data (the first add and the round trip's re-add alike)."""
+        return [*(["--rank", str(self.add_rank)] if self.add_rank else []), *self.calib_args]
+
     def save(self) -> None:
         self.results.write_text(json.dumps(self.r, indent=1) + "\n")
 
@@ -277,9 +281,8 @@ class LeaveOneOut:
             return
         shutil.rmtree(self.added, ignore_errors=True)
         data = calib_mapping(self.env, [self.task], self.folder)
-        rank = ["--rank", str(self.add_rank)] if self.add_rank else []
         add_s = cli(["add-expert", self.three, "--name", self.task, "--source", source_of(self.raw, self.task),
-                     "--data", data, "--out", self.added, *rank, *self.calib_args, "--quiet"], self.logs, self.env)
+                     "--data", data, "--out", self.added, *self.add_options(), "--quiet"], self.logs, self.env)
         report = json.loads((self.added / "calibration.json").read_text())
         self.r["add"] = {"add_s": add_s, "bytes_added": safetensors_bytes(self.added) - self.r["three"]["bytes"],
                          "new_shard_bytes": (self.added / f"moerge_expert_{self.task}.safetensors").stat().st_size,
@@ -337,9 +340,8 @@ class LeaveOneOut:
         rm_s = cli(["remove-expert", self.added, self.task, "--out", work, "--quiet"], self.logs, self.env)
         vs_three = forced_diff(work, self.three, self.known)
         data = calib_mapping(self.env, [self.task], self.folder)
-        rank = ["--rank", str(self.add_rank)] if self.add_rank else []
         cli(["add-expert", work, "--name", self.task, "--source", source_of(self.raw, self.task), "--data", data,
-             *rank, *self.calib_args, "--quiet"], self.logs, self.env)
+             *self.add_options(), "--quiet"], self.logs, self.env)
         vs_added = forced_diff(work, self.added, ev.TASKS, routed=True)
         self.r["round_trip"] = {"remove_s": rm_s, "removed_vs_three": vs_three, "readded_vs_added": vs_added}
         shutil.rmtree(work, ignore_errors=True)

@@ -1,6 +1,6 @@
 """The real-pool benchmark: every method on the dev splits -> ``bench/RESULTS.md`` table + accuracy/storage PNG.
 
-    python -m bench.real.run [--pool lora|full] [--quick] [--only KEY ...] [--fresh] [--threads 1] [--jobs 1]
+    python -m bench.real.run [--pool lora|full] [--quick] [--only KEY ...] [--fresh] [--threads 1] [--jobs N]
                              [--no-record] [--table-only]
 
 ``--pool full``: the four full fine-tune experts (``tools/get_full_pool.py``, made once into the moerge cache;
@@ -16,8 +16,9 @@ and peer rows and ``recipes/real_pool.yaml`` on the first ``--n`` dev prompts pe
 ``--screen`` prompts (20), then its best builds again on ``--n``.  Built checkpoints, evaluation results and
 per-(prompt, route) predictions are cached under ``bench/_work/real/`` (``$MOERGE_BENCH_WORK``); ``--fresh``
 re-evaluates (builds are reused while their recipe is unchanged); ``--table-only`` writes the table from whatever
-is cached.  ``--jobs 2``: rows without a tokens/s measurement (the grid, the finalists, dense rows) run in two worker
-processes of one torch thread each (the rows of one build in the same worker); tokens/s rows run alone after them.  The results go to ``bench/RESULTS.md`` under ``## real benchmark (issue 6)`` (only that section is
+is cached.  ``--jobs N`` (default 2 for ``--pool full``, 1 for the LoRA pool): every row's build and accuracy run
+in N worker processes of one torch thread each (the rows of one build in the same worker); the tokens/s rows are
+then measured alone, in the main process.  The results go to ``bench/RESULTS.md`` under ``## real benchmark (issue 6)`` (only that section is
 rewritten) and to ``bench/real/accuracy_vs_storage.png``.
 
 Per method: accuracy per task, mean normalized accuracy (accuracy / the expert's own accuracy on the same

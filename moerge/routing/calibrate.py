@@ -316,10 +316,14 @@ def unknown_detector(feats: Features, examples: Examples, train: list[int], held
     per_route, tail = opts.per_route(manifest), opts.tail(manifest)
     oof = out_of_fold_scores(x, y, n_out, seed=opts.seed, own=per_route)  # (N,)
     det = fit_unknown(x, y, n_out)
-    if per_route:
-        det, threshold = with_route_thresholds(det, route_thresholds(oof, y, n_out, opts.unknown_quantile, tail))
+    chosen = f"{opts.unknown_quantile:g}"  # the report's thresholds at each quantile, the chosen one among them
+    quantiles = {f"{q:g}": q for q in sorted({*REPORT_QUANTILES, opts.unknown_quantile})}
+    if per_route:  # (O,) per quantile; the scalar threshold is the loosest route's
+        table = {k: route_thresholds(oof, y, n_out, q, tail) for k, q in quantiles.items()}
+        det, threshold = with_route_thresholds(det, table[chosen])
     else:
-        threshold = choose_threshold(oof, opts.unknown_quantile, tail)
+        scalars = {k: choose_threshold(oof, q, tail) for k, q in quantiles.items()}
+        threshold = scalars[chosen]
     det = det.map(lambda t: t.to(dtype).float())
     spec = Unknown(round(threshold, 6), segments, det.factor.shape[0], det.background_factor.shape[0],
                    per_route=per_route, tail=tail)
@@ -327,14 +331,12 @@ def unknown_detector(feats: Features, examples: Examples, train: list[int], held
     rate = float((det.score(held_x) > spec.threshold).float().mean()) if len(held_x) else 0.0
     report = {**spec.to_dict(), "quantile": opts.unknown_quantile,
               "known_fallback_rate": rate, "evaluated_on": "heldout" if held else "train"}
-    quantiles = sorted({*REPORT_QUANTILES, opts.unknown_quantile})
     if per_route:  # each route's own threshold at the report's quantiles; the scalar one is the loosest route's
-        table = {f"{q:g}": route_thresholds(oof, y, n_out, q, tail) for q in quantiles}
         report["out_of_fold_quantiles"] = {q: round(float(t.max()), 6) for q, t in table.items()}
         report["route_thresholds"] = {name: {q: round(float(t[o]), 6) for q, t in table.items()}
                                       for o, name in enumerate(examples.experts)}
     else:  # the thresholds another --unknown-quantile would choose
-        report["out_of_fold_quantiles"] = {f"{q:g}": round(choose_threshold(oof, q, tail), 6) for q in quantiles}
+        report["out_of_fold_quantiles"] = {q: round(t, 6) for q, t in scalars.items()}
     return det, spec, report
 
 
