@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -138,23 +139,38 @@ def budget_methods() -> list[Method]:
 
 
 TAPS = (8, 16, 24)  # of the base's 30 layers
+TAP_BUDGETS = ("1.03", "1.05", "1.10")  # fisher-weighted allocations with a tap: run on demand (`--only tap8-fisher`)
+
+
+def tap_recipe(tap: int, sel: dict, allocate: dict | None = None) -> Callable[[Env], dict]:
+    def raw(env: Env) -> dict:
+        out = recipe_dict(env, TA, routing(sel, allocate=allocate))
+        out["routing"]["router"]["tap"] = tap
+        return out
+
+    return raw
 
 
 def tap_methods() -> list[Method]:
     """The 1.05x allocation with its router reading layer K of the shared model (``router.tap``) instead of the
     first routed unit's input (token embeddings here: a bag of words)."""
     sel = {"budget": "1.05x", "metric": "activation"}
-
-    def recipe_of(tap: int) -> Callable[[Env], dict]:
-        def raw(env: Env) -> dict:
-            out = recipe_dict(env, TA, routing(sel))
-            out["routing"]["router"]["tap"] = tap
-            return out
-
-        return raw
-
     return [m for k in TAPS for m in routed_methods(f"tap{k}-alloc-1.05", f"moerge allocation 1.05x, router reads "
-                                                    f"layer {k}", recipe_of(k), False, {"sel": sel, "tap": k})]
+                                                    f"layer {k}", tap_recipe(k, sel), False, {"sel": sel, "tap": k})]
+
+
+def tap_fisher_methods() -> list[Method]:
+    """The fisher-weighted allocation at each budget with the router reading layer 8 or 16: not in the default run
+    (time); ``--only tap8-fisher tap16-fisher`` runs them."""
+    alloc = {"sensitivity": "fisher_global"}
+    ms: list[Method] = []
+    for k in TAPS[:2]:
+        for b in TAP_BUDGETS:
+            sel = {"budget": f"{b}x", "metric": "activation"}
+            ms += routed_methods(f"tap{k}-fisher-{b}", f"moerge allocation {b}x (fisher row weights), router reads "
+                                 f"layer {k}", tap_recipe(k, sel, alloc), False,
+                                 {"sel": sel, "tap": k, "allocate": alloc})
+    return [replace(m, default=False) for m in ms]
 
 
 GRID_KINDS: dict[str, dict] = {
@@ -266,7 +282,8 @@ def full_methods() -> list[Method]:
           Method("mergekit-moe", "mergekit-moe (hidden gates, top-2)", "peer", load_mergekit_moe, False)]
     ms.append(Method("recipe-real_pool_full", "recipes/real_pool_full.yaml (allocation 1.05x / calibrated)",
                      "moerge", load_full_recipe, True, {"recipe": _text(RECIPE), "calib": _text(RECIPE_CALIB)}))
-    return ms + static_tensor_methods() + budget_methods() + tap_methods() + grid_methods()
+    return (ms + static_tensor_methods() + budget_methods() + tap_methods() + tap_fisher_methods()
+            + grid_methods())
 
 
 def _text(path: Path) -> str:

@@ -77,6 +77,7 @@ class Method:
     params: dict = field(default_factory=dict)  # what the cache depends on
     dense: bool = False  # a plain model of the base's shape: generates at the base's speed (not re-timed)
     max_n: int | None = None  # evaluate on at most this many prompts per task (slow methods)
+    default: bool = True  # part of a run without --only
 
 
 class Skipped(Exception):

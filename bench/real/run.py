@@ -571,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:  # the named methods (quick or not) plus the references
         methods = [m for m in methods if any(m.key.startswith(p) for p in args.only) or m.key in ("base", "oracle")]
     else:
-        methods = [m for m in methods if m.quick or not args.quick]
+        methods = [m for m in methods if m.default and (m.quick or not args.quick)]
     if args.pool == "full":
         GOALS.update(FULL_GOALS)
     t0 = time.perf_counter()
