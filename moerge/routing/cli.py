@@ -125,7 +125,7 @@ def _calibration_args(p: argparse.ArgumentParser, data_required: bool = True) ->
     p.add_argument("--unknown-tail", choices=["keep", "empirical", "exponential"], default="keep",
                    help="detector thresholds as empirical quantiles of the calibration prompts' scores, or from an "
                         "exponential tail fitted above their 0.9 quantile (may lie beyond the largest score); keep "
-                        "(default): the checkpoint's choice, empirical for a new detector")
+                        "(default): the checkpoint's choice, exponential for a new detector")
     p.add_argument("--field", default="prompt", help="text field of the data (default prompt)")
     p.add_argument("--label-field", default="expert", help="label column of a table (default expert)")
     p.add_argument("--split", default="train", help="split of hub datasets (default train)")

@@ -40,7 +40,8 @@ QUANTILE = 0.995  # per-route thresholds at 0.995 keep ~0.5-1.3% of known prompt
 FOLDS = 5
 THRESHOLDS = "per_route"  # a new detector's thresholds: "per_route" or "global" (calibrate --unknown-thresholds)
 TAILS = ("empirical", "exponential")  # how a quantile of out-of-fold scores is taken (calibrate --unknown-tail)
-TAIL = "empirical"  # a new detector's
+TAIL = "exponential"  # a new detector's: ~51 calib prompts per route put the empirical 0.995 quantile at the
+# sample maximum, which new prompts of the same task exceed ~2% of the time (real pools, RESULTS, issue 14)
 TAIL_FROM = 0.9  # the exponential tail is fitted to the scores above this quantile
 
 
