@@ -218,6 +218,34 @@ def test_twin_spectrum_tail_is_the_factor_error() -> None:
         assert abs(got - float(spec[r:].sum())) <= 1e-3 * float(spec.sum())
 
 
+def test_randomized_twin_factors_are_seeded_and_thread_safe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small ranks of large linears take the randomized SVD: near the exact error, and the same bytes from any
+    thread without touching the global RNG (the build computes linears in worker threads, which share it: two
+    builds of one recipe once differed in a few factors by up to 100%)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    g = torch.Generator().manual_seed(0)
+    decay = 0.8 ** torch.arange(80.0)  # a decaying spectrum, as deltas have
+    deltas = [torch.randn(96, 80, generator=g) * decay for _ in range(4)]  # (O, I) with I's columns scaled
+    c = act.second_moment(torch.randn(256, 80, generator=g))
+    wh = act.Whitener.of(c, 1e-6)
+    rank = 4  # 4 * (4 + 8) <= 80: the randomized path
+    want = [act.twin_factors(d, wh, rank) for d in deltas]
+    for d, (u, v) in zip(deltas, want):
+        tail = float(act.twin_spectrum(d, wh)[rank:].sum())
+        assert act.quad_error(d - u @ v, act.damped(c, 1e-6)) <= 1.01 * tail + 1e-6
+
+    def global_rng(*args: object, **kwargs: object) -> None:
+        raise AssertionError("twin_factors used the global RNG")
+
+    monkeypatch.setattr(torch, "manual_seed", global_rng)
+    monkeypatch.setattr(torch, "svd_lowrank", global_rng)
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(lambda d: act.twin_factors(d, wh, rank), deltas * 3))
+    for (u, v), (wu, wv) in zip(got, want * 3):
+        assert torch.equal(u, wu) and torch.equal(v, wv)
+
+
 def test_upgrade_spends_the_room_a_fixed_kind_leaves() -> None:
     """A unit left at bit1 (one fixed size) switches to twin when the room left buys a lower error there."""
     groups = {"u": {"merged": {"a": [_opt("none", 0, 10.0)]},

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..linalg import Operator, randomized_factors
 from ..merge.sparsify import keep_count
 
 DAMP = 0.01  # damping of the whitening, as a fraction of mean(diag(C))
@@ -80,18 +81,16 @@ def twin_spectrum(delta: torch.Tensor, wh: Whitener) -> torch.Tensor:
 
 def twin_factors(delta: torch.Tensor, wh: Whitener, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Activation-aware rank-``rank`` factors of Δ (O, I): U (O, r) with singular values folded in, V (r, I).
-    Small ranks use a randomized SVD (Halko et al. 2011, 4 power iterations), the others the full one."""
+    Small ranks use a randomized SVD (Halko et al. 2011, 4 power iterations; :func:`moerge.linalg.randomized_factors`
+    in float64, seeded by its own generator, never the global RNG that the build's worker threads share), the
+    others the full one."""
     m = wh.whiten(delta)  # (O, I) float64
     k = min(m.shape)
-    if 4 * (rank + 8) <= k:
-        gen_state = torch.random.get_rng_state()
-        torch.manual_seed(0)  # the same factors on every build
-        try:
-            u, s, v = torch.svd_lowrank(m, q=rank + 8, niter=4)  # (O, q), (q,), (I, q)
-        finally:
-            torch.random.set_rng_state(gen_state)
-        vh = v.T
-    elif m.shape[0] >= m.shape[1]:
+    if 4 * (rank + 8) <= k:  # a sketch from its own seeded generator: build threads share no RNG (same bytes)
+        op = Operator((m.shape[0], m.shape[1]), lambda x: m @ x.to(m.dtype), lambda y: m.T @ y.to(m.dtype), m.device)
+        U, vh = randomized_factors(op, rank, oversample=8, niter=4)  # (O, r) singular values in, (r, I)
+        return U.float().contiguous(), wh.unwhiten(vh).float().contiguous()
+    if m.shape[0] >= m.shape[1]:
         u, s, vh = torch.linalg.svd(m, full_matrices=False)  # (O, k), (k,), (k, I)
     else:  # LAPACK is much faster on the tall orientation
         v, s, uh = torch.linalg.svd(m.T, full_matrices=False)
