@@ -69,7 +69,8 @@ EXACT_MIN_FRACTION = 1 / 3
 @dataclass(frozen=True)
 class Operator:
     """A matrix A (O, I) seen only through products: ``matmul(X) = A @ X`` for X (I, k) -> (O, k) and
-    ``rmatmul(Y) = A^T @ Y`` for Y (O, k) -> (I, k); both in float32 on ``device``."""
+    ``rmatmul(Y) = A^T @ Y`` for Y (O, k) -> (I, k); both on ``device``, in float32 (float64 for a
+    :func:`dense_operator` given it)."""
 
     shape: tuple[int, int]
     matmul: Callable[[torch.Tensor], torch.Tensor]
@@ -77,10 +78,10 @@ class Operator:
     device: torch.device = CPU
 
 
-def dense_operator(delta: torch.Tensor) -> Operator:
-    """:class:`Operator` over an in-memory (O, I) matrix (upcast to float32 once)."""
-    a = delta.float()  # (O, I)
-    return Operator((a.shape[0], a.shape[1]), lambda x: a @ x, lambda y: a.T @ y, a.device)
+def dense_operator(delta: torch.Tensor, dtype: torch.dtype = torch.float32) -> Operator:
+    """:class:`Operator` over an in-memory (O, I) matrix (cast to ``dtype`` once; products in ``dtype``)."""
+    a = delta.to(dtype)  # (O, I)
+    return Operator((a.shape[0], a.shape[1]), lambda x: a @ x.to(dtype), lambda y: a.T @ y.to(dtype), a.device)
 
 
 def row_block_operator(shape: tuple[int, int], blocks: Callable[[], Iterable[tuple[int, torch.Tensor]]],

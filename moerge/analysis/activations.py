@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..linalg import Operator, randomized_factors
+from ..linalg import dense_operator, randomized_factors
 from ..merge.sparsify import keep_count
 
 DAMP = 0.01  # damping of the whitening, as a fraction of mean(diag(C))
@@ -87,8 +87,7 @@ def twin_factors(delta: torch.Tensor, wh: Whitener, rank: int) -> tuple[torch.Te
     m = wh.whiten(delta)  # (O, I) float64
     k = min(m.shape)
     if 4 * (rank + 8) <= k:  # a sketch from its own seeded generator: build threads share no RNG (same bytes)
-        op = Operator((m.shape[0], m.shape[1]), lambda x: m @ x.to(m.dtype), lambda y: m.T @ y.to(m.dtype), m.device)
-        U, vh = randomized_factors(op, rank, oversample=8, niter=4)  # (O, r) singular values in, (r, I)
+        U, vh = randomized_factors(dense_operator(m, m.dtype), rank, oversample=8, niter=4)  # (O, r) with s, (r, I)
         return U.float().contiguous(), wh.unwhiten(vh).float().contiguous()
     if m.shape[0] >= m.shape[1]:
         u, s, vh = torch.linalg.svd(m, full_matrices=False)  # (O, k), (k,), (k, I)
