@@ -22,7 +22,9 @@ to the recipe file.  ``--set a.b=c`` overrides are applied to the raw mapping be
 Every value is checked against its meaning here, before any file is opened: numbers are finite (NaN and inf are
 refused everywhere), ranges hold (density in (0, 1], top-k >= 1, a budget like ``1.3x``), the weights of a
 ``linear`` merge do not sum to zero, names are usable as file names.  ``routing.modules`` is ``mlp``,
-``attention``, ``both``, or a list of the first two (``[attention, mlp]``, as mergekit users write it).
+``attention``, ``both``, or a list of the first two (``[attention, mlp]``, as mergekit users write it);
+``routing.head: true`` adds the output head (``lm_head``, or the tied input embedding's transpose) as one more
+candidate unit after the last layer.
 """
 
 from __future__ import annotations
@@ -276,6 +278,9 @@ class RoutingSpec(Strict):
     shared: Literal["merge", "base"] | None = None
     allocate: AllocateSpec | None = None  # with select.metric: activation (defaults when left out)
     fold_norms: bool = True  # each expert's routed q/k/v and gate/up absorb its own input norm's scale
+    # the output head (lm_head; with tied embeddings, the input embedding's merge is its shared weight) is one more
+    # candidate unit, after the last layer; each expert's head absorbs its own final norm's scale
+    head: bool = False
 
 
 class OutputSpec(Strict):

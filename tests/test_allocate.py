@@ -9,13 +9,11 @@ the budget; a unit with zero measured gain is never routed ahead of one with gai
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from isolation import HIDE_MOERGE
+from isolation import fresh_process_logits
 from transformers import AutoModelForCausalLM
 
 import moerge
@@ -119,20 +117,7 @@ def test_mixed_kinds_and_ranks_load_fresh_and_generate(pool: dict, tmp_path: Pat
     moe = _load(out)
     moe.force_route("e1")
     want = _logits(moe)
-    code = HIDE_MOERGE + (
-        "import torch\nfrom transformers import AutoModelForCausalLM\n"
-        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32).eval()\n"
-        "m.force_route('e1')\n"
-        "ids = torch.load(sys.argv[2])\n"
-        "torch.save(m(input_ids=ids).logits.detach(), sys.argv[3])\n"
-        "m.force_route(None)\n"
-        "g = m.generate(ids, max_new_tokens=4, do_sample=False)\n"
-        "assert g.shape == (1, ids.shape[1] + 4), g.shape\n")
-    torch.save(_ids(), tmp_path / "ids.pt")
-    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HOME": str(tmp_path)}
-    subprocess.run([sys.executable, "-I", "-c", code, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "got.pt")],
-                   check=True, cwd=tmp_path, env=env)
-    assert (torch.load(tmp_path / "got.pt") - want).abs().max() <= 1e-5
+    assert (fresh_process_logits(out, _ids(), "e1", tmp_path) - want).abs().max() <= 1e-5
 
 
 # ---------------------------------------------------------------- the allocator end to end

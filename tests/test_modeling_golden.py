@@ -7,9 +7,8 @@ token-level routes (few and many tokens: row kernels / dense Δ), with the weigh
 hit), under autograd (with the router trained and frozen, and the gradients), greedy decode steps, fp32 and bf16;
 and ``RoutedLinear`` alone on route sums of 1, 0.5 and 0 (the `dense` special case of `combine`).
 
-Where the fixture was recorded with the same torch / transformers versions and CPU capability the outputs must be
-bit-identical (greedy generations: on the same CPU host too, :func:`host`); elsewhere they are compared with a
-tolerance (float rounding of other kernels).
+Where the fixture was recorded (same torch / transformers versions, CPU capability and CPU host, :func:`host`) the
+outputs must be bit-identical; elsewhere they are compared with a tolerance (float rounding of other kernels).
 Regenerate (only when a change of the numbers is intended): ``python tests/test_modeling_golden.py``.
 """
 
@@ -60,7 +59,7 @@ def environment() -> dict[str, str]:
 def host() -> str:
     """The CPU itself (model, cache size, instruction flags): the decode steps' one-row GEMMs are blocked by it, so
     greedy generation's fp32 logits differ in the last bits between two AVX512 hosts (measured 2026-12-07: 1e-7
-    relative on 8 of the generations) while every full forward stays bit-identical."""
+    relative on 8 of the generations); between two AVX512 CPU models the full forwards differ too (2026-12-07)."""
     try:
         lines = Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
     except OSError:
@@ -344,10 +343,13 @@ def save_fixture(outputs: dict[str, torch.Tensor]) -> None:
 def test_outputs_match_the_golden_fixture() -> None:
     env, want = load_fixture()
     mine = environment()
-    exact = all(env.get(k) == mine[k] for k in ("torch", "transformers", "cpu"))
+    # bit for bit only on the fixture's own host: another CPU model of the same capability rounds full forwards
+    # differently too (measured 2026-12-07: an "Intel Xeon Processor @ 2.80GHz" AVX512 host, 364 outputs ~1e-7
+    # relative off); the fixture predates its ``host`` field, so it is compared within float rounding elsewhere
+    exact = all(env.get(k) == mine[k] for k in ("torch", "transformers", "cpu", "host"))
     got = record()
     assert len(got) > 1000
-    bad = mismatches(got, want, exact, exact and env.get("host") == mine["host"])
+    bad = mismatches(got, want, exact, exact)
     assert not bad, f"{len(bad)} outputs differ ({'exact' if exact else 'tolerance'}):\n" + "\n".join(
         bad[:40]
     )

@@ -142,10 +142,12 @@ TAPS = (8, 16, 24)  # of the base's 30 layers
 TAP_BUDGETS = ("1.03", "1.05", "1.10")  # fisher-weighted allocations with a tap: run on demand (`--only tap8-fisher`)
 
 
-def tap_recipe(tap: int, sel: dict, allocate: dict | None = None) -> Callable[[Env], dict]:
+def tap_recipe(tap: int, sel: dict, allocate: dict | None = None, head: bool = False) -> Callable[[Env], dict]:
     def raw(env: Env) -> dict:
         out = recipe_dict(env, TA, routing(sel, allocate=allocate))
         out["routing"]["router"]["tap"] = tap
+        if head:
+            out["routing"]["head"] = True
         return out
 
     return raw
@@ -170,6 +172,20 @@ def tap_fisher_methods() -> list[Method]:
             ms += routed_methods(f"tap{k}-fisher-{b}", f"moerge allocation {b}x (fisher row weights), router reads "
                                  f"layer {k}", tap_recipe(k, sel, alloc), False,
                                  {"sel": sel, "tap": k, "allocate": alloc})
+    return [replace(m, default=False) for m in ms]
+
+
+def head_methods() -> list[Method]:
+    """The fisher-weighted allocation with the router at layer 8 and the output head as one more candidate unit
+    (``routing.head``: each expert's own head and final norm on the merged tied embedding); on demand
+    (``--only head-fisher``)."""
+    alloc = {"sensitivity": "fisher_global"}
+    ms: list[Method] = []
+    for b in TAP_BUDGETS:
+        sel = {"budget": f"{b}x", "metric": "activation"}
+        ms += routed_methods(f"head-fisher-{b}", f"moerge allocation {b}x (fisher row weights), router reads layer "
+                             f"{TAPS[0]}, output head routable", tap_recipe(TAPS[0], sel, alloc, head=True), False,
+                             {"sel": sel, "tap": TAPS[0], "allocate": alloc, "head": True})
     return [replace(m, default=False) for m in ms]
 
 
@@ -212,11 +228,12 @@ def is_embedding(name: str) -> bool:
 
 
 def static_merged_oracle(which: str) -> Callable[[Env], Loaded]:
-    """Each expert alone, with its ``which`` tensors (``embeddings``: :func:`is_embedding`; ``static``: every
-    tensor that is not a routed linear: embeddings, final and per-layer norms, biases) replaced by their
+    """Each expert alone, with its ``which`` tensors (``embeddings``: :func:`is_embedding`; ``input``: the input
+    embedding only, the head keeping the expert's own; ``static``: every tensor that is not a routed linear:
+    embeddings, final and per-layer norms, biases) replaced by their
     task-arithmetic (lambda 1) merge over the four experts: what merging those tensors costs when every linear is
     routed exactly (issue 15, item 3)."""
-    pick = is_embedding if which == "embeddings" else (lambda n: not is_linear(n))
+    pick = {"embeddings": is_embedding, "input": lambda n: "embed" in n}.get(which, lambda n: not is_linear(n))
 
     def load(env: Env) -> Loaded:
         from safetensors import safe_open
@@ -238,6 +255,9 @@ def static_merged_oracle(which: str) -> Callable[[Env], Loaded]:
             if task not in current:
                 current.clear()
                 model = load_causal_lm(folders[task])
+                if which == "input":  # the head keeps the expert's own (tied) embedding: untie it first
+                    head = model.get_output_embeddings()
+                    head.weight = torch.nn.Parameter(head.weight.detach().clone())
                 params = dict(model.named_parameters())
                 with torch.no_grad():
                     for name, w in merged.items():
@@ -264,7 +284,10 @@ def static_tensor_methods() -> list[Method]:
 
     return [Method(f"oracle-merged-{w}", f"expert alone, {w} tensors merged (task arithmetic)", "reference",
                    static_merged_oracle(w), False, {"which": w, "v": 1}, dense=True)
-            for w in ("embeddings", "static")] + routed_methods(
+            for w in ("embeddings", "static")] + [
+        replace(Method("oracle-merged-input", "expert alone, input embedding merged (task arithmetic), its own head",
+                       "reference", static_merged_oracle("input"), False, {"which": "input", "v": 1}, dense=True),
+                default=False)] + routed_methods(
         "alloc-nofold-1.05", "moerge allocation 1.05x, layer norms merged (not folded per expert)", nofold, False,
         {"sel": sel, "fold_norms": False})
 
@@ -282,7 +305,7 @@ def full_methods() -> list[Method]:
           Method("mergekit-moe", "mergekit-moe (hidden gates, top-2)", "peer", load_mergekit_moe, False)]
     ms.append(Method("recipe-real_pool_full", "recipes/real_pool_full.yaml (allocation 1.05x / calibrated)",
                      "moerge", load_full_recipe, True, {"recipe": _text(RECIPE), "calib": _text(RECIPE_CALIB)}))
-    return (ms + static_tensor_methods() + budget_methods() + tap_methods() + tap_fisher_methods()
+    return (ms + static_tensor_methods() + budget_methods() + tap_methods() + tap_fisher_methods() + head_methods()
             + grid_methods())
 
 

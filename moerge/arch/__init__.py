@@ -32,11 +32,20 @@ class Family:
         "attention": ("input_layernorm", ("q_proj", "k_proj", "v_proj")),
         "mlp": ("post_attention_layernorm", ("gate_proj", "up_proj")),
     })
+    final_norm: str = "model.norm.weight"  # the norm in front of the output head
     norm_offset: float = 0.0  # the norm multiplies by offset + weight (gemma: 1 + weight)
     mlp_norm: str = "post_attention_layernorm"
 
+    @property
+    def head_path(self) -> str:
+        """The output head's module path (``lm_head``)."""
+        return self.lm_head.removesuffix(".weight")
+
     def input_norm(self, layer: int, group: str, linear: str) -> str | None:
-        """The norm weight whose output is ``linear``'s input (None: its input is not a norm's output)."""
+        """The norm weight whose output is ``linear``'s input (None: its input is not a norm's output); the output
+        head (group ``head``) reads the final norm."""
+        if group == "head":
+            return self.final_norm
         norm, fed = self.input_norms.get(group, ("", ()))
         return f"{self.layer_path(layer)}.{norm}.weight" if linear in fed else None
 

@@ -23,6 +23,12 @@ NOT_COPIED = {INDEX, "pytorch_model.bin.index.json", CARD, CONFIG, CONFLICT, "co
               "modeling_moerge.py"}
 
 
+def linear_path(unit: str, linear: str) -> str:
+    """``model.layers.0.mlp`` + ``up_proj`` -> ``model.layers.0.mlp.up_proj``.  A unit that is itself one linear (the
+    output head ``lm_head``, ``routing.head``) names that linear ``""``: ``lm_head`` + ``""`` -> ``lm_head``."""
+    return f"{unit}.{linear}" if linear else unit
+
+
 def expert_tensor(linear: str, e: int, key: str) -> str:
     """``model.layers.0.mlp.up_proj`` + 1 + ``U`` -> ``model.layers.0.mlp.up_proj.experts.1.U``."""
     return f"{linear}.experts.{e}.{key}"

@@ -1295,31 +1295,32 @@ class MoergeForCausalLM(PreTrainedModel, GenerationMixin):
             source = self.get_submodule(plan.get("router_input") or next(iter(units)))
             source.register_forward_pre_hook(SequenceRouterHook(st, self.moerge_router), with_kwargs=True)
         for unit_name, spec in units.items():
+            for lin_name, lin_spec in spec["linears"].items():  # first: a unit may be one linear (the head)
+                self._route_linear(unit_name, lin_name, spec["kind"], lin_spec)
             unit = self.get_submodule(unit_name)
             router = None
             if st.level == "token":
                 router = unit.moerge_router = MoergeRouter(n_out, hidden, dtype, device)
             unit.register_forward_pre_hook(UnitHook(st, unit_name, router), with_kwargs=True)
-            for lin_name, lin_spec in spec["linears"].items():
-                self._route_linear(unit, unit_name, lin_name, spec["kind"], lin_spec)
 
-    def _route_linear(self, unit: nn.Module, unit_name: str, lin_name: str, kind: str, spec: dict) -> None:
-        linear = unit.get_submodule(lin_name)
+    def _route_linear(self, unit_name: str, lin_name: str, kind: str, spec: dict) -> None:
+        """Replace linear ``lin_name`` of unit ``unit_name`` (``""``: the unit is that linear, e.g. ``lm_head``)
+        by a RoutedLinear holding the same weight Parameter (so tied weights stay tied)."""
+        path = f"{unit_name}.{lin_name}" if lin_name else unit_name
+        linear = self.get_submodule(path)
         if not isinstance(linear, nn.Linear):
-            raise TypeError(f"moerge: {unit_name}.{lin_name} is a {type(linear).__name__}, not nn.Linear")
+            raise TypeError(f"moerge: {path} is a {type(linear).__name__}, not nn.Linear")
         experts = spec["experts"]
         if len(experts) != len(self._moerge.experts):
-            raise ValueError(
-                f"moerge: {unit_name}.{lin_name} has {len(experts)} experts, expected "
-                f"{len(self._moerge.experts)}"
-            )
-        parent_name, _, attr = lin_name.rpartition(".")
-        parent = unit.get_submodule(parent_name) if parent_name else unit
+            raise ValueError(f"moerge: {path} has {len(experts)} experts, expected {len(self._moerge.experts)}")
+        parent_name, _, attr = path.rpartition(".")
         slot = self._moerge.slot_for(unit_name)
         routed = RoutedLinear(linear, kind, experts, slot, self.cache_size, self._moerge.mix_for(unit_name),
                               self._moerge.anchor_for(unit_name))
         routed.unit = unit_name
-        setattr(parent, attr, routed)
+        setattr(self.get_submodule(parent_name), attr, routed)
+        if not parent_name:  # a child of the wrapped causal LM, registered on both: its forward reads its own
+            setattr(self._causal_lm, attr, routed)
 
     def _float_dtype_device(self) -> tuple[torch.dtype, torch.device]:
         p = next(p for p in self._causal_lm.parameters() if p.is_floating_point())

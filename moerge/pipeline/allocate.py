@@ -99,7 +99,7 @@ def unit_scores(ctx: BuildContext, unit: Unit, moments: list[mom.Moments], spec:
     for lin in unit.linears:
         base = ctx.load(lin.weight).float()
         taus = ctx.deltas(lin.weight, base)
-        w_s = base if shared_is_base else ctx.merged(lin.weight, base, taus)
+        w_s = base if shared_is_base and not lin.tied else ctx.merged(lin.weight, base, taus)  # tied: as written
         out[lin.name] = {}
         for e, w_e in enumerate(ctx.expert_weights(lin.weight, base, taus)):
             site = (moments[e].site[lin.path], e)

@@ -54,14 +54,15 @@ def _stack(taus: list[torch.Tensor | None], base: torch.Tensor) -> torch.Tensor:
 def add_blocks(ctx: BuildContext, stats: UnitStats, name: str, ranges: list[Rows]) -> None:
     """One linear's statistics over its row blocks: each expert's top magnitudes fitted first (two passes)."""
     read = ctx.read(name)
-    n = math.prod(ctx.base.index[name].shape)
+    n = math.prod(ctx.shape(name))
+
     def values() -> Iterator[list[torch.Tensor]]:  # per block, every expert's |task vector|
         for rows in ranges:
             base, taus = read(rows)
             yield list(_stack(taus, base).abs().reshape(stats.n, -1))
 
     tops = fit_tops([TopK(n, keep_count(n, stats.density)) for _ in range(stats.n)], values)
-    merged = merged_blocks(ctx.method, ctx.params, name, tuple(ctx.base.index[name].shape), ranges, read)
+    merged = merged_blocks(ctx.method, ctx.params, ctx.stored_name(name), ctx.shape(name), ranges, read)
     for rows, w_s in zip(ranges, merged):
         base, taus = read(rows)
         full = _stack(taus, base)  # (N, b, in)

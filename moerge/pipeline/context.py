@@ -129,14 +129,30 @@ class BuildContext:
             tok.pad_token = tok.eos_token
         return tok
 
+    def stored_name(self, name: str) -> str:
+        """The tensor that holds ``name`` in the base and the experts: the input embedding for the output head of a
+        model with tied embeddings (no ``lm_head.weight`` stored), else ``name`` itself."""
+        fam = self.family
+        if name == fam.lm_head and name not in self.base.index and fam.embed in self.base.index:
+            return fam.embed
+        return name
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.base.index[self.stored_name(name)].shape)
+
     def load(self, name: str, rows: Rows | None = None) -> torch.Tensor:
         """The base tensor ``name`` (or its rows ``[a, b)``) on the compute device, in its stored dtype."""
-        return self.base.get(name, rows).to(self.device)
+        return self.base.get(self.stored_name(name), rows).to(self.device)
 
     def deltas(self, name: str, base: torch.Tensor, rows: Rows | None = None) -> list[torch.Tensor | None]:
         """Every expert's fp32 task vector for one tensor (or the rows ``base`` holds), on ``base``'s device
         (None = zero)."""
+        name = self.stored_name(name)
         return [src.delta(name, base, rows) for src in self.sources]
+
+    def expert_weight(self, e: int, name: str, base: torch.Tensor, rows: Rows | None = None) -> torch.Tensor:
+        """Expert e's own fp32 tensor (or rows) of ``name``, with its input norm's scale folded in (:meth:`folded`)."""
+        return self.folded(name, e, self.sources[e].weight(self.stored_name(name), base, rows).float())
 
     def read(self, name: str) -> Callable[[Rows], tuple[torch.Tensor, list[torch.Tensor | None]]]:
         """``rows -> (base block, task-vector blocks)`` of tensor ``name``."""
@@ -150,32 +166,32 @@ class BuildContext:
         """Row ranges of tensor ``name``, :data:`BLOCK_BYTES` of float32 each (one row at least); a job holds about
         2N + 4 such blocks (base, N task vectors, N weighted ones, masks, the result).  ``MOERGE_BLOCK_BYTES`` sets
         the block size (tests use tiny blocks)."""
-        shape = tuple(self.base.index[name].shape)
-        return row_blocks(shape, forced_block_bytes() or BLOCK_BYTES)
+        return row_blocks(self.shape(name), forced_block_bytes() or BLOCK_BYTES)
 
     def fits_whole(self, name: str) -> bool:
         """Whether routed weight ``name`` is small enough to build from whole tensors (:data:`ROUTED_WHOLE_BYTES`);
         never while ``MOERGE_BLOCK_BYTES`` forces row blocks (tests)."""
         if forced_block_bytes():
             return False
-        shape = tuple(self.base.index[name].shape)
+        shape = self.shape(name)
         return (len(self.sources) + 2) * 4 * math.prod(shape) <= ROUTED_WHOLE_BYTES
 
     def block_work(self, name: str, extra: int, whole: bool = False) -> int:
         """Working memory of a job that streams ``name`` in row blocks: ``2N + extra`` float32 blocks (``whole``:
         ``2N + extra`` float32 copies of the whole tensor, a job that holds base, task vectors and expert weights)."""
-        shape = tuple(self.base.index[name].shape)
+        shape = self.shape(name)
         rows = shape[0] if whole else max(b - a for a, b in self.blocks(name))
         return (2 * len(self.sources) + extra) * rows * 4 * math.prod(shape[1:])
 
     def merged(self, name: str, base: torch.Tensor, taus: list[torch.Tensor | None]) -> torch.Tensor:
-        return merge_tensor(self.method, base, taus, self.params, name)
+        return merge_tensor(self.method, base, taus, self.params, self.stored_name(name))
 
     def expert_weights(self, name: str, base: torch.Tensor, taus: list[torch.Tensor | None]) -> list[torch.Tensor]:
         """Every expert's own fp32 tensor (a full checkpoint's stored weight, else base + task vector); for a
         linear in ``folds``, with its input norm's scale folded in (columns times :meth:`fold_ratios`)."""
         base32 = base.float()
-        out = [src.weight(name, base).float() if isinstance(src, FullSource) else
+        stored = self.stored_name(name)
+        out = [src.weight(stored, base).float() if isinstance(src, FullSource) else
                (base32 + t if t is not None else base32) for src, t in zip(self.sources, taus)]
         return [self.folded(name, e, w) for e, w in enumerate(out)]
 

@@ -22,7 +22,7 @@ from ..io.scratch import scratch_matrix
 from ..io.writer import TensorSpec
 from ..kinds import Scratch
 from ..merge.streaming import Rows, merged_blocks, streamable
-from .context import BuildContext, Source
+from .context import BuildContext
 from .execute import Job, Output
 from .plan import Plan, RoutedUnit, routed_specs, static_dtype
 from .units import Linear
@@ -50,13 +50,20 @@ def static_job(ctx: BuildContext, name: str) -> Job:
 
 
 def shared_and_experts(plan: Plan, name: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """fp32 shared tensor and every expert's own fp32 tensor for one routed weight or bias (on the device)."""
+    """fp32 shared tensor and every expert's own fp32 tensor for one routed weight or bias (on the device); a tied
+    head's from the input embedding (:meth:`BuildContext.stored_name`)."""
     ctx = plan.ctx
     base = ctx.load(name)
     taus = ctx.deltas(name, base)
     experts = ctx.expert_weights(name, base, taus)
-    shared = base.float() if plan.shared_is_base else ctx.merged(name, base, taus)
+    shared = base.float() if shared_is_base(plan, name) else ctx.merged(name, base, taus)
     return shared, experts
+
+
+def shared_is_base(plan: Plan, name: str) -> bool:
+    """Whether routed tensor ``name``'s W_s is the base's: the plan's choice, except for a tied head, whose W_s is
+    the input embedding as written (the static merge)."""
+    return plan.shared_is_base and plan.ctx.stored_name(name) == name
 
 
 def routed_whole(plan: Plan, ru: RoutedUnit, lin: Linear) -> bool:
@@ -76,10 +83,11 @@ def routed_linear_job(plan: Plan, ru: RoutedUnit, lin: Linear) -> Job:
 def _routed_whole(plan: Plan, ru: RoutedUnit, lin: Linear, ranges: list[Rows]) -> Iterator[Output]:
     ctx, dt = plan.ctx, plan.float_dtype
     w_s, w_experts = shared_and_experts(plan, lin.weight)
-    yield lin.weight, w_s.to(dt)
+    if not lin.tied:  # a tied head's W_s is the input embedding's merge, written by its static job
+        yield lin.weight, w_s.to(dt)
     yield from _bias_shared(plan, lin)
     for e, src in enumerate(ctx.sources):
-        factors = src.lora_factors(lin.weight, w_s.device)
+        factors = src.lora_factors(ctx.stored_name(lin.weight), w_s.device)
         for k, t in ru.build(lin, e, w_s, w_experts[e], factors).items():
             yield f"{lin.path}.experts.{e}.{k}", t.to(dt) if t.is_floating_point() else t
         yield from _bias_delta(plan, lin, e)
@@ -92,15 +100,15 @@ def _routed_blocks(plan: Plan, ru: RoutedUnit, lin: Linear, ranges: list[Rows]) 
     scratch = scratch_matrix(ctx.scratch, lin.shape)  # (O, I) float32
     for rows, block in zip(ranges, _shared_blocks(plan, lin.weight, ranges)):
         scratch[rows[0]:rows[1]] = block.cpu()
-        yield lin.weight, block.to(dt)
+        if not lin.tied:
+            yield lin.weight, block.to(dt)
     yield from _bias_shared(plan, lin)
     for e, src in enumerate(ctx.sources):
-        def read(rows: Rows, src: Source = src, e: int = e) -> tuple[torch.Tensor, torch.Tensor]:
-            base = ctx.load(lin.weight, rows)
-            w_e = ctx.folded(lin.weight, e, src.weight(lin.weight, base, rows).float())
+        def read(rows: Rows, e: int = e) -> tuple[torch.Tensor, torch.Tensor]:
+            w_e = ctx.expert_weight(e, lin.weight, ctx.load(lin.weight, rows), rows)
             return scratch[rows[0]:rows[1]].to(ctx.device), w_e
 
-        factors = src.lora_factors(lin.weight, ctx.device)
+        factors = src.lora_factors(ctx.stored_name(lin.weight), ctx.device)
         for k, t in ru.kind.build_rows(lin.shape, ranges, read, factors, ru.cfg, _scratch(ctx)):
             yield f"{lin.path}.experts.{e}.{k}", t.to(dt) if t.is_floating_point() else t
         yield from _bias_delta(plan, lin, e)
@@ -117,15 +125,14 @@ def _scratch(ctx: BuildContext) -> Scratch:
 def _shared_blocks(plan: Plan, name: str, ranges: list[Rows]) -> Iterator[torch.Tensor]:
     """W_s row block by row block: the base's rows, or the static merge's (:mod:`moerge.merge.streaming`)."""
     ctx = plan.ctx
-    if plan.shared_is_base:
+    if shared_is_base(plan, name):
         yield from (ctx.load(name, rows).float() for rows in ranges)
         return
     if not streamable(ctx.method, ctx.params):  # DARE / DELLA need the whole tensor: one merge, then its rows
         merged = ctx.merged(name, ctx.load(name), ctx.deltas(name, ctx.load(name)))
         yield from (merged[a:b] for a, b in ranges)
         return
-    shape = tuple(ctx.base.index[name].shape)
-    yield from merged_blocks(ctx.method, ctx.params, name, shape, ranges, ctx.read(name))
+    yield from merged_blocks(ctx.method, ctx.params, ctx.stored_name(name), ctx.shape(name), ranges, ctx.read(name))
 
 
 def _bias_shared(plan: Plan, lin: Linear) -> Iterator[Output]:
@@ -140,7 +147,8 @@ def _bias_delta(plan: Plan, lin: Linear, e: int) -> Iterator[Output]:
 
 
 def plan_jobs(plan: Plan) -> list[Job]:
-    """One job per output tensor of a static merge, or per routed linear; in the base's tensor order."""
+    """One job per output tensor of a static merge, or per routed linear; in the base's tensor order, then the
+    routed linears whose weight the base does not store under their name (a tied head: :meth:`Plan.outputs`)."""
     routed = plan.routed_linears()
     skip = {lin.bias_name for ru in plan.routed for lin in ru.unit.linears}
     jobs = []
@@ -149,4 +157,4 @@ def plan_jobs(plan: Plan) -> list[Job]:
             jobs.append(routed_linear_job(plan, *routed[name]))
         elif name not in skip:
             jobs.append(static_job(plan.ctx, name))
-    return jobs
+    return jobs + [routed_linear_job(plan, ru, lin) for ru, lin in plan.tied_linears()]

@@ -13,6 +13,10 @@ hooks on the linears' outputs accumulate the diagonal of the output-gradient sec
 ``g = Σ_t (∂ℓ/∂y_t)²`` (O,) per linear: the output side of a K-FAC (Kronecker) view of the loss's curvature,
 ``F ≈ C ⊗ G``, kept diagonal.  No parameter gradient is formed (the weights do not require grad).
 
+The output head (``routing.head``) is fed the decoder's last hidden state: its moment is taken from it at every
+real token (a hook on the head would see the last token only, where the loss reads it); its gradient moment is
+that of the last token's logits.
+
 Memory: the expert's model (float32) plus one (I, I) float64 accumulator per site (and, with ``fisher``, the
 activations of one batch for backward and one (O,) vector per linear).
 """
@@ -138,7 +142,8 @@ def _grad_hooks(model: torch.nn.Module, linears: list[str], acc: dict[str, torch
     """Output hooks adding Σ_t (∂ℓ/∂y_t)² (O,) over the real tokens of each linear in backward; the input
     embeddings' output is made to require grad (the weights do not)."""
     def on_grad(g: torch.Tensor, path: str) -> None:
-        sq = g.detach()[mask_ref["mask"].bool()].double().pow(2).sum(0)  # (n, O) -> (O,)
+        rows = g.detach() if g.dim() == 2 else g.detach()[mask_ref["mask"].bool()]  # the head's (B, O): last tokens
+        sq = rows.double().pow(2).sum(0)  # (n, O) -> (O,)
         acc[path] = sq if path not in acc else acc[path] + sq
 
     def hook(module: Any, args: tuple, out: torch.Tensor, path: str) -> None:
@@ -157,12 +162,11 @@ def last_token(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long() * (positions + 1)).argmax(-1)
 
 
-def answer_loss(model: torch.nn.Module, enc: Any) -> torch.Tensor:
+def answer_loss(model: torch.nn.Module, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Σ over prompts of -log p(the expert's own top token) at the last real token: what its first answer token
-    depends on (the logits of that token only)."""
-    hidden = model.base_model(**enc, use_cache=False).last_hidden_state  # (B, T, H)
+    depends on (the logits of that token only).  ``hidden`` (B, T, H): the decoder's output; ``mask`` (B, T)."""
     rows = torch.arange(hidden.shape[0], device=hidden.device)
-    logits = model.get_output_embeddings()(hidden[rows, last_token(enc["attention_mask"])]).float()  # (B, V)
+    logits = model.get_output_embeddings()(hidden[rows, last_token(mask)]).float()  # (B, V)
     return torch.nn.functional.cross_entropy(logits, logits.argmax(-1).detach(), reduction="sum")
 
 
@@ -176,7 +180,8 @@ def collect(ctx: BuildContext, e: int, texts: list[str], tok: Any, linears: list
     site: dict[str, str] = {}
     mask_ref: dict[str, torch.Tensor] = {}
     tokens = 0
-    handles = _hooks(model, linears, acc, site, mask_ref)
+    head = next((p for p in linears if model.get_submodule(p) is model.get_output_embeddings()), None)
+    handles = _hooks(model, [p for p in linears if p != head], acc, site, mask_ref)
     if fisher:
         handles += _grad_hooks(model, linears, grads, mask_ref)
     try:
@@ -185,12 +190,14 @@ def collect(ctx: BuildContext, e: int, texts: list[str], tok: Any, linears: list
                       add_special_tokens=False).to(ctx.device)
             mask_ref["mask"] = enc["attention_mask"]
             tokens += int(enc["attention_mask"].sum())
-            if fisher:
-                with torch.enable_grad():
-                    answer_loss(model, enc).backward()
-            else:
-                with torch.no_grad():
-                    model.base_model(**enc, use_cache=False)  # the decoder only: no logits needed
+            with torch.enable_grad() if fisher else torch.no_grad():
+                hidden = model.base_model(**enc, use_cache=False).last_hidden_state  # (B, T, H): no logits
+                if head is not None:  # the head's input at every real token (the loss below sees the last only)
+                    c = second_moment(hidden.detach()[enc["attention_mask"].bool()])
+                    acc[head] = c if head not in acc else acc[head] + c
+                    site[head] = head
+                if fisher:
+                    answer_loss(model, hidden, enc["attention_mask"]).backward()
     finally:
         for h in handles:
             h.remove()

@@ -27,7 +27,7 @@ from .allocate import allocate_plan
 from .analyze import analyze_units
 from .context import BuildContext
 from .routed import RoutedUnit
-from .units import GROUPS, Linear, Unit, candidate_units, folds_norms
+from .units import HEAD, ORDER, Linear, Unit, candidate_units, folds_norms
 
 
 @dataclass
@@ -66,6 +66,10 @@ class Plan:
         """Weight name of every routed linear -> (its unit, the linear)."""
         return {lin.weight: (ru, lin) for ru in self.routed for lin in ru.unit.linears}
 
+    def tied_linears(self) -> list[tuple[RoutedUnit, Linear]]:
+        """Routed linears whose shared weight is another tensor (a tied head): their experts are written last."""
+        return [(ru, lin) for ru in self.routed for lin in ru.unit.linears if lin.tied]
+
     def outputs(self) -> list[TensorSpec]:
         """Every weight tensor of the output, in write order (routers are not weights: see :mod:`.routers`)."""
         routed, skip = self.routed_linears(), {lin.bias_name for ru in self.routed for lin in ru.unit.linears}
@@ -75,6 +79,8 @@ class Plan:
                 specs += routed_specs(self, *routed[name])
             elif name not in skip:
                 specs.append(TensorSpec(name, tuple(self.ctx.base.index[name].shape), static_dtype(self.ctx, name)))
+        for ru, lin in self.tied_linears():
+            specs += routed_specs(self, ru, lin)
         return specs
 
     # ---- bytes
@@ -113,10 +119,13 @@ class Plan:
         assert routing is not None
         first = self.routed[0].unit
         tap = routing.router.tap
-        if tap is None or routing.router.level != "sequence":
+        if routing.router.level != "sequence":
             return first.path, False
-        order = {g: i for i, g in enumerate(GROUPS)}
-        return self.ctx.family.unit_path(tap, "attention"), (first.layer, order[first.group]) < (tap, 0)
+        if tap is None and first.group != HEAD:
+            return first.path, False
+        if tap is None:  # only the head is routed: the last layer's input, not the head's (generate keeps 1 token)
+            tap = self.ctx.n_layers - 1
+        return self.ctx.family.unit_path(tap, "attention"), (first.layer, ORDER[first.group]) < (tap, 0)
 
 
 def static_dtype(ctx: BuildContext, name: str) -> torch.dtype:
@@ -128,7 +137,7 @@ def static_dtype(ctx: BuildContext, name: str) -> torch.dtype:
 def routed_specs(plan: Plan, ru: RoutedUnit, lin: Linear) -> list[TensorSpec]:
     """Shared weight (+ bias), then every expert's tensors of one routed linear."""
     dt = plan.float_dtype
-    specs = [TensorSpec(lin.weight, lin.shape, dt)]
+    specs = [] if lin.tied else [TensorSpec(lin.weight, lin.shape, dt)]  # a tied head's W_s: the embedding
     if lin.bias:
         specs.append(TensorSpec(lin.bias_name, (lin.shape[0],), dt))
     for e in range(len(plan.ctx.sources)):
@@ -158,7 +167,8 @@ def make_plan(ctx: BuildContext, progress: bool = True, metrics: dict | None = N
     routing = ctx.recipe.routing
     assert routing is not None
     check_tap(ctx)
-    units = candidate_units(ctx.base.index, ctx.n_layers, ctx.family, routing.modules)
+    check_head(ctx)
+    units = candidate_units(ctx.base.index, ctx.n_layers, ctx.family, routing.modules, routing.head)
     if folds_norms(routing):
         ctx.folds = ctx.norm_folds([(u.layer, u.group, lin.name, lin.weight) for u in units for lin in u.linears])
     if routing.select.metric == ACTIVATION:
@@ -176,6 +186,14 @@ def make_plan(ctx: BuildContext, progress: bool = True, metrics: dict | None = N
         warnings.warn("no unit was selected for routing: the result is a static merge with routers on nothing",
                       stacklevel=2)
     return plan
+
+
+def check_head(ctx: BuildContext) -> None:
+    """``routing.head``: the base has an output head (its own weight or tied input embeddings)."""
+    fam = ctx.family
+    if ctx.recipe.routing.head and not {fam.lm_head, fam.embed} & set(ctx.base.index.tensors):  # type: ignore[union-attr]
+        raise RecipeError(ctx.file, "routing.head", f"the base has no output head ({fam.lm_head}, or {fam.embed} "
+                                                    "with tied embeddings)")
 
 
 def check_tap(ctx: BuildContext) -> None:
@@ -247,7 +265,7 @@ def option_summary(plan: Plan, ru: RoutedUnit) -> str:
             cfg = ru.cfg_for(lin, e)
             cells.append("-" if cfg is None else str(cfg.rank) if cfg.rank is not None else
                          f"{cfg.density:g}" if cfg.density is not None else "+")
-        parts.append(f"{lin.name} " + ("all" if set(cells) == {"+"} else "/".join(cells)))
+        parts.append(f"{lin.name or lin.path} " + ("all" if set(cells) == {"+"} else "/".join(cells)))
     return ", ".join(parts)
 
 

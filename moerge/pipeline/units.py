@@ -1,6 +1,9 @@
 """Units: one layer's attention or MLP, the granule that is merged or routed as a whole.
 
-A unit is found from the architecture family (``moerge.arch``) and the base's shard index (headers only).
+A unit is found from the architecture family (``moerge.arch``) and the base's shard index (headers only).  With
+``routing.head`` the output head is one more unit (group ``head``, path ``lm_head``, its one linear named ``""``),
+after the last layer; with tied embeddings its weight is the input embedding's (``Linear.source``), so the build
+reads and merges that tensor, writes it once (as the embedding) and stores only the experts' head tensors.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from ..kinds import KINDS
 from ..recipe import RoutingSpec
 
 GROUPS = ("attention", "mlp")
+HEAD = "head"  # the output head's group (``routing.head``), after every layer
+ORDER = {**{g: i for i, g in enumerate(GROUPS)}, HEAD: len(GROUPS)}  # forward order within a layer
 
 
 @dataclass(frozen=True)
@@ -24,10 +29,16 @@ class Linear:
     path: str  # e.g. "model.layers.0.mlp.gate_proj"
     shape: tuple[int, int]  # (out, in)
     bias: bool
+    source: str | None = None  # the base tensor that holds the weight when it is tied (the input embedding)
 
     @property
     def weight(self) -> str:
         return f"{self.path}.weight"
+
+    @property
+    def tied(self) -> bool:
+        """Whether the shared weight is another tensor of the checkpoint (written there, not here)."""
+        return self.source is not None
 
     @property
     def bias_name(self) -> str:
@@ -48,8 +59,10 @@ def module_groups(modules: str | list[str] | tuple[str, ...]) -> tuple[str, ...]
     return tuple(g for g in GROUPS if g in wanted)
 
 
-def candidate_units(index: CheckpointIndex, n_layers: int, family: Family, modules: str | list[str]) -> list[Unit]:
-    """Every unit of ``modules`` that has at least one linear in the base, in forward order."""
+def candidate_units(index: CheckpointIndex, n_layers: int, family: Family, modules: str | list[str],
+                    head: bool = False) -> list[Unit]:
+    """Every unit of ``modules`` that has at least one linear in the base, in forward order; then the output head
+    with ``head``."""
     units = []
     for layer in range(n_layers):
         for group in module_groups(modules):
@@ -59,7 +72,20 @@ def candidate_units(index: CheckpointIndex, n_layers: int, family: Family, modul
                          for lin in family.linears(group) if f"{path}.{lin}.weight" in index)
             if lins:
                 units.append(Unit(layer, group, path, lins))
-    return units
+    head_ = head_unit(index, n_layers, family) if head else None
+    return units + ([head_] if head_ is not None else [])
+
+
+def head_unit(index: CheckpointIndex, n_layers: int, family: Family) -> Unit | None:
+    """The output head as a unit: its own weight, or (tied embeddings: no ``lm_head.weight`` in the base) the input
+    embedding's, (vocab, hidden) either way; None when the base has neither."""
+    path = family.head_path
+    name = family.lm_head if family.lm_head in index else family.embed
+    if name not in index:
+        return None
+    source = None if name == family.lm_head else name
+    lin = Linear("", path, tuple(index[name].shape), f"{path}.bias" in index, source)  # type: ignore[arg-type]
+    return Unit(n_layers, HEAD, path, (lin,))
 
 
 # ---------------------------------------------------------------- norm folding (recipe `routing.fold_norms`)
@@ -71,7 +97,10 @@ def folds_norms(routing: RoutingSpec) -> bool:
 
 
 def unit_input_norm(family: Family, unit: str, linear: str) -> str | None:
-    """The norm weight feeding ``linear`` of unit path ``unit`` (e.g. ``model.layers.3.mlp``), or None."""
+    """The norm weight feeding ``linear`` of unit path ``unit`` (e.g. ``model.layers.3.mlp``; ``lm_head``: the
+    final norm), or None."""
+    if unit == family.head_path and not linear:
+        return family.final_norm
     layer = family.layer_of(f"{unit}.{linear}.weight")
     if layer is None:
         return None

@@ -225,7 +225,7 @@ def norm_folds(manifest: Manifest, recipe: Recipe | None, src: Source, stored: T
         for unit, lin_name, _ in manifest.linears():
             norm = unit_input_norm(family, unit, lin_name)
             if norm is not None and norm in stored.index:
-                folds[f"{unit}.{lin_name}.weight"] = norm
+                folds[f"{names.linear_path(unit, lin_name)}.weight"] = norm
     return NormFolds(folds, src, stored, base, family.norm_offset)
 
 
@@ -263,27 +263,38 @@ def unit_anchors(manifest: Manifest, src: Source, stored: TensorLoader, base: Mo
         gram = torch.zeros(n_exp, n_exp, dtype=torch.float64)
         target = torch.zeros(n_exp, dtype=torch.float64)
         for lin_name, lin in spec.linears.items():
-            path = f"{unit}.{lin_name}"
-            w_s = stored.get(f"{path}.weight").float()  # (O, I)
+            path = names.linear_path(unit, lin_name)
+            w_s = stored.get(stored_weight(path, stored, base)).float()  # (O, I)
             m = torch.stack([d.flatten() for d in stored_deltas(path, lin, spec.kind, stored, w_s)])  # (E, O * I)
             gram += (m @ m.T).double()
-            target += (m @ (new_weight(path, src, base, folds) - w_s).flatten()).double()
+            target += (m @ (new_weight(path, src, base, folds, stored) - w_s).flatten()).double()
         c = anchor_weights(gram, target)
         if bool(c.ne(0).any()):
             out[unit] = tuple(float(v) for v in c)
     return out
 
 
-def new_weight(path: str, src: Source, base: ModelFolder, folds: NormFolds) -> torch.Tensor:
+def stored_weight(path: str, stored: TensorLoader, base: ModelFolder) -> str:
+    """The tensor holding routed linear ``path``'s shared weight in the checkpoint (and its weight in a source):
+    ``{path}.weight``, or for the output head of a model with tied embeddings the input embedding."""
+    name = f"{path}.weight"
+    if name in stored.index:
+        return name
+    family = family_for(base.config, str(base.folder / "config.json"))
+    return family.embed if path == family.head_path else name
+
+
+def new_weight(path: str, src: Source, base: ModelFolder, folds: NormFolds, stored: TensorLoader) -> torch.Tensor:
     """The new expert's weight (O, I) float32 of one routed linear, its input norm folded as the build folds."""
-    return folds.apply(f"{path}.weight", src.weight(f"{path}.weight", base.get(f"{path}.weight")).float())
+    name = stored_weight(path, stored, base)
+    return folds.apply(f"{path}.weight", src.weight(name, base.get(name)).float())
 
 
 def reference(path: str, lin: LinearSpec, kind: str, stored: TensorLoader, anchor: tuple[float, ...] | None,
-              bias: bool = False) -> torch.Tensor:
+              bias: bool = False, weight: str | None = None) -> torch.Tensor:
     """What the new expert is stored against in one linear: ``W_s + Σ_i c_i Δ_i`` (``bias``: ``b_s + Σ_i c_i
     bias_delta_i``), float32; ``W_s`` (``b_s``) without an anchor."""
-    name = f"{path}.bias" if bias else f"{path}.weight"
+    name = f"{path}.bias" if bias else (weight or f"{path}.weight")
     ref = stored.get(name).float()
     if not anchor:
         return ref
@@ -298,7 +309,7 @@ def reference(path: str, lin: LinearSpec, kind: str, stored: TensorLoader, ancho
 def linear_job(path: str, lin: LinearSpec, kind: ExpertKind, cfg: KindConfig, src: Source, e: int,
                stored: TensorLoader, base: ModelFolder, folds: NormFolds,
                anchor: tuple[float, ...] | None = None, rank: int | None = None) -> Job:
-    w_info = stored.index[f"{path}.weight"]
+    w_info = stored.index[stored_weight(path, stored, base)]
     dtype = dtypes.from_st(w_info.dtype)
     cfg = kind.config_like(list(lin.experts), w_info.shape[0], w_info.shape[1], cfg)
     own_rank = rank is not None and "rank" in kind.params  # (check_rank refused a LoRA source)
@@ -308,8 +319,8 @@ def linear_job(path: str, lin: LinearSpec, kind: ExpertKind, cfg: KindConfig, sr
     tensor = {k: names.expert_tensor(path, e, k) for k in specs}
 
     def run() -> Iterator[tuple[str, torch.Tensor]]:
-        ref = reference(path, lin, kind.name, stored, anchor)  # (O, I): W_s, or W_s + Σ_i c_i Δ_i
-        w_new = new_weight(path, src, base, folds)
+        ref = reference(path, lin, kind.name, stored, anchor, weight=stored_weight(path, stored, base))  # (O, I)
+        w_new = new_weight(path, src, base, folds, stored)  # W_s above, or W_s + Σ_i c_i Δ_i with an anchor
         for k, t in kind.build(ref, w_new, src.lora_factors(f"{path}.weight"), cfg).items():
             yield tensor[k], t.to(dtype) if t.is_floating_point() else t
         if lin.bias:
@@ -334,7 +345,7 @@ def write_expert(tmp: Path, ckpt: Checkpoint, name: str, src: Source, base: Mode
     jobs, shapes = [], {}
     for unit, lin_name, lin in manifest.linears():
         kind = KINDS.get(manifest.units[unit].kind)
-        job = linear_job(f"{unit}.{lin_name}", lin, kind, cfg, src, e, stored, base, folds, anchors.get(unit), rank)
+        job = linear_job(names.linear_path(unit, lin_name), lin, kind, cfg, src, e, stored, base, folds, anchors.get(unit), rank)
         jobs.append(job)
         shapes[(unit, lin_name)] = {s.name.rsplit(".", 1)[1]: s.shape for s in job.specs}
     files = indexed_files(tmp)
@@ -356,7 +367,7 @@ def note_unrouted(src: Source, manifest: Manifest) -> None:
     """Warn when a LoRA source adapts tensors outside the routed units (they are not added)."""
     if not isinstance(src, LoraSource):
         return
-    routed = {f"{u}.{lin}.{p}" for u, lin, _ in manifest.linears() for p in ("weight", "bias")}
+    routed = {f"{names.linear_path(u, lin)}.{p}" for u, lin, _ in manifest.linears() for p in ("weight", "bias")}
     outside = sorted(set(src.modules) - routed)
     if outside:
         warnings.warn(f"expert '{src.name}' adapts {len(outside)} tensor(s) outside the routed units (e.g. "
