@@ -208,3 +208,32 @@ def test_tied_head_over_the_base_keeps_the_written_embedding_as_its_shared_weigh
         moe.force_route(f"e{e}")
         want = _logits(_expert_with_merged_input_embedding(src, moe.get_input_embeddings().weight.detach()))
         assert (_logits(moe) - want).abs().max() <= 1e-4, e
+
+
+def test_head_moments_and_fisher_are_the_final_hidden_states(pool: dict) -> None:
+    """The head's input moment is Σ_t h_t h_tᵀ of the decoder's output at every real token (batched and padded,
+    against one unpadded prompt at a time); its gradient moment is Σ (∂ℓ/∂logits)² at each prompt's last token."""
+    from moerge.pipeline import moments as mom
+    from moerge.pipeline.context import BuildContext
+
+    raw = _recipe(pool, "tied")
+    raw["routing"]["allocate"]["sensitivity"] = "fisher"
+    ctx = BuildContext.open(recipe_from_dict(raw))
+    lins = ["model.layers.1.mlp.down_proj", "lm_head"]
+    texts = ["good movie loved it", "the market report today was long and dull", "ok"]
+    tok = ctx.tokenizer()
+    m = mom.collect(ctx, 0, texts, tok, lins, fisher=True)
+    model = mom.expert_model(ctx, 0)
+    c = torch.zeros(32, 32, dtype=torch.float64)
+    g2 = torch.zeros(model.config.vocab_size, dtype=torch.float64)
+    for t in texts:
+        with torch.no_grad():
+            hidden = model.model(**tok([t], return_tensors="pt", add_special_tokens=False)).last_hidden_state[0]
+            z = model.lm_head(hidden[-1])  # (V,)
+        c += hidden.double().T @ hidden.double()  # (T, H) -> (H, H)
+        p = torch.softmax(z.double(), -1)
+        p[z.argmax()] -= 1.0  # ∂(-log p_top)/∂z
+        g2 += p.pow(2)
+    assert m.site["lm_head"] == "lm_head" and torch.allclose(m.of("lm_head"), c, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(m.grad("lm_head"), g2, rtol=1e-3, atol=1e-4 * float(g2.max()))
+    assert m.of("model.layers.1.mlp.down_proj").shape[0] != 32  # the other linears keep their own moments
