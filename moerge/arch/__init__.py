@@ -11,6 +11,7 @@ family with the same layout is one line in ``FAMILIES``.
 from __future__ import annotations
 
 import re
+from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,13 @@ class Family:
     def head_path(self) -> str:
         """The output head's module path (``lm_head``)."""
         return self.lm_head.removesuffix(".weight")
+
+    def holder(self, name: str, stored: Container[str]) -> str:
+        """The tensor of ``stored`` (a checkpoint's names) that holds ``name``: the input embedding for the output
+        head of a model with tied embeddings (no ``lm_head.weight`` stored), else ``name`` itself."""
+        if name == self.lm_head and name not in stored and self.embed in stored:
+            return self.embed
+        return name
 
     def input_norm(self, layer: int, group: str, linear: str) -> str | None:
         """The norm weight whose output is ``linear``'s input (None: its input is not a norm's output); the output

@@ -130,12 +130,9 @@ class BuildContext:
         return tok
 
     def stored_name(self, name: str) -> str:
-        """The tensor that holds ``name`` in the base and the experts: the input embedding for the output head of a
-        model with tied embeddings (no ``lm_head.weight`` stored), else ``name`` itself."""
-        fam = self.family
-        if name == fam.lm_head and name not in self.base.index and fam.embed in self.base.index:
-            return fam.embed
-        return name
+        """The tensor that holds ``name`` in the base and the experts (:meth:`Family.holder`: a tied head's is the
+        input embedding)."""
+        return self.family.holder(name, self.base.index)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.base.index[self.stored_name(name)].shape)

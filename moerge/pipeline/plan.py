@@ -191,7 +191,7 @@ def make_plan(ctx: BuildContext, progress: bool = True, metrics: dict | None = N
 def check_head(ctx: BuildContext) -> None:
     """``routing.head``: the base has an output head (its own weight or tied input embeddings)."""
     fam = ctx.family
-    if ctx.recipe.routing.head and not {fam.lm_head, fam.embed} & set(ctx.base.index.tensors):  # type: ignore[union-attr]
+    if ctx.recipe.routing.head and ctx.stored_name(fam.lm_head) not in ctx.base.index:  # type: ignore[union-attr]
         raise RecipeError(ctx.file, "routing.head", f"the base has no output head ({fam.lm_head}, or {fam.embed} "
                                                     "with tied embeddings)")
 

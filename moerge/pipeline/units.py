@@ -79,8 +79,7 @@ def candidate_units(index: CheckpointIndex, n_layers: int, family: Family, modul
 def head_unit(index: CheckpointIndex, n_layers: int, family: Family) -> Unit | None:
     """The output head as a unit: its own weight, or (tied embeddings: no ``lm_head.weight`` in the base) the input
     embedding's, (vocab, hidden) either way; None when the base has neither."""
-    path = family.head_path
-    name = family.lm_head if family.lm_head in index else family.embed
+    path, name = family.head_path, family.holder(family.lm_head, index)
     if name not in index:
         return None
     source = None if name == family.lm_head else name

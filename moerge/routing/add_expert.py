@@ -277,11 +277,7 @@ def unit_anchors(manifest: Manifest, src: Source, stored: TensorLoader, base: Mo
 def stored_weight(path: str, stored: TensorLoader, base: ModelFolder) -> str:
     """The tensor holding routed linear ``path``'s shared weight in the checkpoint (and its weight in a source):
     ``{path}.weight``, or for the output head of a model with tied embeddings the input embedding."""
-    name = f"{path}.weight"
-    if name in stored.index:
-        return name
-    family = family_for(base.config, str(base.folder / "config.json"))
-    return family.embed if path == family.head_path else name
+    return family_for(base.config, str(base.folder / "config.json")).holder(f"{path}.weight", stored.index)
 
 
 def new_weight(path: str, src: Source, base: ModelFolder, folds: NormFolds, stored: TensorLoader) -> torch.Tensor:
